@@ -1,0 +1,442 @@
+"""One typed configuration tree for the whole trainer.
+
+The top level holds the seed guide's ``config.json`` keys verbatim, so that file loads as it is; the
+sections below it (``unet1``, ``unet2``, ``diffusion``, ``data``, ``logging``) hold what the seed does not
+name. A config is built once from a file plus command-line overrides and validated before anything runs;
+every user error is a :class:`ConfigError` whose message names the key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import functools
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class UserError(Exception):
+    """An error caused by the user's input (config, files, data): tools print it and exit 2."""
+
+
+class ConfigError(UserError, ValueError):
+    """A user error in the configuration."""
+
+
+def _range(ge=None, gt=None, le=None):
+    return {"ge": ge, "gt": gt, "le": le}
+
+
+@dataclass
+class UNetConfig:
+    """Architecture of one Parallel-UNet. ``preset`` names the starting point (see ``model/presets.py``);
+    any other key given beside it overrides that preset's value."""
+
+    preset: str = "tiny"
+    dim: int = field(default=32, metadata=_range(ge=8))
+    dim_mults: tuple[int, ...] = (1, 2, 2)
+    # Residual blocks per level of the person-UNet; the garment-UNet uses the same counts.
+    num_res_blocks: tuple[int, ...] = (1, 1, 1)
+    # Per level: whether the person-UNet attends (self + cross to the garment) at that level. The
+    # garment-UNet is only built as deep/high as the attention levels need.
+    attn_levels: tuple[bool, ...] = (False, True, True)
+    attn_heads: int = field(default=4, metadata=_range(ge=1))
+    attn_dim_head: int = field(default=16, metadata=_range(ge=4))
+    ff_mult: int = field(default=2, metadata=_range(ge=1))
+    # Transformer blocks (self-attn, cross-attn, feed-forward) after each attending level's resblocks.
+    attn_depth: int = field(default=1, metadata=_range(ge=1))
+    mid_attn_depth: int = field(default=1, metadata=_range(ge=1))
+    cond_dim: int = field(default=128, metadata=_range(ge=8))
+    pose_hidden: int = field(default=128, metadata=_range(ge=8))
+    num_keypoints: int = field(default=18, metadata=_range(ge=1))
+    groups: int = field(default=8, metadata=_range(ge=1))
+    dropout: float = field(default=0.0, metadata=_range(ge=0.0, le=1.0))
+    attention_backend: Literal["sdpa", "xformers", "math"] = "sdpa"
+    checkpointing: bool = False
+
+    def validate(self, key: str) -> None:
+        n = len(self.dim_mults)
+        for name in ("num_res_blocks", "attn_levels"):
+            if len(getattr(self, name)) != n:
+                raise ConfigError(
+                    f"config key '{key}.{name}': has {len(getattr(self, name))} entries, expected one per "
+                    f"level of '{key}.dim_mults' ({n})")
+        if not any(self.attn_levels):
+            raise ConfigError(f"config key '{key}.attn_levels': at least one level must attend, "
+                              "or the garment never reaches the person stream")
+        for i, m in enumerate(self.dim_mults):
+            if m < 1:
+                raise ConfigError(f"config key '{key}.dim_mults[{i}]': got {m}, expected an integer >= 1")
+            if (self.dim * m) % self.groups:
+                raise ConfigError(f"config key '{key}.groups': {self.groups} does not divide the level-{i} "
+                                  f"width {self.dim * m} (dim x dim_mults[{i}])")
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: Literal["cosine", "linear"] = "cosine"
+    objective: Literal["eps", "v"] = "v"
+    cond_drop_prob: float = field(default=0.1, metadata=_range(ge=0.0, le=1.0))
+    guidance: float = field(default=2.0, metadata=_range(ge=0.0))
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    sample_steps: tuple[int, int] = (256, 128)
+    dynamic_threshold: bool = True
+    dynamic_threshold_percentile: float = field(default=0.95, metadata=_range(gt=0.0, le=1.0))
+    # SR stage: the low-res input is noised to a random level in [0, noise_aug_max) during training and
+    # to the fixed level noise_aug_sample at sampling; both are fractions of the stage's timesteps.
+    noise_aug_max: float = field(default=0.5, metadata=_range(ge=0.0, le=1.0))
+    noise_aug_sample: float = field(default=0.2, metadata=_range(ge=0.0, le=1.0))
+
+
+@dataclass
+class DataConfig:
+    # Shard specs: brace patterns, lists or ``pipe:`` commands. Empty means ``{data_dir}/train-*.tar``.
+    train_shards: list[str] = field(default_factory=list)
+    val_shards: list[str] = field(default_factory=list)
+    num_workers: int = field(default=2, metadata=_range(ge=0))
+    shuffle_buffer: int = field(default=1000, metadata=_range(ge=0))
+    seed: int = 0
+    hflip_prob: float = field(default=0.5, metadata=_range(ge=0.0, le=1.0))
+    rotation_degrees: float = field(default=5.0, metadata=_range(ge=0.0, le=180.0))
+    color_jitter: float = field(default=0.1, metadata=_range(ge=0.0, le=1.0))
+    val_samples: int = field(default=256, metadata=_range(ge=1))
+
+
+@dataclass
+class LoggingConfig:
+    wandb: Literal["online", "offline", "disabled"] = "offline"
+    wandb_project: str = "tryon-ds"
+    tensorboard: bool = True
+    progress_bar: bool = True
+    keep_checkpoints: int = field(default=3, metadata=_range(ge=1))
+    sample_count: int = field(default=4, metadata=_range(ge=1))
+
+
+@dataclass
+class Config:
+    # The seed guide's config.json keys.
+    data_dir: str = "./data"
+    output_dir: str = "./outputs"
+    checkpoint_dir: str = "./checkpoints"
+    log_dir: str = "./logs"
+    base_image_size: tuple[int, int] = (128, 128)
+    sr_image_size: tuple[int, int] = (256, 256)
+    timesteps: tuple[int, int] = (1000, 1000)
+    channels: int = field(default=3, metadata=_range(ge=1))
+    batch_size: int = field(default=4, metadata=_range(ge=1))
+    learning_rate: float = field(default=1e-4, metadata=_range(gt=0.0))
+    num_epochs: int = field(default=100, metadata=_range(ge=1))
+    gradient_accumulation_steps: int = field(default=1, metadata=_range(ge=1))
+    max_grad_norm: float = field(default=1.0, metadata=_range(ge=0.0))
+    warmup_steps: int = field(default=1000, metadata=_range(ge=0))
+    cosine_decay_max_steps: int = field(default=50000, metadata=_range(ge=1))
+    validation_freq: int = field(default=1000, metadata=_range(ge=1))
+    checkpoint_freq: int = field(default=5000, metadata=_range(ge=1))
+    log_freq: int = field(default=100, metadata=_range(ge=1))
+    sample_freq: int = field(default=2000, metadata=_range(ge=1))
+    train_unet_number: Literal[1, 2] = 1
+    use_ema: bool = True
+    # true picks bf16 where the DeepSpeed config does not say; "fp16"/"bf16"/"no" are explicit.
+    mixed_precision: bool | Literal["no", "fp16", "bf16"] = True
+
+    # Beyond the seed.
+    ema_decay: float = field(default=0.9999, metadata=_range(ge=0.0, le=1.0))
+    weight_decay: float = field(default=0.01, metadata=_range(ge=0.0))
+    max_steps: Optional[int] = field(default=None, metadata=_range(ge=1))
+    seed: int = 0
+    unet1: UNetConfig = field(default_factory=lambda: preset("base"))
+    unet2: UNetConfig = field(default_factory=lambda: preset("sr"))
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        for key in ("base_image_size", "sr_image_size", "timesteps", "diffusion.sample_steps"):
+            section, _, name = key.rpartition(".")
+            values = getattr(getattr(self, section) if section else self, name)
+            if any(v < 1 for v in values):
+                raise ConfigError(f"config key '{key}': got {list(values)}, expected positive integers")
+        for stage, key in ((1, "base_image_size"), (2, "sr_image_size")):
+            unet = self.unet(stage)
+            unet.validate(f"unet{stage}")
+            factor = 2 ** (len(unet.dim_mults) - 1)
+            size = getattr(self, key)
+            if any(s % factor for s in size):
+                raise ConfigError(f"config key '{key}': {list(size)} is not divisible by {factor}, which "
+                                  f"unet{stage}'s {len(unet.dim_mults)} levels need")
+        if any(s % b for s, b in zip(self.sr_image_size, self.base_image_size)):
+            raise ConfigError(f"config key 'sr_image_size': {list(self.sr_image_size)} must be a multiple of "
+                              f"'base_image_size' {list(self.base_image_size)}")
+        if self.unet1.num_keypoints != self.unet2.num_keypoints:
+            raise ConfigError("config keys 'unet1.num_keypoints' and 'unet2.num_keypoints' differ "
+                              f"({self.unet1.num_keypoints} vs {self.unet2.num_keypoints}); both read the "
+                              "same pose arrays")
+        if self.channels != 3:
+            raise ConfigError(f"config key 'channels': got {self.channels}, only RGB (3) is supported")
+
+    def unet(self, stage: int) -> UNetConfig:
+        return self.unet1 if stage == 1 else self.unet2
+
+    def image_size(self, stage: int) -> tuple[int, int]:
+        return self.base_image_size if stage == 1 else self.sr_image_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- presets
+# ``base`` (128x128, attention at 32 and 16) and ``sr`` (256x256, attention at 32 and 16) match the seed's
+# ~850M / ~950M; tests/test_model.py checks the counts on the meta device. ``tiny`` is the dataclass default.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "base": dict(dim=192, dim_mults=(1, 2, 4, 4), num_res_blocks=(3, 4, 5, 6), attn_levels=(False, False, True, True),
+                 attn_heads=8, attn_dim_head=64, ff_mult=4, attn_depth=2, mid_attn_depth=2, cond_dim=768,
+                 pose_hidden=512, groups=32),
+    "sr": dict(dim=128, dim_mults=(1, 2, 4, 6, 6), num_res_blocks=(2, 3, 4, 6, 6),
+               attn_levels=(False, False, False, True, True), attn_heads=8, attn_dim_head=64, ff_mult=4,
+               attn_depth=2, mid_attn_depth=2, cond_dim=768, pose_hidden=512, groups=32),
+}
+
+
+def preset(name: str) -> UNetConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
+    return UNetConfig(preset=name, **PRESETS[name])
+
+
+# --------------------------------------------------------------------------- typed building
+_PLURAL = {int: "integers", float: "numbers", bool: "booleans (true/false)", str: "strings"}
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        args = typing.get_args(tp)
+        items = _PLURAL.get(args[0], _type_name(args[0]))
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} {items}"
+        return f"a list of {items}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value, tp):
+    """Return ``value`` as type ``tp`` or raise _Mismatch. Only lossless conversions are made."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        for choice in typing.get_args(tp):
+            if value == choice and type(value) is type(choice):
+                return value
+        raise _Mismatch
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        args = typing.get_args(tp)
+        if origin is tuple and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise _Mismatch
+            return tuple(_coerce(v, a) for v, a in zip(value, args))
+        items = [_coerce(v, args[0]) for v in value]
+        return tuple(items) if origin is tuple else items
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        # YAML 1.1 reads "1e-4" as a string; accept numeric strings for float keys.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _check_range(key, value, meta) -> None:
+    if value is None:
+        return
+    values = value if isinstance(value, (tuple, list)) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        bad = ((meta.get("ge") is not None and v < meta["ge"]) or (meta.get("gt") is not None and v <= meta["gt"])
+               or (meta.get("le") is not None and v > meta["le"]))
+        if bad:
+            parts = [f">= {meta['ge']}" if meta.get("ge") is not None else None,
+                     f"> {meta['gt']}" if meta.get("gt") is not None else None,
+                     f"<= {meta['le']}" if meta.get("le") is not None else None]
+            raise ConfigError(f"config key '{key}': got {value!r}, expected a value "
+                              + " and ".join(p for p in parts if p))
+
+
+def _unknown_key(key: str, valid: list[str]) -> ConfigError:
+    name = key.rpartition(".")[2]
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{key.rpartition('.')[0] + '.' if '.' in key else ''}{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint} (valid keys here: {', '.join(sorted(valid))})")
+
+
+def _build(cls, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix or '<top level>'}': got {data!r}, expected a mapping of keys")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    data = dict(data)
+    if cls is UNetConfig:
+        name = data.pop("preset", "tiny")
+        if not isinstance(name, str) or name not in PRESETS:
+            raise ConfigError(f"config key '{prefix}.preset': got {name!r}, expected one of {sorted(PRESETS)}")
+        base = preset(name)
+    else:
+        base = cls()
+    values = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            raise _unknown_key(full, list(fields))
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            values[key] = _build(tp, value, full)
+            continue
+        try:
+            coerced = _coerce(value, tp)
+        except _Mismatch:
+            raise ConfigError(f"config key '{full}': got {value!r} ({type(value).__name__}), "
+                              f"expected {_type_name(tp)}") from None
+        _check_range(full, coerced, fields[key].metadata)
+        values[key] = coerced
+    return dataclasses.replace(base, **values)
+
+
+def build_config(data: dict) -> Config:
+    """Build and validate a Config from a (possibly nested) mapping of keys."""
+    config = _build(Config, data, "")
+    config.validate()
+    return config
+
+
+def read_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid {path.suffix.lstrip('.') or 'YAML'}: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping of keys at the top, got {type(data).__name__}")
+    # A config may name another to start from (``extends: tiny.yaml``), resolved relative to itself.
+    parent = data.pop("extends", None)
+    if parent is not None:
+        return deep_merge(read_config_file(path.parent / parent), data)
+    return data
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            # A new preset replaces the old section rather than mixing two presets' keys.
+            out[key] = dict(value) if "preset" in value else deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """``a.b=value`` -> {"a": {"b": value}}; the value is read as YAML (``64``, ``true``, ``[1, 2]``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. --set unet1.dim=64")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+# The seed guide's command-line flags, mapped to config keys.
+SEED_FLAGS = {"train_unet": ("train_unet_number", int), "batch_size": ("batch_size", int),
+              "learning_rate": ("learning_rate", float), "num_epochs": ("num_epochs", int),
+              "max_steps": ("max_steps", int)}
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML or JSON config file (the seed's config.json keys work as they are)")
+    for flag, (key, tp) in SEED_FLAGS.items():
+        parser.add_argument(f"--{flag}", type=str, default=None, metavar=tp.__name__.upper(),
+                            help=f"override config key '{key}'")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, dotted for sections: --set unet1.dim=64")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    data = read_config_file(args.config) if args.config else {}
+    for flag, (key, _) in SEED_FLAGS.items():
+        raw = getattr(args, flag, None)
+        if raw is not None:
+            data = deep_merge(data, parse_override(f"{key}={raw}"))
+    for text in args.set:
+        data = deep_merge(data, parse_override(text))
+    return build_config(data)
+
+
+def exit_on_user_error(main):
+    """Decorator for command-line entry points: a UserError prints one line and exits 2, no traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*a, **kw):
+        try:
+            return main(*a, **kw)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+    return wrapper
+

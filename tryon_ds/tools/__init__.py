@@ -1,0 +1,1 @@
+"""Implementations of the command-line tools in ``tools/`` (also installed as ``tryon-*`` commands)."""

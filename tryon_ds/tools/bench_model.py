@@ -1,0 +1,51 @@
+"""Forward+backward time of a preset's training loss on this machine (median of repeated steps).
+
+    python tools/bench_model.py --config configs/tiny.yaml --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import torch
+
+from ..config import add_config_args, config_from_args, exit_on_user_error
+from ..stage import CascadeStage
+from .demo import random_batch
+
+
+def step_seconds(config, stage: int, repeats: int) -> float:
+    model = CascadeStage(config, stage)
+    batch = random_batch(config, stage, config.batch_size)
+    times = []
+    for i in range(repeats + 2):  # two warm-up steps
+        start = time.perf_counter()
+        model(batch).backward()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:])
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    add_config_args(parser)
+    parser.set_defaults(config="configs/tiny.yaml")
+    args = parser.parse_args(argv)
+    config = config_from_args(args)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {config.batch_size}")
+    print("stage  size      params   checkpointing  fwd+bwd s/step  samples/s")
+    for stage in (1, 2):
+        for ckpt in (False, True):
+            unet = dataclasses.replace(config.unet(stage), checkpointing=ckpt)
+            cfg = dataclasses.replace(config, **{f"unet{stage}": unet})
+            params = sum(p.numel() for p in CascadeStage(cfg, stage).parameters())
+            s = step_seconds(cfg, stage, args.repeats)
+            size = "x".join(map(str, config.image_size(stage)))
+            print(f"{stage:>5}  {size:<8} {params / 1e6:6.2f}M   {str(ckpt):<13}  {s:14.3f}  {config.batch_size / s:9.1f}")
+
+
+if __name__ == "__main__":
+    main()
