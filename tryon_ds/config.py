@@ -101,12 +101,14 @@ class DataConfig:
     train_shards: list[str] = field(default_factory=list)
     val_shards: list[str] = field(default_factory=list)
     num_workers: int = field(default=2, metadata=_range(ge=0))
-    shuffle_buffer: int = field(default=1000, metadata=_range(ge=0))
+    shuffle_buffer: int = field(default=1000, metadata=_range(ge=1))
+    # Training streams restart their shard draw and shuffle buffer every this many batches, which bounds
+    # what a resumed run must skip to see the same batches (tryon_ds/data/pipeline.py).
+    segment_batches: int = field(default=200, metadata=_range(ge=1))
     seed: int = 0
     hflip_prob: float = field(default=0.5, metadata=_range(ge=0.0, le=1.0))
     rotation_degrees: float = field(default=5.0, metadata=_range(ge=0.0, le=180.0))
     color_jitter: float = field(default=0.1, metadata=_range(ge=0.0, le=1.0))
-    val_samples: int = field(default=256, metadata=_range(ge=1))
 
 
 @dataclass

@@ -1,0 +1,280 @@
+"""The training and validation input pipelines over WebDataset shards.
+
+Training streams are infinite and deterministic. Each rank has ``W`` logical streams (one per loader
+worker); stream ``w`` serves the rank's steps ``w, w+W, w+2W, ...`` (PyTorch's DataLoader takes batches
+from its workers in turn). A stream is cut into segments of ``segment_batches`` batches; each segment
+draws shards with replacement (``wds.ResampledShards``) and shuffles through a buffer, both seeded by
+(seed, rank, stream, segment), and every sample's augmentation is seeded by its position. So the batch of
+step ``s`` is a function of (seed, rank, W, s) alone: a run resumed at step ``S`` rebuilds the segment
+holding ``S`` and skips what came before it in that segment (decoding, not augmenting), and sees exactly
+the batches the uninterrupted run would have seen.
+
+Validation reads every sample exactly once across all ranks and workers: by shard when there are enough
+shards, else by sample index.
+
+Bad samples (a corrupt or missing member, a pose of the wrong shape or with NaN) are skipped and counted;
+each batch carries its stream's counts so the trainer can report them. A shard that cannot be opened is
+named in the counts; if nothing at all can be read, the stream raises :class:`DataError`.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import random
+from collections import Counter
+from pathlib import Path
+
+import braceexpand
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..config import Config, UserError
+from .transforms import augment
+
+MEMBERS = ("person.jpg", "ca.jpg", "garment.jpg", "person_pose.npy", "garment_pose.npy")
+
+
+class DataError(UserError):
+    pass
+
+
+class BadSample(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------- shard specs
+def resolve_shards(specs: list[str] | str, what: str) -> list[str]:
+    """Brace patterns, globs, lists, local paths and ``pipe:`` commands -> a list of shard URLs. Local
+    names are checked now, so a typo is an error naming the spec rather than an empty stream later."""
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    urls: list[str] = []
+    for spec in specs:
+        if spec.startswith("pipe:") or "://" in spec:
+            urls.extend(braceexpand.braceexpand(spec))
+            continue
+        matched = []
+        for name in braceexpand.braceexpand(spec):
+            matched.extend(sorted(glob.glob(name)) if glob.has_magic(name) else [name] if Path(name).is_file() else [])
+        if not matched:
+            raise DataError(f"{what} shard spec {spec!r} matches no file")
+        urls.extend(matched)
+    if not urls:
+        raise DataError(f"no {what} shards given")
+    return urls
+
+
+def shard_urls(config: Config, split: str) -> list[str]:
+    specs = config.data.train_shards if split == "train" else config.data.val_shards
+    return resolve_shards(specs or [str(Path(config.data_dir) / f"{split}-*.tar")], split)
+
+
+# --------------------------------------------------------------------------- one sample
+def _image(raw: dict, name: str) -> torch.Tensor:
+    try:
+        with Image.open(io.BytesIO(raw[name])) as img:
+            arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    except Exception as err:
+        raise BadSample(f"unreadable {name} ({type(err).__name__})") from None
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def _pose(raw: dict, name: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        a = np.load(io.BytesIO(raw[name]), allow_pickle=False)
+    except Exception as err:
+        raise BadSample(f"unreadable {name} ({type(err).__name__})") from None
+    if a.shape != (k, 3):
+        raise BadSample(f"{name} of shape {a.shape}, expected ({k}, 3)")
+    if not np.isfinite(a).all():
+        raise BadSample(f"{name} has NaN or infinite values")
+    t = torch.from_numpy(a.astype(np.float32))
+    return t[:, :2].clamp(0, 1), t[:, 2] > 0
+
+
+def decode(raw: dict, num_keypoints: int) -> dict:
+    missing = [m for m in MEMBERS if m not in raw]
+    if missing:
+        raise BadSample(f"missing member(s) {', '.join(missing)}")
+    sample = {"key": raw["__key__"]}
+    for name in ("person", "ca", "garment"):
+        sample[name] = _image(raw, f"{name}.jpg")
+    if not sample["person"].shape == sample["ca"].shape == sample["garment"].shape:
+        raise BadSample("images of different sizes")
+    for name in ("person_pose", "garment_pose"):
+        sample[name], sample[f"{name}_valid"] = _pose(raw, f"{name}.npy", num_keypoints)
+    if "mask.png" in raw:
+        sample["mask"] = _image(raw, "mask.png")[:1]
+    return sample
+
+
+def _resize(img: torch.Tensor, size) -> torch.Tensor:
+    if tuple(img.shape[-2:]) == tuple(size):
+        return img
+    return F.interpolate(img[None], size=tuple(size), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def to_stage(sample: dict, config: Config, stage: int) -> dict:
+    """Resize to the stage's size, normalise images to [-1, 1]; stage 2 also gets the 128-px ``lowres``."""
+    out = {k: v for k, v in sample.items() if k != "mask"}
+    size = config.image_size(stage)
+    for name in ("person", "ca", "garment"):
+        out[name] = _resize(sample[name], size) * 2 - 1
+    if stage == 2:
+        out["lowres"] = _resize(sample["person"], config.base_image_size) * 2 - 1
+    if "mask" in sample:
+        out["mask"] = (_resize(sample["mask"], size) > 0.5).float()
+    return out
+
+
+def collate(samples: list[dict]) -> dict:
+    keys = set.intersection(*(set(s) for s in samples))
+    return {k: [s[k] for s in samples] if k == "key" else torch.stack([s[k] for s in samples]) for k in keys}
+
+
+# --------------------------------------------------------------------------- skip accounting
+class SkipCounter:
+    """Counts skipped samples and unreadable shards by reason; raises once nothing can be read at all."""
+
+    def __init__(self, num_urls: int):
+        self.counts: Counter = Counter()
+        self.failures_in_a_row, self.limit = 0, max(20, 2 * num_urls)
+        self.last_error = ""
+
+    def shard_error(self, exn: Exception) -> bool:  # a webdataset handler: True = continue
+        self.counts[f"unreadable shard or member: {exn}"[:300]] += 1
+        self.last_error = str(exn)
+        self.failures_in_a_row += 1
+        if self.failures_in_a_row >= self.limit:
+            raise DataError(f"no sample could be read after {self.failures_in_a_row} attempts; last error: "
+                            f"{self.last_error}")
+        return True
+
+    def bad_sample(self, key: str, reason: str) -> None:
+        self.counts[f"bad sample: {reason}"] += 1
+        self.last_error = f"{key}: {reason}"
+        self.failures_in_a_row += 1
+        if self.failures_in_a_row >= self.limit * 10:
+            raise DataError(f"no good sample among the last {self.failures_in_a_row}; last: {self.last_error}")
+
+    def ok(self) -> None:
+        self.failures_in_a_row = 0
+
+
+# --------------------------------------------------------------------------- training
+class TrainStream(IterableDataset):
+    def __init__(self, urls: list[str], config: Config, stage: int, rank: int, batch_size: int, start_step: int = 0):
+        super().__init__()
+        self.urls, self.config, self.stage, self.rank = urls, config, stage, rank
+        self.batch_size, self.start_step = batch_size, start_step
+        self.num_streams = max(1, config.data.num_workers)
+
+    def _segment(self, stream: int, segment: int, counter: SkipCounter):
+        seed = random.Random(f"{self.config.data.seed}/{self.rank}/{stream}/{segment}").getrandbits(63)
+        buf = self.config.data.shuffle_buffer
+        pipeline = wds.DataPipeline(
+            wds.ResampledShards(self.urls, seed=seed, worker_seed=lambda: 0, deterministic=True),
+            wds.tarfile_to_samples(handler=counter.shard_error),
+            wds.shuffle(buf, initial=min(buf, 100), seed=seed),
+        )
+        position = 0
+        for raw in pipeline:
+            try:
+                sample = decode(raw, self.config.unet(self.stage).num_keypoints)
+            except BadSample as err:
+                counter.bad_sample(raw.get("__key__", "?"), str(err))
+                continue
+            counter.ok()
+            yield seed, position, sample
+            position += 1
+
+    def _batches(self, stream: int, first_local: int, counter: SkipCounter):
+        d = self.config.data
+        seg_len = d.segment_batches
+        segment, skip = divmod(first_local, seg_len)
+        while True:
+            samples = self._segment(stream, segment, counter)
+            for _ in range(skip * self.batch_size):
+                next(samples)
+            for _ in range(seg_len - skip):
+                batch = []
+                for seed, position, sample in (next(samples) for _ in range(self.batch_size)):
+                    rng = random.Random(f"{seed}/{position}")
+                    sample.pop("mask", None)
+                    sample = augment(sample, rng, d.hflip_prob, d.rotation_degrees, d.color_jitter)
+                    batch.append(to_stage(sample, self.config, self.stage))
+                out = collate(batch)
+                out["skipped"] = dict(counter.counts)
+                out["stream"] = stream
+                yield out
+            segment, skip = segment + 1, 0
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        w = self.num_streams
+        if info is not None and info.num_workers != w:
+            raise RuntimeError(f"TrainStream built for {w} workers, run with {info.num_workers}")
+        # The new loader starts with worker 0 at step start_step: physical worker p serves the logical
+        # stream that owns step start_step + p.
+        first_step = self.start_step + worker
+        stream = first_step % w
+        yield from self._batches(stream, (first_step - stream) // w, SkipCounter(len(self.urls)))
+
+
+class TrainLoader:
+    """Iterates a rank's training batches from ``start_step`` on, and sums the streams' skip counts."""
+
+    def __init__(self, config: Config, stage: int, rank: int, batch_size: int, start_step: int = 0):
+        urls = shard_urls(config, "train")
+        self.stream = TrainStream(urls, config, stage, rank, batch_size, start_step)
+        w = config.data.num_workers
+        self.loader = DataLoader(self.stream, batch_size=None, num_workers=w, persistent_workers=w > 0,
+                                 prefetch_factor=2 if w > 0 else None)
+        self.skipped_by_stream: dict[int, dict] = {}
+
+    def skipped(self) -> Counter:
+        total: Counter = Counter()
+        for counts in self.skipped_by_stream.values():
+            total.update(counts)
+        return total
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.skipped_by_stream[batch.pop("stream")] = batch.pop("skipped")
+            yield batch
+
+
+# --------------------------------------------------------------------------- validation
+class ValDataset(IterableDataset):
+    """Every validation sample exactly once over ``world_size`` ranks x the loader's workers."""
+
+    def __init__(self, urls: list[str], config: Config, stage: int, rank: int, world_size: int):
+        super().__init__()
+        self.urls, self.config, self.stage, self.rank, self.world_size = urls, config, stage, rank, world_size
+        self.counter = SkipCounter(len(urls))
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        consumers, me = self.world_size * workers, self.rank * workers + worker
+        by_shard = len(self.urls) >= consumers
+        urls = self.urls[me::consumers] if by_shard else self.urls
+        raw_samples = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=self.counter.shard_error))
+        for index, raw in enumerate(raw_samples):
+            if not by_shard and index % consumers != me:
+                continue
+            try:
+                sample = decode(raw, self.config.unet(self.stage).num_keypoints)
+            except BadSample as err:
+                self.counter.bad_sample(raw.get("__key__", "?"), str(err))
+                continue
+            yield to_stage(sample, self.config, self.stage)
+
+
+def val_loader(config: Config, stage: int, rank: int, world_size: int, batch_size: int) -> DataLoader:
+    dataset = ValDataset(shard_urls(config, "val"), config, stage, rank, world_size)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=config.data.num_workers, collate_fn=collate)

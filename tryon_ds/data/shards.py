@@ -1,0 +1,259 @@
+"""Writing WebDataset shards: the sample format, the train/val split, the manifest and resumable writing.
+
+A sample in a shard holds ``__key__`` and
+    person.jpg, ca.jpg, garment.jpg    letterboxed to the shard's image size (aspect kept, padded)
+    person_pose.npy, garment_pose.npy  (K, 3) float32: x, y normalised to that image in [0, 1], valid (0/1)
+    mask.png                           optional: the region the ca image removed (synthetic data has it)
+    json                               key, source files, original sizes, whether the garment has a pose
+
+Every shard is written to a temporary name and renamed when complete; ``manifest.json`` (written the same
+way after each shard) lists the finished shards with their sizes and SHA-256, so a re-run into the same
+folder keeps them and goes on from there, and a killed run never leaves a shard that looks finished.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import zlib
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from ..config import UserError
+from .sources import LoadedSample, SampleError, SourceSample, load_sample
+
+FORMAT_VERSION = 1
+PAD_COLOUR = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    image_size: tuple[int, int] = (256, 256)  # (H, W)
+    jpeg_quality: int = 95
+    num_keypoints: int = 18
+    val_fraction: float = 0.05
+    shard_samples: int = 1000
+    shard_bytes: int = 1 << 30
+    layout: str = "folders"
+    source: str = ""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def is_val(key: str, fraction: float) -> bool:
+    """A stable split: the same key always lands on the same side, whatever the order or machine."""
+    return (zlib.crc32(key.encode()) % 100_000) < fraction * 100_000
+
+
+# --------------------------------------------------------------------------- one sample
+def letterbox(img: Image.Image, size: tuple[int, int], fill, resample=Image.BICUBIC):
+    """Resize to fit (H, W) keeping the aspect ratio, pad the rest. Returns image, scale, (pad_x, pad_y)."""
+    h, w = size
+    scale = min(w / img.width, h / img.height)
+    nw, nh = max(1, round(img.width * scale)), max(1, round(img.height * scale))
+    out = Image.new(img.mode, (w, h), fill)
+    pad = ((w - nw) // 2, (h - nh) // 2)
+    out.paste(img.resize((nw, nh), resample) if (nw, nh) != img.size else img, pad)
+    return out, scale, pad
+
+
+def normalise_pose(pose: np.ndarray | None, scale: float, pad, size: tuple[int, int], k: int) -> np.ndarray:
+    """Pixel (x, y, confidence) -> (x, y, valid) in [0, 1] of the letterboxed image; None -> all invalid."""
+    out = np.zeros((k, 3), np.float32)
+    if pose is None:
+        return out
+    h, w = size
+    valid = pose[:, 2] > 0
+    out[:, 0] = (pose[:, 0] * scale + pad[0]) / w
+    out[:, 1] = (pose[:, 1] * scale + pad[1]) / h
+    out[:, :2] = np.clip(out[:, :2], 0.0, 1.0)
+    out[:, 2] = valid
+    out[~valid, :2] = 0.0
+    return out
+
+
+def _jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_sample(s: LoadedSample, opts: ShardOptions) -> dict:
+    size = opts.image_size
+    person, scale, pad = letterbox(s.person, size, PAD_COLOUR)
+    ca, _, _ = letterbox(s.ca, size, PAD_COLOUR)
+    garment, g_scale, g_pad = letterbox(s.garment, size, PAD_COLOUR)
+    sample = {
+        "__key__": s.key,
+        "person.jpg": _jpeg(person, opts.jpeg_quality),
+        "ca.jpg": _jpeg(ca, opts.jpeg_quality),
+        "garment.jpg": _jpeg(garment, opts.jpeg_quality),
+        "person_pose.npy": _npy(normalise_pose(s.person_pose, scale, pad, size, opts.num_keypoints)),
+        "garment_pose.npy": _npy(normalise_pose(s.garment_pose, g_scale, g_pad, size, opts.num_keypoints)),
+        "json": json.dumps({"key": s.key, "person_size": list(s.person.size), "garment_size": list(s.garment.size),
+                            "garment_pose": s.garment_pose is not None, **s.meta}).encode(),
+    }
+    if s.mask is not None:
+        mask, _, _ = letterbox(s.mask.convert("L"), size, 0, Image.NEAREST)
+        buf = io.BytesIO()
+        mask.save(buf, format="PNG")
+        sample["mask.png"] = buf.getvalue()
+    return sample
+
+
+# Worker functions take (sample, options) so that a process pool can run them.
+def _check(job):
+    sample, opts = job
+    try:
+        load_sample(sample, opts.num_keypoints)
+        return sample.key, []
+    except SampleError as err:
+        return sample.key, err.problems
+
+
+def _convert(job):
+    sample, opts = job
+    return encode_sample(load_sample(sample, opts.num_keypoints), opts)
+
+
+def _parallel(fn, jobs: list, workers: int) -> Iterable:
+    if workers <= 1:
+        yield from map(fn, jobs)
+        return
+    with get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(fn, jobs, chunksize=4)
+
+
+# --------------------------------------------------------------------------- the folder
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _finished_shards(out: Path, manifest: dict, split: str) -> list[dict]:
+    """The prefix of a previous run's shards of ``split`` that are on disk exactly as recorded."""
+    kept = []
+    for entry in manifest.get("shards", {}).get(split, []):
+        path = out / entry["name"]
+        if not path.is_file() or path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+            break
+        kept.append(entry)
+    return kept
+
+
+def write_shards(out: Path, samples: list[SourceSample], opts: ShardOptions, workers: int = 1,
+                 skip_bad: bool = False, validate: bool = True, scan_problems: list[str] = (),
+                 log: Callable[[str], None] = print) -> dict:
+    """Check every sample, then write ``out/{train,val}-NNNNNN.tar`` and ``out/manifest.json``. Raises
+    UserError listing every problem (before anything is written) unless ``skip_bad``."""
+    problems = {p: None for p in scan_problems}
+    bad_keys: dict[str, list[str]] = {}
+    if validate:
+        for i, (key, found) in enumerate(_parallel(_check, [(s, opts) for s in samples], workers), 1):
+            if found:
+                bad_keys[key] = found
+            if i % 1000 == 0:
+                log(f"checked {i}/{len(samples)} samples")
+    for key, found in bad_keys.items():
+        problems.update({p: None for p in found})
+    if problems and not skip_bad:
+        raise UserError(f"{len(problems)} problem(s) in the input, nothing written (--skip-bad writes the "
+                        "good samples and a report):\n  " + "\n  ".join(problems))
+
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"format_version": FORMAT_VERSION, **asdict(opts)}
+    settings["image_size"] = list(opts.image_size)
+    manifest_path = out / "manifest.json"
+    previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if previous and previous.get("settings") != settings:
+        changed = sorted(k for k in settings if previous.get("settings", {}).get(k) != settings[k])
+        raise UserError(f"{out} holds shards made with other settings ({', '.join(changed)} differ); "
+                        "write to another folder or delete that one")
+    good = [s for s in samples if s.key not in bad_keys]
+    splits = {"train": [s for s in good if not is_val(s.key, opts.val_fraction)],
+              "val": [s for s in good if is_val(s.key, opts.val_fraction)]}
+    manifest = {"settings": settings, "complete": False, "shards": {}, "samples": {},
+                "skipped": {k: v for k, v in bad_keys.items()}, "scan_problems": list(scan_problems)}
+    if skip_bad and problems:
+        atomic_write_json(out / "skipped.json", {"problems": list(problems)})
+        log(f"skipping {len(bad_keys)} bad sample(s) and {len(scan_problems)} unmatched file(s); "
+            f"see {out / 'skipped.json'}")
+
+    for split, items in splits.items():
+        kept = _finished_shards(out, previous, split)
+        manifest["shards"][split] = list(kept)
+        done = sum(e["samples"] for e in kept)
+        if kept:
+            log(f"{split}: keeping {len(kept)} finished shard(s) ({done} samples) from an earlier run")
+        todo = items[done:]
+        index, writer, tmp, count, nbytes, first = len(kept), None, None, 0, 0, None
+
+        def finish():
+            nonlocal writer
+            writer.close()
+            name = f"{split}-{index:06d}.tar"
+            final = out / name
+            os.replace(tmp, final)
+            manifest["shards"][split].append({"name": name, "samples": count, "bytes": final.stat().st_size,
+                                              "sha256": _sha256(final), "first_key": first})
+            atomic_write_json(manifest_path, manifest)
+            writer = None
+
+        for n, encoded in enumerate(_parallel(_convert, [(s, opts) for s in todo], workers), 1):
+            if writer is None:
+                tmp = out / f".{split}-{index:06d}.tar.tmp"
+                writer, count, nbytes, first = wds.TarWriter(str(tmp), encoder=False), 0, 0, encoded["__key__"]
+            writer.write(encoded)
+            count += 1
+            nbytes += sum(len(v) for k, v in encoded.items() if k != "__key__")
+            if count >= opts.shard_samples or nbytes >= opts.shard_bytes:
+                finish()
+                index += 1
+            if n % 500 == 0:
+                log(f"{split}: wrote {done + n}/{len(items)} samples")
+        if writer is not None:
+            finish()
+        manifest["samples"][split] = len(items)
+    manifest["complete"] = True
+    atomic_write_json(manifest_path, manifest)
+    for leftover in out.glob(".*.tar.tmp"):
+        leftover.unlink()
+    return manifest
+
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: is {folder} a shard folder written by tools/make_shards.py?")
+    manifest = json.loads(path.read_text())
+    if not manifest.get("complete"):
+        raise UserError(f"{path}: the shards are incomplete (the writing run was interrupted); "
+                        "re-run tools/make_shards.py into the same folder to finish them")
+    return manifest
