@@ -117,16 +117,23 @@ def _resize(img: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(img[None], size=tuple(size), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
-def to_stage(sample: dict, config: Config, stage: int) -> dict:
-    """Resize to the stage's size, normalise images to [-1, 1]; stage 2 also gets the 128-px ``lowres``."""
-    out = {k: v for k, v in sample.items() if k != "mask"}
+def to_stage(sample: dict, config: Config, stage: int, rng: random.Random | None = None) -> dict:
+    """Resize to the stage's size, augment (training: ``rng`` given) at that size, normalise images to
+    [-1, 1]; stage 2 also gets ``lowres``, the target at the base size."""
+    out = dict(sample)
     size = config.image_size(stage)
     for name in ("person", "ca", "garment"):
-        out[name] = _resize(sample[name], size) * 2 - 1
+        out[name] = _resize(sample[name], size)
+    if rng is not None:
+        d = config.data
+        out.pop("mask", None)
+        out = augment(out, rng, d.hflip_prob, d.rotation_degrees, d.color_jitter)
     if stage == 2:
-        out["lowres"] = _resize(sample["person"], config.base_image_size) * 2 - 1
-    if "mask" in sample:
-        out["mask"] = (_resize(sample["mask"], size) > 0.5).float()
+        out["lowres"] = _resize(out["person"], config.base_image_size) * 2 - 1
+    for name in ("person", "ca", "garment"):
+        out[name] = out[name] * 2 - 1
+    if "mask" in out:
+        out["mask"] = (_resize(out["mask"], size) > 0.5).float()
     return out
 
 
@@ -137,31 +144,36 @@ def collate(samples: list[dict]) -> dict:
 
 # --------------------------------------------------------------------------- skip accounting
 class SkipCounter:
-    """Counts skipped samples and unreadable shards by reason; raises once nothing can be read at all."""
+    """Counts skipped samples and unreadable shards by reason; raises once nothing can be read at all
+    (shards resampled forever would otherwise fail forever, silently)."""
 
     def __init__(self, num_urls: int):
         self.counts: Counter = Counter()
-        self.failures_in_a_row, self.limit = 0, max(20, 2 * num_urls)
-        self.last_error = ""
+        self.limit = max(20, 2 * num_urls)
+        self.read_failures = self.bad_in_a_row = 0
 
     def shard_error(self, exn: Exception) -> bool:  # a webdataset handler: True = continue
-        self.counts[f"unreadable shard or member: {exn}"[:300]] += 1
-        self.last_error = str(exn)
-        self.failures_in_a_row += 1
-        if self.failures_in_a_row >= self.limit:
-            raise DataError(f"no sample could be read after {self.failures_in_a_row} attempts; last error: "
-                            f"{self.last_error}")
+        args = exn.args or (repr(exn),)
+        url = next((a for a in reversed(args[1:]) if isinstance(a, str)), "?")
+        reason = f"unreadable shard {url}: {type(exn).__name__}: {args[0]}"[:300]
+        self.counts[reason] += 1
+        self.read_failures += 1
+        if self.read_failures >= self.limit:
+            raise DataError(f"no sample could be read after {self.read_failures} attempts; last: {reason}")
         return True
+
+    def arrived(self, raw: dict) -> dict:
+        self.read_failures = 0
+        return raw
 
     def bad_sample(self, key: str, reason: str) -> None:
         self.counts[f"bad sample: {reason}"] += 1
-        self.last_error = f"{key}: {reason}"
-        self.failures_in_a_row += 1
-        if self.failures_in_a_row >= self.limit * 10:
-            raise DataError(f"no good sample among the last {self.failures_in_a_row}; last: {self.last_error}")
+        self.bad_in_a_row += 1
+        if self.bad_in_a_row >= self.limit * 10:
+            raise DataError(f"no good sample among the last {self.bad_in_a_row}; last: {key}: {reason}")
 
     def ok(self) -> None:
-        self.failures_in_a_row = 0
+        self.bad_in_a_row = 0
 
 
 # --------------------------------------------------------------------------- training
@@ -178,6 +190,7 @@ class TrainStream(IterableDataset):
         pipeline = wds.DataPipeline(
             wds.ResampledShards(self.urls, seed=seed, worker_seed=lambda: 0, deterministic=True),
             wds.tarfile_to_samples(handler=counter.shard_error),
+            wds.map(counter.arrived),
             wds.shuffle(buf, initial=min(buf, 100), seed=seed),
         )
         position = 0
@@ -192,8 +205,7 @@ class TrainStream(IterableDataset):
             position += 1
 
     def _batches(self, stream: int, first_local: int, counter: SkipCounter):
-        d = self.config.data
-        seg_len = d.segment_batches
+        seg_len = self.config.data.segment_batches
         segment, skip = divmod(first_local, seg_len)
         while True:
             samples = self._segment(stream, segment, counter)
@@ -202,10 +214,7 @@ class TrainStream(IterableDataset):
             for _ in range(seg_len - skip):
                 batch = []
                 for seed, position, sample in (next(samples) for _ in range(self.batch_size)):
-                    rng = random.Random(f"{seed}/{position}")
-                    sample.pop("mask", None)
-                    sample = augment(sample, rng, d.hflip_prob, d.rotation_degrees, d.color_jitter)
-                    batch.append(to_stage(sample, self.config, self.stage))
+                    batch.append(to_stage(sample, self.config, self.stage, random.Random(f"{seed}/{position}")))
                 out = collate(batch)
                 out["skipped"] = dict(counter.counts)
                 out["stream"] = stream

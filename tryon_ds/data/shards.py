@@ -229,7 +229,9 @@ def write_shards(out: Path, samples: list[SourceSample], opts: ShardOptions, wor
         for n, encoded in enumerate(_parallel(_convert, [(s, opts) for s in todo], workers), 1):
             if writer is None:
                 tmp = out / f".{split}-{index:06d}.tar.tmp"
-                writer, count, nbytes, first = wds.TarWriter(str(tmp), encoder=False), 0, 0, encoded["__key__"]
+                # A fixed mtime makes shards byte-reproducible, so a resumed run equals an uninterrupted one.
+                writer = wds.TarWriter(str(tmp), encoder=False, mtime=0)
+                count, nbytes, first = 0, 0, encoded["__key__"]
             writer.write(encoded)
             count += 1
             nbytes += sum(len(v) for k, v in encoded.items() if k != "__key__")

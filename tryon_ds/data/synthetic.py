@@ -144,8 +144,9 @@ def _random_garment(rng: random.Random) -> dict:
             "colour2": colour(), "period": rng.uniform(0.12, 0.3)}
 
 
-def _keypoints_with_confidence(k: np.ndarray, rng: random.Random) -> np.ndarray:
-    conf = np.ones((len(k), 1))
+def _keypoints_with_confidence(k: np.ndarray, rng: random.Random, size: int) -> np.ndarray:
+    # Keypoints out of the frame (the upper-body framing cuts the legs) are not detected.
+    conf = ((k >= 0) & (k <= size)).all(axis=1, keepdims=True).astype(np.float64)
     for i in FLAKY:
         if rng.random() < 0.15:
             conf[i] = 0.0
@@ -177,6 +178,24 @@ def render_sample(index: int, seed: int = 0, size: int = 256) -> dict:
     garment_img = Image.composite(_pattern(k_g, size, garment), Image.new("RGB", (size, size), (255, 255, 255)),
                                   g_mask)
     return {"person": person, "ca": ca, "garment": garment_img, "mask": agnostic,
-            "person_pose": _keypoints_with_confidence(k, rng),
-            "garment_pose": None if flat else _keypoints_with_confidence(k_g, rng),
+            "person_pose": _keypoints_with_confidence(k, rng, size),
+            "garment_pose": None if flat else _keypoints_with_confidence(k_g, rng, size),
             "meta": {"garment_type": garment["type"], "pattern": garment["pattern"], "flat_garment": flat}}
+
+
+def export_folders(root, n: int, seed: int = 0, size: int = 256) -> None:
+    """Write ``n`` synthetic samples in the seed guide's folder layout (JPEG images, (18, 3) pixel poses);
+    a flat garment's pose is written as all-undetected, the only way that layout can say it."""
+    from pathlib import Path
+
+    root = Path(root)
+    for d in ("person_images", "ca_images", "garment_images", "person_poses", "garment_poses"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        s = render_sample(i, seed, size)
+        key = f"{i:06d}"
+        for name in ("person", "ca", "garment"):
+            s[name].save(root / f"{name}_images" / f"{key}.jpg", quality=95)
+        np.save(root / "person_poses" / f"{key}.npy", s["person_pose"])
+        np.save(root / "garment_poses" / f"{key}.npy",
+                s["garment_pose"] if s["garment_pose"] is not None else np.zeros((18, 3), np.float32))

@@ -1,0 +1,176 @@
+"""The training/validation input pipeline over real tar shards."""
+import io
+import random
+import tarfile
+
+import pytest
+import torch
+
+from conftest import run_tool
+from tryon_ds.config import build_config, deep_merge, read_config_file
+from tryon_ds.data.pipeline import DataError, TrainLoader, ValDataset, resolve_shards, val_loader
+from tryon_ds.data.transforms import augment, hflip, rotate
+from tryon_ds.model.pose import COCO18_FLIP
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    r = run_tool(["tools/make_shards.py", "--synthetic", "90", "--out", str(out), "--image-size", "64",
+                  "--shard-size", "10", "--val-fraction", "0.3"])
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def config_for(shards, **data):
+    base = read_config_file(ROOT / "configs" / "tiny.yaml")
+    return build_config(deep_merge(base, {"data_dir": str(shards), "data": {"num_workers": 0, **data}}))
+
+
+# --------------------------------------------------------------------------- transforms
+def _dot_sample(points, size=64):
+    """Images with a bright dot at each keypoint (in its own channel mix), poses at the dots' centres."""
+    person = torch.zeros(3, size, size)
+    pose = torch.zeros(18, 2)
+    valid = torch.zeros(18, dtype=torch.bool)
+    for i, (x, y) in points.items():
+        person[:, y - 1:y + 2, x - 1:x + 2] = torch.tensor([1.0, i / 18, 0.5])[:, None, None]
+        pose[i] = torch.tensor([(x + 0.5) / size, (y + 0.5) / size])
+        valid[i] = True
+    return {"person": person, "ca": person.clone(), "garment": person.clone(), "person_pose": pose,
+            "person_pose_valid": valid, "garment_pose": pose.clone(), "garment_pose_valid": valid.clone()}
+
+
+def _dot_centre(img, i):
+    # Interpolation scales both channels of a dot alike: their ratio identifies the keypoint.
+    hit = (img[0] > 0.2) & ((img[1] / img[0].clamp(min=1e-6) - i / 18).abs() < 0.01)
+    ys, xs = torch.nonzero(hit, as_tuple=True)
+    weights = img[0][hit]
+    size = img.shape[-1]
+    return ((xs.float() + 0.5) * weights).sum() / weights.sum() / size, ((ys.float() + 0.5) * weights).sum() / weights.sum() / size
+
+
+def test_hflip_mirrors_x_and_swaps_left_right_keypoints():
+    s = _dot_sample({2: (10, 20), 5: (40, 22), 0: (30, 8)})
+    f = hflip(s)
+    assert f["person_pose_valid"][[0, 2, 5]].all()
+    for old in (0, 2, 5):
+        new = COCO18_FLIP[old]
+        x, y = _dot_centre(f["person"], old)  # the dot keeps its colour: it is still the old keypoint's marker
+        assert abs(f["person_pose"][new, 0] - x) < 1 / 64 and abs(f["person_pose"][new, 1] - y) < 1 / 64
+    torch.testing.assert_close(hflip(f)["person_pose"], s["person_pose"])
+
+
+@pytest.mark.parametrize("degrees", [-20.0, 7.5, 30.0])
+def test_rotation_moves_keypoints_with_the_image(degrees):
+    points = {1: (32, 12), 4: (14, 40), 7: (50, 44)}
+    r = rotate(_dot_sample(points), degrees)
+    for i in points:
+        x, y = _dot_centre(r["person"], i)
+        assert abs(r["person_pose"][i, 0] - x) < 1.0 / 64 and abs(r["person_pose"][i, 1] - y) < 1.0 / 64, (i, degrees)
+        assert r["garment_pose_valid"][i]
+
+
+def test_rotation_out_of_frame_invalidates_keypoint():
+    r = rotate(_dot_sample({3: (1, 1)}), 40)
+    assert not r["person_pose_valid"][3] and (r["person_pose"][3] == 0).all()
+
+
+def test_augment_is_consistent_across_images():
+    s = _dot_sample({1: (32, 12)})
+    a = augment(s, random.Random(3), 1.0, 10.0, 0.2)
+    torch.testing.assert_close(a["person"], a["ca"])
+    torch.testing.assert_close(a["person"], a["garment"])
+    torch.testing.assert_close(a["person_pose"], a["garment_pose"])
+
+
+# --------------------------------------------------------------------------- streams
+def _take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def test_train_batches_have_stage_shapes_and_ranges(shards):
+    cfg = config_for(shards)
+    b1 = _take(TrainLoader(cfg, 1, rank=0, batch_size=4), 1)[0]
+    assert b1["person"].shape == (4, 3, 32, 32) and b1["person"].min() >= -1 and b1["person"].max() <= 1
+    assert b1["person_pose"].shape == (4, 18, 2) and b1["person_pose_valid"].dtype == torch.bool
+    b2 = _take(TrainLoader(cfg, 2, rank=0, batch_size=4), 1)[0]
+    assert b2["person"].shape == (4, 3, 64, 64) and b2["lowres"].shape == (4, 3, 32, 32)
+
+
+def test_ranks_see_different_streams_and_runs_repeat(shards):
+    cfg = config_for(shards, num_workers=2, segment_batches=3)
+    r0 = _take(TrainLoader(cfg, 1, rank=0, batch_size=4), 6)
+    r1 = _take(TrainLoader(cfg, 1, rank=1, batch_size=4), 6)
+    again = _take(TrainLoader(cfg, 1, rank=0, batch_size=4), 6)
+    assert [b["key"] for b in r0] != [b["key"] for b in r1]
+    for a, b in zip(r0, again):
+        assert a["key"] == b["key"] and torch.equal(a["person"], b["person"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_stream_sees_the_same_batches(shards, workers):
+    cfg = config_for(shards, num_workers=workers, segment_batches=3)
+    full = _take(TrainLoader(cfg, 1, rank=0, batch_size=4), 9)
+    resumed = _take(TrainLoader(cfg, 1, rank=0, batch_size=4, start_step=5), 4)
+    for a, b in zip(full[5:], resumed):
+        assert a["key"] == b["key"]
+        torch.testing.assert_close(a["person"], b["person"], rtol=0, atol=0)
+        torch.testing.assert_close(a["person_pose"], b["person_pose"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shard_size", [2, 10])  # many shards (split by shard), few shards (split by sample)
+def test_validation_sees_each_sample_exactly_once_over_2_ranks_x_2_workers(tmp_path, shard_size):
+    out = tmp_path / "s"
+    assert run_tool(["tools/make_shards.py", "--synthetic", "60", "--out", str(out), "--image-size", "32",
+                     "--shard-size", str(shard_size), "--val-fraction", "0.4"]).returncode == 0
+    cfg = config_for(out, num_workers=2)
+    expected = {s["__key__"] for s in __import__("webdataset").WebDataset(str(out / "val-{000000..000099}.tar"),
+                                                                         shardshuffle=False, empty_check=False,
+                                                                         handler=lambda e: True)}
+    keys = [k for rank in (0, 1) for batch in val_loader(cfg, 1, rank, 2, batch_size=3) for k in batch["key"]]
+    assert len(keys) == len(set(keys)) and set(keys) == expected
+
+
+def _shard_with(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_corrupt_samples_and_shards_are_skipped_counted_and_named(shards, tmp_path):
+    good = sorted(shards.glob("train-*.tar"))[0]
+    with tarfile.open(good) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    first = members[0][0].split(".")[0]
+    broken = [(n, b"not a jpeg" if n == f"{first}.person.jpg" else d) for n, d in members]
+    _shard_with(tmp_path / "bad.tar", broken)
+    truncated = good.read_bytes()
+    (tmp_path / "trunc.tar").write_bytes(truncated[: len(truncated) // 2])
+    cfg = config_for(shards)
+    cfg.data.train_shards = [str(tmp_path / "bad.tar"), str(tmp_path / "trunc.tar"), "pipe:exit 3"]
+    loader = TrainLoader(cfg, 1, rank=0, batch_size=4)
+    _take(loader, 12)
+    skipped = loader.skipped()
+    assert any("unreadable person.jpg" in reason for reason in skipped)
+    assert any("pipe:exit 3" in reason for reason in skipped), skipped
+
+
+def test_nothing_readable_is_an_error_not_a_hang(tmp_path):
+    (tmp_path / "empty.tar").write_bytes(b"")
+    cfg = config_for(tmp_path)
+    cfg.data.train_shards = [str(tmp_path / "empty.tar"), "pipe:exit 1"]
+    with pytest.raises(DataError, match="no sample could be read"):
+        _take(TrainLoader(cfg, 1, rank=0, batch_size=2), 1)
+
+
+def test_shard_specs(shards, tmp_path):
+    assert len(resolve_shards(str(shards / "train-{000000..000002}.tar"), "train")) == 3
+    assert len(resolve_shards([str(shards / "train-*.tar")], "train")) == len(list(shards.glob("train-*.tar")))
+    assert resolve_shards("pipe:cat x.tar", "train") == ["pipe:cat x.tar"]
+    with pytest.raises(DataError, match="nothing-\\*.tar' matches no file"):
+        resolve_shards(str(tmp_path / "nothing-*.tar"), "train")

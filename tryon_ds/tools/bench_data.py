@@ -1,0 +1,96 @@
+"""Input-pipeline throughput: WebDataset shards vs a plain loader over the seed guide's folder layout,
+on the same synthetic samples, plus the conversion rate of make_shards.
+
+    python tools/bench_data.py --samples 400 --batches 30
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import build_config, deep_merge, exit_on_user_error, read_config_file
+from ..data import sources
+from ..data.pipeline import TrainLoader, collate, to_stage
+from ..data.shards import ShardOptions, write_shards
+from ..data.synthetic import export_folders
+
+
+class FolderDataset(Dataset):
+    """The obvious loader for the seed layout: open the files of one sample per __getitem__."""
+
+    def __init__(self, root: Path, config, stage: int):
+        self.samples, _ = sources.scan_folders(root)
+        self.config, self.stage = config, stage
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        s = sources.load_sample(self.samples[i])
+        size = s.person.size
+        out = {"key": s.key}
+        for name in ("person", "ca", "garment"):
+            arr = np.asarray(getattr(s, name), dtype=np.float32) / 255.0
+            out[name] = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+        for name in ("person_pose", "garment_pose"):
+            pose = getattr(s, name)
+            out[name] = torch.from_numpy(pose[:, :2] / np.array(size, np.float32))
+            out[f"{name}_valid"] = torch.from_numpy(pose[:, 2] > 0)
+        return to_stage(out, self.config, self.stage, random.Random(i))
+
+
+def rate(iterator, batches: int, batch_size: int) -> float:
+    it = iter(iterator)
+    next(it)  # start-up (workers, first shard) is not throughput
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=400)
+    p.add_argument("--batches", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=16)
+    args = p.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="tryon-bench-"))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; data under {root}")
+    export_folders(root / "folders", args.samples, size=256)
+    samples, _ = sources.scan_folders(root / "folders")
+    for workers in (1, 2):
+        start = time.perf_counter()
+        write_shards(root / f"shards{workers}", samples, ShardOptions(image_size=(256, 256), val_fraction=0.0),
+                     workers=workers, log=lambda _: None)
+        print(f"make_shards, {workers} worker(s): {args.samples / (time.perf_counter() - start):.1f} samples/s "
+              "(check + convert + write)")
+    base = read_config_file(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
+    print("stage  size  workers  shards samples/s  folder samples/s  ratio")
+    for stage in (1, 2):
+        for workers in (0, 1, 2):
+            cfg = build_config(deep_merge(base, {"data_dir": str(root / "shards1"), "base_image_size": [128, 128],
+                                                 "sr_image_size": [256, 256],
+                                                 "data": {"num_workers": workers, "shuffle_buffer": 200}}))
+            shards = rate(TrainLoader(cfg, stage, 0, args.batch_size), args.batches, args.batch_size)
+            plain = DataLoader(FolderDataset(root / "folders", cfg, stage), batch_size=args.batch_size, shuffle=True,
+                               num_workers=workers, collate_fn=collate, persistent_workers=workers > 0)
+
+            def forever():
+                while True:
+                    yield from plain
+            folder = rate(forever(), args.batches, args.batch_size)
+            size = cfg.image_size(stage)[0]
+            print(f"{stage:>5}  {size:>4}  {workers:>7}  {shards:16.1f}  {folder:16.1f}  {shards / folder:5.2f}")
+
+
+if __name__ == "__main__":
+    main()
