@@ -102,20 +102,31 @@ def test_train_batches_have_stage_shapes_and_ranges(shards):
 
 def test_ranks_see_different_streams_and_runs_repeat(shards):
     cfg = config_for(shards, num_workers=2, segment_batches=3)
-    r0 = _take(TrainLoader(cfg, 1, rank=0, batch_size=4), 6)
-    r1 = _take(TrainLoader(cfg, 1, rank=1, batch_size=4), 6)
-    again = _take(TrainLoader(cfg, 1, rank=0, batch_size=4), 6)
+    r0 = _take(TrainLoader(cfg, 1, rank=0, batch_size=4, world_size=2), 6)
+    r1 = _take(TrainLoader(cfg, 1, rank=1, batch_size=4, world_size=2), 6)
+    again = _take(TrainLoader(cfg, 1, rank=0, batch_size=4, world_size=2), 6)
     assert [b["key"] for b in r0] != [b["key"] for b in r1]
     for a, b in zip(r0, again):
         assert a["key"] == b["key"] and torch.equal(a["person"], b["person"])
 
 
+def test_global_batches_do_not_depend_on_world_size_with_fixed_streams(shards):
+    """1 rank x 2 accumulation steps reads, step by step, the micro-batches that 2 ranks read."""
+    cfg = config_for(shards, num_workers=1, streams=2, segment_batches=4)
+    single = _take(TrainLoader(cfg, 1, rank=0, batch_size=4, world_size=1, accumulation=2), 8)
+    ranks = [_take(TrainLoader(cfg, 1, rank=r, batch_size=4, world_size=2), 4) for r in (0, 1)]
+    for step in range(4):
+        assert single[2 * step]["key"] == ranks[0][step]["key"]
+        assert single[2 * step + 1]["key"] == ranks[1][step]["key"]
+        assert torch.equal(single[2 * step + 1]["person"], ranks[1][step]["person"])
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resumed_stream_sees_the_same_batches(shards, workers):
     cfg = config_for(shards, num_workers=workers, segment_batches=3)
-    full = _take(TrainLoader(cfg, 1, rank=0, batch_size=4), 9)
-    resumed = _take(TrainLoader(cfg, 1, rank=0, batch_size=4, start_step=5), 4)
-    for a, b in zip(full[5:], resumed):
+    full = _take(TrainLoader(cfg, 1, rank=1, world_size=2, batch_size=4, accumulation=2), 18)[10:]
+    resumed = _take(TrainLoader(cfg, 1, rank=1, world_size=2, batch_size=4, accumulation=2, start_step=5), 8)
+    for a, b in zip(full, resumed):
         assert a["key"] == b["key"]
         torch.testing.assert_close(a["person"], b["person"], rtol=0, atol=0)
         torch.testing.assert_close(a["person_pose"], b["person_pose"], rtol=0, atol=0)

@@ -105,6 +105,9 @@ class DataConfig:
     # Training streams restart their shard draw and shuffle buffer every this many batches, which bounds
     # what a resumed run must skip to see the same batches (tryon_ds/data/pipeline.py).
     segment_batches: int = field(default=200, metadata=_range(ge=1))
+    # Virtual data streams; 0 = ranks x workers. Fix it to make the data order independent of the world
+    # size (e.g. to compare a 1-rank run with gradient accumulation against a multi-rank run).
+    streams: int = field(default=0, metadata=_range(ge=0))
     seed: int = 0
     hflip_prob: float = field(default=0.5, metadata=_range(ge=0.0, le=1.0))
     rotation_degrees: float = field(default=5.0, metadata=_range(ge=0.0, le=180.0))

@@ -1,19 +1,24 @@
 """The training and validation input pipelines over WebDataset shards.
 
-Training streams are infinite and deterministic. Each rank has ``W`` logical streams (one per loader
-worker); stream ``w`` serves the rank's steps ``w, w+W, w+2W, ...`` (PyTorch's DataLoader takes batches
-from its workers in turn). A stream is cut into segments of ``segment_batches`` batches; each segment
-draws shards with replacement (``wds.ResampledShards``) and shuffles through a buffer, both seeded by
-(seed, rank, stream, segment), and every sample's augmentation is seeded by its position. So the batch of
-step ``s`` is a function of (seed, rank, W, s) alone: a run resumed at step ``S`` rebuilds the segment
-holding ``S`` and skips what came before it in that segment (decoding, not augmenting), and sees exactly
-the batches the uninterrupted run would have seen.
+Training data is a function of the global micro-batch *slot*, never of which process reads it. Step ``s``,
+micro-step ``m`` of rank ``r`` in a world of ``N`` ranks with ``A`` accumulation steps consumes slot
+``g = (s*A + m)*N + r``; slot ``g`` is batch ``g // V`` of virtual stream ``g % V`` (``data.streams``). A
+virtual stream is cut into segments of ``segment_batches`` batches; each segment draws shards with
+replacement (``wds.ResampledShards``) and shuffles them through a buffer, both seeded by (seed, stream,
+segment), and each sample's augmentation is seeded by its position. Hence:
+- no two ranks read the same batch, and with ``data.streams`` fixed, 1 rank x A accumulation steps sees
+  the same global batches as A ranks;
+- a run resumed at step ``S`` rebuilds the segments holding its next slots, skips what came before in
+  them (decoding, not augmenting), and sees exactly the batches the uninterrupted run would have seen.
+Each loader worker serves every W-th of its rank's slots (PyTorch's DataLoader takes batches from its
+workers in turn) and reads the virtual streams those slots belong to; with ``V`` a multiple of ranks x
+workers (the default, ``streams: 0``) each worker reads exactly one stream.
 
 Validation reads every sample exactly once across all ranks and workers: by shard when there are enough
 shards, else by sample index.
 
 Bad samples (a corrupt or missing member, a pose of the wrong shape or with NaN) are skipped and counted;
-each batch carries its stream's counts so the trainer can report them. A shard that cannot be opened is
+each batch carries its worker's counts so the trainer can report them. A shard that cannot be opened is
 named in the counts; if nothing at all can be read, the stream raises :class:`DataError`.
 """
 from __future__ import annotations
@@ -178,14 +183,17 @@ class SkipCounter:
 
 # --------------------------------------------------------------------------- training
 class TrainStream(IterableDataset):
-    def __init__(self, urls: list[str], config: Config, stage: int, rank: int, batch_size: int, start_step: int = 0):
+    def __init__(self, urls: list[str], config: Config, stage: int, rank: int, world_size: int,
+                 batch_size: int, accumulation: int = 1, start_step: int = 0):
         super().__init__()
-        self.urls, self.config, self.stage, self.rank = urls, config, stage, rank
-        self.batch_size, self.start_step = batch_size, start_step
-        self.num_streams = max(1, config.data.num_workers)
+        self.urls, self.config, self.stage = urls, config, stage
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.first_local = start_step * accumulation  # this rank's micro-batches already consumed
+        self.workers = max(1, config.data.num_workers)
+        self.streams = config.data.streams or world_size * self.workers
 
-    def _segment(self, stream: int, segment: int, counter: SkipCounter):
-        seed = random.Random(f"{self.config.data.seed}/{self.rank}/{stream}/{segment}").getrandbits(63)
+    def _samples(self, stream: int, segment: int, counter: SkipCounter):
+        seed = random.Random(f"{self.config.data.seed}/{stream}/{segment}").getrandbits(63)
         buf = self.config.data.shuffle_buffer
         pipeline = wds.DataPipeline(
             wds.ResampledShards(self.urls, seed=seed, worker_seed=lambda: 0, deterministic=True),
@@ -204,56 +212,62 @@ class TrainStream(IterableDataset):
             yield seed, position, sample
             position += 1
 
-    def _batches(self, stream: int, first_local: int, counter: SkipCounter):
+    def _stream(self, stream: int, first: int, counter: SkipCounter):
+        """(index, batch) of one virtual stream from batch ``first`` on."""
         seg_len = self.config.data.segment_batches
-        segment, skip = divmod(first_local, seg_len)
+        segment, skip = divmod(first, seg_len)
         while True:
-            samples = self._segment(stream, segment, counter)
+            samples = self._samples(stream, segment, counter)
             for _ in range(skip * self.batch_size):
                 next(samples)
-            for _ in range(seg_len - skip):
-                batch = []
-                for seed, position, sample in (next(samples) for _ in range(self.batch_size)):
-                    batch.append(to_stage(sample, self.config, self.stage, random.Random(f"{seed}/{position}")))
-                out = collate(batch)
-                out["skipped"] = dict(counter.counts)
-                out["stream"] = stream
-                yield out
+            for k in range(skip, seg_len):
+                batch = [to_stage(sample, self.config, self.stage, random.Random(f"{seed}/{position}"))
+                         for seed, position, sample in (next(samples) for _ in range(self.batch_size))]
+                yield segment * seg_len + k, collate(batch)
             segment, skip = segment + 1, 0
 
     def __iter__(self):
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        w = self.num_streams
-        if info is not None and info.num_workers != w:
-            raise RuntimeError(f"TrainStream built for {w} workers, run with {info.num_workers}")
-        # The new loader starts with worker 0 at step start_step: physical worker p serves the logical
-        # stream that owns step start_step + p.
-        first_step = self.start_step + worker
-        stream = first_step % w
-        yield from self._batches(stream, (first_step - stream) // w, SkipCounter(len(self.urls)))
+        if info is not None and info.num_workers != self.workers:
+            raise RuntimeError(f"TrainStream built for {self.workers} workers, run with {info.num_workers}")
+        counter, open_streams = SkipCounter(len(self.urls)), {}
+        # The loader restarts with worker 0, which therefore serves the first micro-batch not yet consumed.
+        local = self.first_local + worker
+        while True:
+            slot = local * self.world_size + self.rank
+            stream, index = slot % self.streams, slot // self.streams
+            if stream not in open_streams:
+                open_streams[stream] = self._stream(stream, index, counter)
+            at, batch = next(open_streams[stream])
+            while at < index:  # a stream shared with other workers: skip their batches
+                at, batch = next(open_streams[stream])
+            batch["skipped"], batch["worker"] = dict(counter.counts), worker
+            yield batch
+            local += self.workers
 
 
 class TrainLoader:
-    """Iterates a rank's training batches from ``start_step`` on, and sums the streams' skip counts."""
+    """A rank's training micro-batches from ``start_step`` on; sums the workers' skip counts."""
 
-    def __init__(self, config: Config, stage: int, rank: int, batch_size: int, start_step: int = 0):
+    def __init__(self, config: Config, stage: int, rank: int, batch_size: int, world_size: int = 1,
+                 accumulation: int = 1, start_step: int = 0):
         urls = shard_urls(config, "train")
-        self.stream = TrainStream(urls, config, stage, rank, batch_size, start_step)
+        self.stream = TrainStream(urls, config, stage, rank, world_size, batch_size, accumulation, start_step)
         w = config.data.num_workers
         self.loader = DataLoader(self.stream, batch_size=None, num_workers=w, persistent_workers=w > 0,
                                  prefetch_factor=2 if w > 0 else None)
-        self.skipped_by_stream: dict[int, dict] = {}
+        self.skipped_by_worker: dict[int, dict] = {}
 
     def skipped(self) -> Counter:
         total: Counter = Counter()
-        for counts in self.skipped_by_stream.values():
+        for counts in self.skipped_by_worker.values():
             total.update(counts)
         return total
 
     def __iter__(self):
         for batch in self.loader:
-            self.skipped_by_stream[batch.pop("stream")] = batch.pop("skipped")
+            self.skipped_by_worker[batch.pop("worker")] = batch.pop("skipped")
             yield batch
 
 
