@@ -154,6 +154,7 @@ class Config:
     # Beyond the seed.
     ema_decay: float = field(default=0.9999, metadata=_range(ge=0.0, le=1.0))
     weight_decay: float = field(default=0.01, metadata=_range(ge=0.0))
+    min_lr_ratio: float = field(default=0.1, metadata=_range(ge=0.0, le=1.0))
     max_steps: Optional[int] = field(default=None, metadata=_range(ge=1))
     seed: int = 0
     unet1: UNetConfig = field(default_factory=lambda: preset("base"))

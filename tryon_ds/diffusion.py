@@ -10,7 +10,6 @@ import math
 from typing import Callable
 
 import torch
-from torch import nn
 
 
 def make_betas(schedule: str, timesteps: int) -> torch.Tensor:
@@ -27,7 +26,7 @@ def make_betas(schedule: str, timesteps: int) -> torch.Tensor:
 
 
 def _gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values[t].to(like.dtype).view(-1, *[1] * (like.dim() - 1))
+    return values[t.cpu()].to(like.device, like.dtype).view(-1, *[1] * (like.dim() - 1))
 
 
 def dynamic_threshold(x0: torch.Tensor, percentile: float) -> torch.Tensor:
@@ -37,17 +36,18 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float) -> torch.Tensor:
     return x0.clamp(-s, s) / s
 
 
-class GaussianDiffusion(nn.Module):
+class GaussianDiffusion:
+    """The schedule's tables are plain fp32 tensors, not module buffers: DeepSpeed casts a module's buffers
+    to fp16/bf16, where 1 - alpha_bar near t=0 would round to zero."""
+
     def __init__(self, timesteps: int, schedule: str = "cosine", objective: str = "v"):
-        super().__init__()
         if objective not in ("eps", "v"):
             raise ValueError(f"unknown objective {objective!r}; expected 'eps' or 'v'")
         self.timesteps, self.objective = timesteps, objective
         alphas_cumprod = torch.cumprod(1 - make_betas(schedule, timesteps), dim=0)
-        # Not persistent: derived from the config, so checkpoints stay independent of the schedule code.
-        self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
-        self.register_buffer("sqrt_ac", alphas_cumprod.sqrt().float(), persistent=False)
-        self.register_buffer("sqrt_1m_ac", (1 - alphas_cumprod).sqrt().float(), persistent=False)
+        self.alphas_cumprod = alphas_cumprod.float()
+        self.sqrt_ac = alphas_cumprod.sqrt().float()
+        self.sqrt_1m_ac = (1 - alphas_cumprod).sqrt().float()
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return _gather(self.sqrt_ac, t, x0) * x0 + _gather(self.sqrt_1m_ac, t, x0) * noise

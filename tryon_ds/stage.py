@@ -46,7 +46,11 @@ class CascadeStage(nn.Module):
             max_level = int(self.dcfg.noise_aug_max * self.diffusion.timesteps)
             level = torch.randint(0, max_level + 1, (b,), device=x0.device)
             cond["lowres"] = self._lowres_input(batch["lowres"], level)
-        out = self.unet(self.diffusion.q_sample(x0, t, noise), t, cond, lowres_noise_level=level, drop_cond=drop)
+        # Diffusion arithmetic in fp32; the UNet runs in its own (possibly bf16/fp16) dtype.
+        dtype = self.unet.person_in.weight.dtype
+        cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+        x_t = self.diffusion.q_sample(x0, t, noise).to(dtype)
+        out = self.unet(x_t, t, cond, lowres_noise_level=level, drop_cond=drop)
         return F.mse_loss(out.float(), self.diffusion.target(x0, t, noise).float())
 
     @torch.no_grad()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import glob
 import io
 import random
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -181,6 +182,13 @@ class SkipCounter:
         self.bad_in_a_row = 0
 
 
+def _worker_init(_):
+    # A stop signal is for the training process, which finishes its step and saves; launchers send it to
+    # the whole process tree, and a loader worker dying of it would fail that step. Workers exit with it.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 # --------------------------------------------------------------------------- training
 class TrainStream(IterableDataset):
     def __init__(self, urls: list[str], config: Config, stage: int, rank: int, world_size: int,
@@ -256,7 +264,7 @@ class TrainLoader:
         self.stream = TrainStream(urls, config, stage, rank, world_size, batch_size, accumulation, start_step)
         w = config.data.num_workers
         self.loader = DataLoader(self.stream, batch_size=None, num_workers=w, persistent_workers=w > 0,
-                                 prefetch_factor=2 if w > 0 else None)
+                                 prefetch_factor=2 if w > 0 else None, worker_init_fn=_worker_init)
         self.skipped_by_worker: dict[int, dict] = {}
 
     def skipped(self) -> Counter:
@@ -300,4 +308,5 @@ class ValDataset(IterableDataset):
 
 def val_loader(config: Config, stage: int, rank: int, world_size: int, batch_size: int) -> DataLoader:
     dataset = ValDataset(shard_urls(config, "val"), config, stage, rank, world_size)
-    return DataLoader(dataset, batch_size=batch_size, num_workers=config.data.num_workers, collate_fn=collate)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=config.data.num_workers, collate_fn=collate,
+                      worker_init_fn=_worker_init)

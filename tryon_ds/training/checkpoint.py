@@ -1,0 +1,112 @@
+"""Checkpoints: DeepSpeed's own sharded save, plus the EMA and the run's state, marked complete last.
+
+Layout, one folder per stage: ``{checkpoint_dir}/unet{stage}/step{N:08d}/``
+    (DeepSpeed's files)          model and optimizer states of every rank
+    ema.safetensors              the whole EMA (fp32), world-size independent
+    trainer_state.json           step, data position, world size, ZeRO stage, seeds, config
+    COMPLETE                     written by rank 0 after every rank has finished writing
+``--resume auto`` takes the newest folder with COMPLETE, so a run killed while saving falls back to the
+previous checkpoint. A checkpoint saved at another world size is converted once to DeepSpeed's universal
+format (``step{N}_universal/``) and loaded from there.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from ..config import UserError
+from ..data.shards import atomic_write_bytes, atomic_write_json
+
+TAG = re.compile(r"^step(\d{8})$")
+
+
+def stage_dir(checkpoint_dir: str, stage: int) -> Path:
+    return Path(checkpoint_dir) / f"unet{stage}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    found = [p for p in root.glob("step*") if TAG.match(p.name) and (p / "COMPLETE").is_file()]
+    return sorted(found, key=lambda p: int(TAG.match(p.name).group(1)))
+
+
+def find_resume(root: Path, resume: str) -> Path | None:
+    """``none`` -> None; ``auto`` -> the newest complete checkpoint (or None); else a checkpoint folder."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(root)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "COMPLETE").is_file():
+        raise UserError(f"--resume {resume}: not a complete checkpoint folder (no COMPLETE marker in it)")
+    return path
+
+
+def read_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / "trainer_state.json").read_text())
+
+
+def save(engine, ema, root: Path, step: int, state: dict, keep: int, is_main: bool) -> Path:
+    """Every rank calls this. Returns the checkpoint folder."""
+    tag = f"step{step:08d}"
+    ckpt = root / tag
+    if is_main and ckpt.exists():  # an incomplete leftover of a killed run at the same step
+        shutil.rmtree(ckpt)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state={"trainer_state": state})
+    ema_state = ema.full_state_dict() if ema is not None else None
+    if is_main:
+        if ema_state is not None:
+            tmp = ckpt / ".ema.safetensors.tmp"
+            save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp))
+            tmp.replace(ckpt / "ema.safetensors")
+        atomic_write_json(ckpt / "trainer_state.json", state)
+    dist.barrier()  # every rank's DeepSpeed files are written
+    if is_main:
+        atomic_write_bytes(ckpt / "COMPLETE", b"")
+        for old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)
+    dist.barrier()
+    return ckpt
+
+
+def universal_path(ckpt: Path) -> Path:
+    return ckpt.with_name(ckpt.name + "_universal")
+
+
+def convert_to_universal(ckpt: Path, zero_stage: int) -> Path:
+    """DeepSpeed's ds_to_universal, run once by rank 0; the others wait at the caller's barrier."""
+    out = universal_path(ckpt)
+    if (out / "COMPLETE").is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
+           "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    if zero_stage < 3:
+        cmd.append("--inject_missing_state")
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"converting {ckpt} to a universal checkpoint failed:\n{result.stderr[-3000:]}")
+    # DeepSpeed reads our files from the folder it loads, so they travel along.
+    for name in ("ema.safetensors", "trainer_state.json"):
+        if (ckpt / name).is_file():
+            shutil.copy2(ckpt / name, out / name)
+    atomic_write_bytes(out / "COMPLETE", b"")
+    return out
+
+
+def load_ema(ckpt: Path, ema) -> None:
+    path = ckpt / "ema.safetensors"
+    if ema is None:
+        return
+    if not path.is_file():
+        raise UserError(f"{ckpt} holds no EMA (ema.safetensors) but use_ema is true")
+    ema.load_full_state_dict(load_file(str(path)))
