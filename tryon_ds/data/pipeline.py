@@ -75,7 +75,13 @@ def resolve_shards(specs: list[str] | str, what: str) -> list[str]:
 
 def shard_urls(config: Config, split: str) -> list[str]:
     specs = config.data.train_shards if split == "train" else config.data.val_shards
-    return resolve_shards(specs or [str(Path(config.data_dir) / f"{split}-*.tar")], split)
+    if specs:
+        return resolve_shards(specs, split)
+    pattern = Path(config.data_dir) / f"{split}-*.tar"
+    if not glob.glob(str(pattern)):
+        raise DataError(f"data_dir '{config.data_dir}' holds no {split} shards ({pattern.name}); convert your "
+                        "data with tools/make_shards.py, or name shards in data.train_shards/data.val_shards")
+    return resolve_shards(str(pattern), split)
 
 
 # --------------------------------------------------------------------------- one sample

@@ -1,0 +1,202 @@
+"""The DeepSpeed trainer: real engines on 2 CPU ranks (gloo), the tiny preset, synthetic shards."""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_tool
+
+STEPS = 30
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    r = run_tool(["tools/make_shards.py", "--synthetic", "160", "--out", str(out), "--image-size", "64",
+                  "--shard-size", "20", "--val-fraction", "0.1"])
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def command(run_dir, shards, ranks=2, ds="cpu_zero2", steps=STEPS, extra=()):
+    train = ["tryon_ds/train.py", "--deepspeed_config", f"ds_configs/{ds}.json", "--config", "configs/tiny.yaml",
+             "--max_steps", str(steps), "--set", f"data_dir={shards}", "--set", f"checkpoint_dir={run_dir}/ckpt",
+             "--set", f"output_dir={run_dir}/out", "--set", f"log_dir={run_dir}/logs", "--set", "log_freq=1",
+             "--set", "validation_freq=10", "--set", "sample_freq=1000", "--set", "checkpoint_freq=10",
+             "--set", "batch_size=4", "--set", "data.num_workers=0", "--set", "data.streams=2",
+             "--set", "diffusion.sample_steps=[4,4]", "--set", "warmup_steps=5", "--set", "learning_rate=2e-3",
+             *extra]
+    if ranks == 1:
+        return [sys.executable, *train]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+            "--master_port", str(free_port()), *train]
+
+
+def run(cmd, timeout=300):
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def losses(run_dir, stage=1):
+    """step -> loss; a resumed run's entries replace those the killed run wrote for the same steps."""
+    out = {}
+    for line in (Path(run_dir) / "out" / f"metrics_unet{stage}.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        out[entry["step"]] = entry["loss"]
+    return out
+
+
+def val_losses(stdout):
+    return [float(line.rsplit(" ", 1)[1]) for line in stdout.splitlines() if "validation loss" in line]
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    """One process, no ZeRO, 2 accumulation steps: the same global batches as 2 ranks x 1."""
+    run_dir = tmp_path_factory.mktemp("single")
+    r = run(command(run_dir, shards, ranks=1, ds="cpu_zero0", extra=["--set", "gradient_accumulation_steps=2"]))
+    return run_dir, r
+
+
+@pytest.fixture(scope="module")
+def zero_runs(shards, tmp_path_factory):
+    runs = {}
+    for ds in ("cpu_zero2", "cpu_zero3"):
+        run_dir = tmp_path_factory.mktemp(ds)
+        runs[ds] = (run_dir, run(command(run_dir, shards, ds=ds)))
+    return runs
+
+
+@pytest.mark.parametrize("ds", ["cpu_zero2", "cpu_zero3"])
+def test_zero_matches_single_process_and_validation_loss_falls(zero_runs, reference, ds):
+    run_dir, result = zero_runs[ds]
+    ref = losses(reference[0])
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, 6):
+        assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-5), step
+    val = val_losses(result.stdout)
+    assert len(val) == 3 and val[-1] < val[0], val
+    assert (run_dir / "ckpt" / "unet1" / f"step{STEPS:08d}" / "COMPLETE").is_file()
+    assert "2 rank(s) x micro-batch 4" in result.stdout
+
+
+def test_ema_under_zero3_equals_single_rank_ema(zero_runs, reference):
+    ema3 = load_file(str(zero_runs["cpu_zero3"][0] / "ckpt" / "unet1" / f"step{STEPS:08d}" / "ema.safetensors"))
+    ref = load_file(str(reference[0] / "ckpt" / "unet1" / f"step{STEPS:08d}" / "ema.safetensors"))
+    assert ema3.keys() == ref.keys()
+    for name, tensor in ref.items():
+        assert ema3[name].shape == tensor.shape
+        torch.testing.assert_close(ema3[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _wait_for(path, proc, timeout=180):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, "the run ended before it was interrupted"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_kill_then_resume_auto_reproduces_losses_and_resumes_at_another_world_size(zero_runs, shards, tmp_path):
+    """SIGKILL a ZeRO-3 run after its step-10 checkpoint; --resume auto must give the uninterrupted losses
+    (fp32: 1e-6) for the next 20 steps. Then resume the same checkpoint on 1 rank (universal checkpoint)."""
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed, shards, ds="cpu_zero3", steps=STEPS), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(killed / "ckpt" / "unet1" / "step00000010" / "COMPLETE", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    snapshot = tmp_path / "step10"
+    shutil.copytree(killed / "ckpt" / "unet1" / "step00000010", snapshot)
+
+    resumed = run(command(killed, shards, ds="cpu_zero3", extra=["--resume", "auto"]))
+    assert "resumed from" in resumed.stdout
+    uninterrupted = losses(zero_runs["cpu_zero3"][0])
+    got = losses(killed)
+    resumed_at = int(re.search(r"resumed from \S*step(\d{8})", resumed.stdout).group(1))
+    assert resumed_at >= 10 and STEPS - resumed_at >= 10
+    for step in range(resumed_at + 1, STEPS + 1):
+        assert abs(got[step] - uninterrupted[step]) <= 1e-6, (step, got[step], uninterrupted[step])
+
+    # 2 ranks -> 1 rank with 2 accumulation steps: same global batches, DeepSpeed's universal checkpoint.
+    one = tmp_path / "one"
+    (one / "ckpt" / "unet1").mkdir(parents=True)
+    shutil.copytree(snapshot, one / "ckpt" / "unet1" / "step00000010")
+    r = run(command(one, shards, ranks=1, ds="cpu_zero3", extra=["--resume", "auto",
+                                                                 "--set", "gradient_accumulation_steps=2"]))
+    assert "(universal)" in r.stdout
+    got = losses(one)
+    for step in range(11, STEPS + 1):
+        assert got[step] == pytest.approx(uninterrupted[step], rel=1e-4, abs=1e-5), step
+
+
+def _rank_processes(launcher):
+    """The training processes under a deepspeed launcher (not the launcher's own helper processes)."""
+    return [p for p in psutil.Process(launcher).children(recursive=True)
+            if "train.py" in " ".join(p.cmdline()) and "deepspeed.launcher" not in " ".join(p.cmdline())]
+
+
+@pytest.mark.parametrize("sig, ranks", [(signal.SIGTERM, 2), (signal.SIGUSR1, 1)])
+def test_stop_signal_finishes_the_step_saves_and_exits_0(shards, tmp_path, sig, ranks):
+    proc = subprocess.Popen(command(tmp_path, shards, ranks=ranks, steps=1000), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "out" / "metrics_unet1.jsonl"
+    _wait_for(metrics, proc)
+    while len(metrics.read_text().splitlines()) < 3:
+        time.sleep(0.05)
+    targets = [psutil.Process(proc.pid)] if ranks == 1 else _rank_processes(proc.pid)
+    assert len(targets) == ranks
+    for p in targets:
+        p.send_signal(sig)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stop requested" in out
+    saved = [p for p in (tmp_path / "ckpt" / "unet1").glob("step*") if (p / "COMPLETE").is_file()]
+    assert saved and 3 <= max(int(p.name[4:]) for p in saved) < 1000
+
+
+def test_sr_stage_trains_on_ground_truth_lowres(shards, tmp_path):
+    r = run(command(tmp_path, shards, steps=3, extra=["--train_unet", "2", "--set", "sample_freq=3"]))
+    assert (tmp_path / "ckpt" / "unet2" / "step00000003" / "COMPLETE").is_file()
+    from PIL import Image
+    grid = Image.open(next((tmp_path / "out" / "samples").glob("unet2_*.png")))
+    assert grid.size == (4 * 64, 4 * 64)  # ca | garment | sample | target, sample_count rows of 64 px
+    assert all(v == v for v in losses(tmp_path, stage=2).values())
+    assert "ZeRO-2" in r.stdout
+
+
+def test_batch_contradiction_and_missing_data_are_clear_errors(shards, tmp_path):
+    ds = tmp_path / "ds.json"
+    config = json.loads((ROOT / "ds_configs" / "cpu_zero2.json").read_text())
+    config["train_batch_size"] = 999
+    ds.write_text(json.dumps(config))
+    cmd = command(tmp_path, shards, ranks=1)
+    cmd[cmd.index("--deepspeed_config") + 1] = str(ds)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{ds} sets train_batch_size=999 but batch_size 4 x gradient_accumulation_steps 1 x world size 1 = 4" \
+        in r.stderr
+
+    r = subprocess.run(command(tmp_path, tmp_path / "no-such-shards", ranks=1), cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "no-such-shards' holds no train shards (train-*.tar)" in r.stderr
