@@ -1,4 +1,6 @@
 import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,10 +19,47 @@ def tiny_config():
 
 def run_tool(args, **kw):
     """Run a tool from tools/ as a user would: a fresh Python process in the repository root."""
-    import subprocess
     return subprocess.run([sys.executable, *args], cwd=kw.pop("cwd", ROOT), capture_output=True, text=True, **kw)
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+STEPS = 30
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    r = run_tool(["tools/make_shards.py", "--synthetic", "160", "--out", str(out), "--image-size", "64",
+                  "--shard-size", "20", "--val-fraction", "0.1"])
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def command(run_dir, shards, ranks=2, ds="cpu_zero2", steps=STEPS, extra=()):
+    train = ["tryon_ds/train.py", "--deepspeed_config", f"ds_configs/{ds}.json", "--config", "configs/tiny.yaml",
+             "--max_steps", str(steps), "--set", f"data_dir={shards}", "--set", f"checkpoint_dir={run_dir}/ckpt",
+             "--set", f"output_dir={run_dir}/out", "--set", f"log_dir={run_dir}/logs", "--set", "log_freq=1",
+             "--set", "validation_freq=10", "--set", "sample_freq=1000", "--set", "checkpoint_freq=10",
+             "--set", "batch_size=4", "--set", "data.num_workers=0", "--set", "data.streams=2",
+             "--set", "diffusion.sample_steps=[4,4]", "--set", "warmup_steps=5", "--set", "learning_rate=2e-3",
+             *extra]
+    if ranks == 1:
+        return [sys.executable, *train]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+            "--master_port", str(free_port()), *train]
+
+
+def run(cmd, timeout=300):
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r

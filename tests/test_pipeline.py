@@ -8,7 +8,7 @@ import torch
 
 from conftest import run_tool
 from tryon_ds.config import build_config, deep_merge, read_config_file
-from tryon_ds.data.pipeline import DataError, TrainLoader, ValDataset, resolve_shards, val_loader
+from tryon_ds.data.pipeline import DataError, TrainLoader, resolve_shards, val_loader
 from tryon_ds.data.transforms import augment, hflip, rotate
 from tryon_ds.model.pose import COCO18_FLIP
 from conftest import ROOT

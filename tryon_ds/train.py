@@ -121,7 +121,7 @@ def full_weights(engine, ema: EMA | None) -> dict:
         return {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
 
 
-def sample_grid(weights: dict, config: Config, stage: int, batch: dict, device) -> "Image.Image":
+def sample_grid(weights: dict, config: Config, stage: int, batch: dict, device):
     model = CascadeStage(config, stage).to(device).eval()
     model.load_state_dict(weights)
     n = min(config.logging.sample_count, len(batch["key"]))
@@ -129,6 +129,25 @@ def sample_grid(weights: dict, config: Config, stage: int, batch: dict, device) 
     lowres = batch["lowres"][:n].to(device) if stage == 2 else None
     out = model.sample(cond, lowres=lowres, generator=torch.Generator(device).manual_seed(config.seed))
     return image_grid([cond["ca"], cond["garment"], out, batch["person"][:n].to(device)])
+
+
+def build_engine(config: Config, stage: int, ds_config: dict, load_from: Path | None = None):
+    """The stage's model in a DeepSpeed engine with AdamW and the LR schedule, its EMA, and the state of
+    ``load_from`` if given. Returns (model, engine, scheduler, ema)."""
+    import deepspeed
+
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    model = CascadeStage(config, stage)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config)))
+    ema = EMA(engine.module, config.ema_decay) if config.use_ema else None
+    if load_from is not None:
+        loaded, _ = engine.load_checkpoint(str(load_from.parent), tag=load_from.name)
+        if loaded is None:
+            raise UserError(f"DeepSpeed could not load the checkpoint {load_from}")
+        checkpoint.load_ema(load_from, ema)
+    return model, engine, scheduler, ema
 
 
 class StopRequest:
@@ -155,8 +174,6 @@ def main(argv=None) -> None:
     stage = config.train_unet_number
     stop = StopRequest()
     world = distributed.setup()
-    import deepspeed
-
     ds_path = args.deepspeed_config or f"ds_configs/{'zero2_bf16' if world.device.type == 'cuda' else 'cpu_zero2'}.json"
     ds_config = build_ds_config(ds_path, config, world.size)
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
@@ -178,17 +195,7 @@ def main(argv=None) -> None:
             load_from = checkpoint.universal_path(resume)
             ds_config["checkpoint"] = {"load_universal": True}
 
-    torch.manual_seed(config.seed)  # identical initial weights on every rank
-    model = CascadeStage(config, stage)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config)))
-    ema = EMA(engine.module, config.ema_decay) if config.use_ema else None
-    if load_from is not None:
-        loaded, _ = engine.load_checkpoint(str(load_from.parent), tag=load_from.name)
-        if loaded is None:
-            raise UserError(f"DeepSpeed could not load the checkpoint {load_from}")
-        checkpoint.load_ema(load_from, ema)
+    model, engine, scheduler, ema = build_engine(config, stage, ds_config, load_from)
 
     log = RunLogger(config, stage, steps, start_step, f"unet{stage}") if world.is_main else NullLogger()
     log.message(f"unet{stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, ZeRO-{zero_stage}, "

@@ -128,7 +128,7 @@ def detect_layout(root: Path) -> str:
 
 
 # --------------------------------------------------------------------------- loading
-def _read_image(path: Path, problems: list[str]) -> Image.Image | None:
+def read_image(path: Path, problems: list[str]) -> Image.Image | None:
     try:
         with Image.open(path) as img:
             img.load()  # decodes fully: a truncated file fails here, not later in training
@@ -138,7 +138,7 @@ def _read_image(path: Path, problems: list[str]) -> Image.Image | None:
         return None
 
 
-def _read_pose(path: Path, num_keypoints: int, size: tuple[int, int] | None,
+def read_pose(path: Path, num_keypoints: int, size: tuple[int, int] | None,
                problems: list[str]) -> np.ndarray | None:
     try:
         if path.suffix == ".json":
@@ -183,14 +183,14 @@ def load_sample(sample: SourceSample, num_keypoints: int = 18) -> LoadedSample:
                             r["mask"], r["meta"])
     problems: list[str] = []
     f = sample.files
-    person, ca, garment = (_read_image(f[r], problems) for r in ("person", "ca", "garment"))
+    person, ca, garment = (read_image(f[r], problems) for r in ("person", "ca", "garment"))
     if person is not None and ca is not None and person.size != ca.size:
         problems.append(f"{f['ca']}: size {ca.size[0]}x{ca.size[1]} differs from the person image "
                         f"{f['person']} ({person.size[0]}x{person.size[1]}); they must be pixel-aligned")
-    person_pose = _read_pose(f["person_pose"], num_keypoints, person.size if person else None, problems)
+    person_pose = read_pose(f["person_pose"], num_keypoints, person.size if person else None, problems)
     garment_pose = None
     if "garment_pose" in f:
-        garment_pose = _read_pose(f["garment_pose"], num_keypoints, garment.size if garment else None, problems)
+        garment_pose = read_pose(f["garment_pose"], num_keypoints, garment.size if garment else None, problems)
     if problems:
         raise SampleError(sample.key, problems)
     return LoadedSample(sample.key, person, ca, garment, person_pose, garment_pose,

@@ -99,7 +99,10 @@ def worker(args) -> None:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     step = statistics.median(times[2:])
-    result = {"step_s": step, "samples_per_s": case["batch"] * world.size / step, "states": state_bytes(engine),
+    engine.backward(engine(batch))
+    states = state_bytes(engine)  # between backward and step: the gradients are held
+    engine.step()
+    result = {"step_s": step, "samples_per_s": case["batch"] * world.size / step, "states": states,
               "params_total": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())}
     if flops is not None:
         result.update(peak_gib=torch.cuda.max_memory_allocated() / 2**30, flops_per_step=flops,

@@ -1,0 +1,106 @@
+"""The cascade bundle: what inference loads, written from a ZeRO checkpoint by tools/consolidate_checkpoint.py.
+
+    BUNDLE/unet1/weights.safetensors   the raw weights of the base UNet
+    BUNDLE/unet1/ema.safetensors       its EMA weights, when the run kept an EMA
+    BUNDLE/unet1/config.json           stage, training step, storage dtype and the run's whole config
+    BUNDLE/unet2/...                   the same for the SR UNet
+
+Weights are safetensors only (no pickle). Each stage folder is written under a temporary name and renamed,
+so a killed consolidation leaves no half-written stage behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import Config, UserError, build_config
+from .model import ParallelUNet
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+UNET_PREFIX = "unet."  # the trainer's CascadeStage holds the UNet as .unet
+
+
+def expected_shapes(config: Config, stage: int) -> dict[str, tuple]:
+    with torch.device("meta"):
+        unet = ParallelUNet(config.unet(stage), lowres_cond=stage == 2, channels=config.channels)
+    return {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+
+
+def check_weights(weights: dict[str, torch.Tensor], config: Config, stage: int, what: str) -> None:
+    """Every tensor of the UNet present with the right shape, nothing extra; else a UserError listing them."""
+    want = expected_shapes(config, stage)
+    missing = sorted(set(want) - set(weights))
+    extra = sorted(set(weights) - set(want))
+    wrong = sorted(k for k in set(want) & set(weights) if tuple(weights[k].shape) != want[k])
+    if missing or extra or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected (e.g. {extra[:3]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(weights[k].shape)}, expected {want[k]})")
+        raise UserError(f"{what} does not match the unet{stage} of its config (preset "
+                        f"{config.unet(stage).preset!r}): " + "; ".join(parts))
+
+
+def strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(UNET_PREFIX):]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
+
+
+def write_stage(bundle: Path, stage: int, config: Config, step: int, weights: dict, ema: dict | None,
+                dtype: str, force: bool, source: str) -> Path:
+    final = bundle / f"unet{stage}"
+    if final.exists() and not force:
+        raise UserError(f"{final} exists; pass --force to replace it")
+    check_weights(weights, config, stage, f"the checkpoint's weights ({source})")
+    if ema is not None:
+        check_weights(ema, config, stage, f"the checkpoint's EMA ({source})")
+    bundle.mkdir(parents=True, exist_ok=True)
+    tmp = bundle / f".unet{stage}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    cast = DTYPES[dtype]
+    save_file({k: v.to(cast).contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+    if ema is not None:
+        save_file({k: v.to(cast).contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+    meta = {"stage": stage, "step": step, "dtype": dtype, "has_ema": ema is not None, "source": source,
+            "parameters": sum(v.numel() for v in weights.values()), "config": config.to_dict()}
+    (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if final.exists():
+        old = bundle / f".unet{stage}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def read_stage(bundle: Path, stage: int, ema: bool) -> tuple[Config, dict, dict]:
+    """(config, UNet weights, meta) of one stage of a bundle, checked against the config."""
+    folder = Path(bundle) / f"unet{stage}"
+    meta_path = folder / "config.json"
+    if not meta_path.is_file():
+        raise UserError(f"{folder}: no config.json; is {bundle} a bundle written by tools/consolidate_checkpoint.py?")
+    meta = json.loads(meta_path.read_text())
+    config = build_config(meta["config"])
+    name = "ema.safetensors" if ema else "weights.safetensors"
+    if ema and not meta.get("has_ema"):
+        raise UserError(f"{folder} has no EMA weights (the run did not keep an EMA); use --no-ema")
+    path = folder / name
+    if not path.is_file():
+        raise UserError(f"{path} is missing")
+    try:
+        weights = load_file(str(path))
+    except Exception as err:
+        raise UserError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from None
+    check_weights(weights, config, stage, str(path))
+    return config, weights, meta
