@@ -9,7 +9,7 @@ from tryon_ds.model import ParallelUNet
 from tryon_ds.model import attention as attention_module
 from tryon_ds.model.attention import attention
 from tryon_ds.stage import CascadeStage
-from tryon_ds.tools.demo import random_batch
+from tryon_ds.tools.bench_model import random_batch
 
 
 def _count_on_meta(name, stage):

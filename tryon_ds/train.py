@@ -18,6 +18,7 @@ import math
 import random
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:
@@ -36,6 +37,9 @@ from tryon_ds.training import checkpoint, distributed
 from tryon_ds.training.ds_config import build_ds_config, precision
 from tryon_ds.training.ema import EMA
 from tryon_ds.training.logger import NullLogger, RunLogger, image_grid
+
+# DeepSpeed's ZeRO calls a torch collective that torch 2.13 marks deprecated, once per rank and step.
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor. is deprecated", category=FutureWarning)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -13,7 +13,24 @@ import torch
 
 from ..config import add_config_args, config_from_args, exit_on_user_error
 from ..stage import CascadeStage
-from .demo import random_batch
+
+
+def random_batch(config, stage: int, batch_size: int, generator: torch.Generator | None = None) -> dict:
+    """A batch of the trainer's layout filled with noise: images in [-1, 1], poses in [0, 1]."""
+    h, w = config.image_size(stage)
+    k = config.unet(stage).num_keypoints
+
+    def image(size):
+        return torch.rand(batch_size, config.channels, *size, generator=generator) * 2 - 1
+
+    batch = {"person": image((h, w)), "ca": image((h, w)), "garment": image((h, w)),
+             "person_pose": torch.rand(batch_size, k, 2, generator=generator),
+             "garment_pose": torch.rand(batch_size, k, 2, generator=generator),
+             "person_pose_valid": torch.rand(batch_size, k, generator=generator) > 0.1,
+             "garment_pose_valid": torch.rand(batch_size, k, generator=generator) > 0.1}
+    if stage == 2:
+        batch["lowres"] = image(tuple(config.base_image_size))
+    return batch
 
 
 def step_seconds(config, stage: int, repeats: int) -> float:

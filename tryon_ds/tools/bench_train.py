@@ -61,7 +61,7 @@ def worker(args) -> None:
 
     from tryon_ds.config import build_config, deep_merge, read_config_file
     from tryon_ds.stage import CascadeStage
-    from tryon_ds.tools.demo import random_batch
+    from tryon_ds.tools.bench_model import random_batch
     from tryon_ds.training import distributed
     from tryon_ds.training.ds_config import build_ds_config
 

@@ -49,6 +49,10 @@ def setup(timeout_s: float = 1800) -> World:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+        if "OMP_NUM_THREADS" not in env:
+            # Ranks on one machine share its cores; oversubscribed threads were 1.12x slower (BENCHMARKS.md).
+            local = int(env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE") or env["WORLD_SIZE"])
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
