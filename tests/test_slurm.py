@@ -115,7 +115,7 @@ def test_usr1_checkpoints_requeues_resumes_and_matches(slurm, slurm_shards, unin
         time.sleep(0.2)
     state, fields = wait_done(slurm, job)
     log = next(tmp_path.glob("slurm-*.out")).read_text()
-    assert state == "COMPLETED", log[-3000:]
+    assert state == "COMPLETED", (fields, log[-3000:])
     assert "start #0" in log and "start #1" in log, log
     assert "USR1: checkpointing, then requeue" in log and "stop requested" in log and "resumed from" in log
     got, ref = final_loss(tmp_path), final_loss(uninterrupted[0])

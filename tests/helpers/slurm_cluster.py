@@ -85,10 +85,11 @@ def cluster():
         raise ClusterUnavailable("another slurmctld is already running on this machine")
     _start_munge()
     state = Path(tempfile.mkdtemp(prefix="tryon-slurm-"))
-    (state / "ctld").mkdir()
+    for d in ("ctld", "n1", "n2"):  # slurmctld's state, each slurmd's spool (its step sockets live there)
+        (state / d).mkdir()
     conf = state / "slurm.conf"
     conf.write_text(CONF.format(state=state))
-    env = {**os.environ, "SLURM_CONF": str(conf)}
+    env = {**os.environ, "SLURM_CONF": str(conf), "TRYON_SLURM_STATE": str(state)}
     try:
         for cmd in (["slurmctld"], ["slurmd", "-N", "n1"], ["slurmd", "-N", "n2"]):
             r = _sh(cmd, env=env)
@@ -106,6 +107,8 @@ def cluster():
             time.sleep(0.5)
         yield env
     finally:
+        if os.environ.get("TRYON_SLURM_KEEP_LOGS"):
+            shutil.copytree(state, os.environ["TRYON_SLURM_KEEP_LOGS"], dirs_exist_ok=True)
         _sh(["scontrol", "shutdown"], env=env)
         deadline = time.time() + 20
         while time.time() < deadline and _sh(["pgrep", "-x", "slurmctld"]).returncode == 0:
