@@ -7,7 +7,7 @@ Every step runs the same command a cluster user runs (tools/make_shards.py, tryo
 deepspeed launcher, tools/consolidate_checkpoint.py, tools/infer.py, tools/evaluate.py); each command is
 printed before it runs.
 
-    python tools/demo.py                # about 10 minutes on 2 CPU cores
+    python tools/demo.py                # about 12 minutes on 2 CPU cores
     python tools/demo.py --quick        # a few steps of everything, for a smoke test
 """
 from __future__ import annotations
@@ -51,8 +51,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="runs/demo", help="everything the demo writes goes here")
     p.add_argument("--samples", type=int, default=4000, help="synthetic samples")
     p.add_argument("--base_steps", type=int, default=700)
-    p.add_argument("--sr_steps", type=int, default=300)
-    p.add_argument("--eval_pairs", type=int, default=64)
+    p.add_argument("--sr_steps", type=int, default=250)
+    p.add_argument("--eval_pairs", type=int, default=48)
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="a few steps of everything (the test suite's version)")
     args = p.parse_args(argv)
