@@ -1,7 +1,6 @@
 """sbatch slurm/train_base.sh on a real two-node SLURM: runs to completion in both topologies, and a job sent
 USR1 checkpoints, is requeued, resumes and ends at the uninterrupted job's step with its final loss."""
 import json
-import os
 import subprocess
 import sys
 import time

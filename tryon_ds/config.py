@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import math
 import sys
 import types
 import typing
@@ -156,6 +157,10 @@ class Config:
     weight_decay: float = field(default=0.01, metadata=_range(ge=0.0))
     min_lr_ratio: float = field(default=0.1, metadata=_range(ge=0.0, le=1.0))
     max_steps: Optional[int] = field(default=None, metadata=_range(ge=1))
+    # Stop after this many optimizer steps in a row were discarded for a non-finite loss or gradients.
+    max_bad_steps: int = field(default=20, metadata=_range(ge=1))
+    # A collective that waits longer than this (a rank died or hangs) fails the run instead of hanging it.
+    dist_timeout_s: float = field(default=1800.0, metadata=_range(gt=0.0))
     seed: int = 0
     unet1: UNetConfig = field(default_factory=lambda: preset("base"))
     unet2: UNetConfig = field(default_factory=lambda: preset("sr"))
@@ -235,7 +240,7 @@ def _type_name(tp) -> str:
         return f"a list of {items}"
     if tp is type(None):
         return "null"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
 class _Mismatch(Exception):
@@ -280,15 +285,17 @@ def _coerce(value, tp):
             return value
         raise _Mismatch
     if tp is float:
-        # YAML 1.1 reads "1e-4" as a string; accept numeric strings for float keys.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise _Mismatch from None
-        raise _Mismatch
+        # YAML 1.1 reads "1e-4" as a string; accept numeric strings for float keys. NaN and infinity pass
+        # every range check, so they are refused here.
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise _Mismatch
+        try:
+            number = float(value)
+        except ValueError:
+            raise _Mismatch from None
+        if not math.isfinite(number):
+            raise _Mismatch
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -77,6 +77,18 @@ def total_steps(config: Config, global_batch: int) -> int:
     return config.num_epochs * math.ceil(samples / global_batch)
 
 
+def ensure_writable(folders: dict[str, Path]) -> None:
+    """Fail at start, not at the first checkpoint hours later, when an output folder cannot be written."""
+    for key, folder in folders.items():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test-{dist.get_rank()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise UserError(f"config key '{key}': cannot write to {folder} ({err.strerror or err})") from None
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -177,7 +189,7 @@ def main(argv=None) -> None:
     config = config_from_args(args)
     stage = config.train_unet_number
     stop = StopRequest()
-    world = distributed.setup()
+    world = distributed.setup(config.dist_timeout_s)
     ds_path = args.deepspeed_config or f"ds_configs/{'zero2_bf16' if world.device.type == 'cuda' else 'cpu_zero2'}.json"
     ds_config = build_ds_config(ds_path, config, world.size)
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
@@ -187,6 +199,7 @@ def main(argv=None) -> None:
     shard_urls(config, "train")  # a missing data path is an error now, not in a loader worker later
 
     root = checkpoint.stage_dir(config.checkpoint_dir, stage)
+    ensure_writable({"checkpoint_dir": root, "output_dir": Path(config.output_dir), "log_dir": Path(config.log_dir)})
     resume = checkpoint.find_resume(root, args.resume)
     start_step, load_from = 0, resume
     if resume is not None:
@@ -210,10 +223,23 @@ def main(argv=None) -> None:
     if world.is_main:
         metrics.parent.mkdir(parents=True, exist_ok=True)
 
+    def save_checkpoint(at: int) -> None:
+        state = {"step": at, "world_size": world.size, "zero_stage": zero_stage, "stage": stage,
+                 "data_position": {"micro_batches_per_rank": at * accum, "streams": config.data.streams},
+                 "rng": {"seed": config.seed, "scheme": "per micro-batch slot: seed_for(seed, 'train', slot)"},
+                 "config": config.to_dict()}
+        try:
+            ckpt = checkpoint.save(engine, ema, root, at, state, config.logging.keep_checkpoints, world.is_main)
+        except OSError as err:
+            kept = [p.name for p in checkpoint.complete_checkpoints(root)]
+            raise UserError(f"could not write the step-{at} checkpoint under {root} ({err.strerror or err}); "
+                            f"the earlier checkpoints are intact: {', '.join(kept) or 'none'}") from None
+        log.message(f"step {at}: checkpoint {ckpt}")
+
     loader = TrainLoader(config, stage, world.rank, config.batch_size, world.size, accum, start_step)
     batches = iter(loader)
     grid_batch = None
-    step = start_step
+    step, bad_steps = start_step, 0
     last_saved = start_step if resume is not None else None
     while step < steps:
         lr = scheduler.get_last_lr()[0]  # the rate this step applies
@@ -225,13 +251,27 @@ def main(argv=None) -> None:
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float()
-        if ema is not None and engine.was_step_applied():
-            ema.update(step)
+        # DeepSpeed discards a step whose gradients are not finite (and lowers the fp16 loss scale); a
+        # non-finite loss or a discarded step must reach neither the weights nor the EMA.
+        loss_value = mean_over_ranks(loss_sum / accum)
+        good = engine.was_step_applied() and math.isfinite(loss_value)
+        if good:
+            bad_steps = 0
+            if ema is not None:
+                ema.update(step)
+        else:
+            bad_steps += 1
+            log.message(f"step {step + 1}: skipped ({'loss' if not math.isfinite(loss_value) else 'gradients'} not "
+                        f"finite); weights and EMA unchanged ({bad_steps} such step(s) in a row)")
         step += 1
         grid_batch = grid_batch or {k: v for k, v in batch.items()}
 
+        if bad_steps >= config.max_bad_steps:
+            save_checkpoint(step)
+            raise UserError(f"stopping: {bad_steps} steps in a row had a non-finite loss or gradients (up to step "
+                            f"{step}); the weights are those of step {step - bad_steps}, saved in {root}. Lower "
+                            "learning_rate, keep max_grad_norm > 0, or check the data")
         if step % config.log_freq == 0 or step == steps:
-            loss_value = mean_over_ranks(loss_sum / accum)
             grad_norm = engine.get_global_grad_norm()
             scale = engine.optimizer.loss_scale_config.cur_scale if engine.fp16_enabled() else None
             log.step(step, loss_value, lr, grad_norm, scale, global_batch)
@@ -250,13 +290,8 @@ def main(argv=None) -> None:
                 log.message(f"step {step}: samples (ca | garment | {'EMA ' if ema else ''}sample | target) in {path}")
         stopping = stop.agreed(world.device)
         if step % config.checkpoint_freq == 0 or step == steps or stopping:
-            state = {"step": step, "world_size": world.size, "zero_stage": zero_stage, "stage": stage,
-                     "data_position": {"micro_batches_per_rank": step * accum, "streams": config.data.streams},
-                     "rng": {"seed": config.seed, "scheme": "per micro-batch slot: seed_for(seed, 'train', slot)"},
-                     "config": config.to_dict()}
-            ckpt = checkpoint.save(engine, ema, root, step, state, config.logging.keep_checkpoints, world.is_main)
+            save_checkpoint(step)
             last_saved = step
-            log.message(f"step {step}: checkpoint {ckpt}")
         if stopping:
             log.message(f"stop requested: saved at step {step}, exiting")
             break

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import zlib
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
@@ -30,6 +31,7 @@ from ..config import UserError
 from .sources import LoadedSample, SampleError, SourceSample, load_sample
 
 FORMAT_VERSION = 1
+SHARD_NAME = re.compile(r"^(train|val)-\d{6}\.tar$")
 PAD_COLOUR = (255, 255, 255)
 
 
@@ -161,6 +163,9 @@ def _finished_shards(out: Path, manifest: dict, split: str) -> list[dict]:
     """The prefix of a previous run's shards of ``split`` that are on disk exactly as recorded."""
     kept = []
     for entry in manifest.get("shards", {}).get(split, []):
+        if not SHARD_NAME.match(str(entry.get("name", ""))):  # a manifest never names a file outside `out`
+            raise UserError(f"{out / 'manifest.json'}: shard name {entry.get('name')!r} is not of the form "
+                            f"{split}-NNNNNN.tar; delete the manifest to start over")
         path = out / entry["name"]
         if not path.is_file() or path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
             break

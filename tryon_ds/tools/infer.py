@@ -12,6 +12,7 @@ Poses are .npy arrays (K, 2) or (K, 3) or OpenPose JSON, in the pixels of their 
 from __future__ import annotations
 
 import argparse
+import re
 import warnings
 from pathlib import Path
 
@@ -38,6 +39,12 @@ def _load_pair(args, num_keypoints: int):
     return ca, garment, person_pose, garment_pose
 
 
+def safe_name(key: str) -> str:
+    """A sample key from a shard as a file name that stays inside the output folder."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", key).lstrip(".")
+    return name or "sample"
+
+
 def _save(img: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
@@ -60,7 +67,7 @@ def run_shards(pipe: TryOnPipeline, args, options: dict) -> None:
         results = pipe.generate(conds, **options)
         last = max(pipe.stages)
         for i, key in enumerate(conds[last]["key"]):
-            _save(to_image(results[last][i]), out_dir / f"{key}.png")
+            _save(to_image(results[last][i]), out_dir / f"{safe_name(key)}.png")
         c = conds[last]
         rows.append(image_grid([c["ca"], c["garment"], results[last].cpu(), c["person"]]))
         done += len(batch[1])
