@@ -36,13 +36,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    r = run_tool(["tools/make_shards.py", "--synthetic", "160", "--out", str(out), "--image-size", "64",
-                  "--shard-size", "20", "--val-fraction", "0.1"])
+def make_synthetic_shards(out, samples=160, shard_size=20, val_fraction=0.1, image_size=64):
+    r = run_tool(["tools/make_shards.py", "--synthetic", str(samples), "--out", str(out), "--image-size",
+                  str(image_size), "--shard-size", str(shard_size), "--val-fraction", str(val_fraction)])
     assert r.returncode == 0, r.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_synthetic_shards(tmp_path_factory.mktemp("shards"))
 
 
 def command(run_dir, shards, ranks=2, ds="cpu_zero2", steps=STEPS, extra=()):
@@ -60,6 +63,8 @@ def command(run_dir, shards, ranks=2, ds="cpu_zero2", steps=STEPS, extra=()):
 
 
 def run(cmd, timeout=300):
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    # One thread per process whatever the world size, so runs compared across world sizes sum alike.
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r

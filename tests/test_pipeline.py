@@ -6,7 +6,7 @@ import tarfile
 import pytest
 import torch
 
-from conftest import run_tool
+from conftest import make_synthetic_shards, run_tool
 from tryon_ds.config import build_config, deep_merge, read_config_file
 from tryon_ds.data.pipeline import DataError, TrainLoader, resolve_shards, val_loader
 from tryon_ds.data.transforms import augment, hflip, rotate
@@ -16,11 +16,7 @@ from conftest import ROOT
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    r = run_tool(["tools/make_shards.py", "--synthetic", "90", "--out", str(out), "--image-size", "64",
-                  "--shard-size", "10", "--val-fraction", "0.3"])
-    assert r.returncode == 0, r.stderr
-    return out
+    return make_synthetic_shards(tmp_path_factory.mktemp("shards"), samples=90, shard_size=10, val_fraction=0.3)
 
 
 def config_for(shards, **data):

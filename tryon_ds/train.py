@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import signal
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -166,6 +169,28 @@ def build_engine(config: Config, stage: int, ds_config: dict, load_from: Path | 
     return model, engine, scheduler, ema
 
 
+class Watchdog:
+    """Ends this rank when the loop makes no progress for ``timeout`` seconds. A peer that died or hangs can
+    leave a collective waiting forever (DeepSpeed's shared-memory collectives on CPU have no timeout);
+    exiting lets the launcher (or srun --kill-on-bad-exit) stop the job with a non-zero status."""
+
+    def __init__(self, timeout: float, rank: int):
+        self.timeout, self.rank, self.last = timeout, rank, time.monotonic()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def kick(self) -> None:
+        self.last = time.monotonic()
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(5.0, self.timeout / 4))
+            idle = time.monotonic() - self.last
+            if idle > self.timeout:
+                print(f"error: rank {self.rank}: no training progress for {idle:.0f} s (dist_timeout_s="
+                      f"{self.timeout:g}); another rank died or hangs. Exiting.", file=sys.stderr, flush=True)
+                os._exit(3)
+
+
 class StopRequest:
     """SIGTERM / SIGUSR1 (SLURM's warning before a time limit or preemption): stop after this step."""
 
@@ -238,10 +263,12 @@ def main(argv=None) -> None:
 
     loader = TrainLoader(config, stage, world.rank, config.batch_size, world.size, accum, start_step)
     batches = iter(loader)
+    watchdog = Watchdog(config.dist_timeout_s, world.rank)
     grid_batch = None
     step, bad_steps = start_step, 0
     last_saved = start_step if resume is not None else None
     while step < steps:
+        watchdog.kick()
         lr = scheduler.get_last_lr()[0]  # the rate this step applies
         loss_sum = torch.zeros((), device=world.device)
         for micro in range(accum):
@@ -279,17 +306,20 @@ def main(argv=None) -> None:
                 with open(metrics, "a") as f:
                     f.write(json.dumps({"step": step, "loss": loss_value, "lr": lr}) + "\n")
         if step % config.validation_freq == 0 or step == steps:
+            watchdog.kick()
             val = validation_loss(engine, config, stage, world, grid_batch)
             if val is not None:
                 log.scalars(step, {"val/loss": val})
                 log.message(f"step {step}: validation loss {val:.4f}")
         if step % config.sample_freq == 0 or step == steps:
+            watchdog.kick()
             weights = full_weights(engine, ema)
             if world.is_main:
                 path = log.images(step, sample_grid(weights, config, stage, grid_batch, world.device))
                 log.message(f"step {step}: samples (ca | garment | {'EMA ' if ema else ''}sample | target) in {path}")
         stopping = stop.agreed(world.device)
         if step % config.checkpoint_freq == 0 or step == steps or stopping:
+            watchdog.kick()
             save_checkpoint(step)
             last_saved = step
         if stopping:

@@ -54,10 +54,11 @@ def main(argv=None) -> None:
     p.add_argument("--sr_steps", type=int, default=250)
     p.add_argument("--eval_pairs", type=int, default=48)
     p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--val_fraction", type=float, default=0.03)
     p.add_argument("--quick", action="store_true", help="a few steps of everything (the test suite's version)")
     args = p.parse_args(argv)
     if args.quick:
-        args.samples, args.base_steps, args.sr_steps, args.eval_pairs = 120, 4, 3, 4
+        args.samples, args.base_steps, args.sr_steps, args.eval_pairs, args.val_fraction = 120, 4, 3, 4, 0.15
     out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     if out.exists():
         shutil.rmtree(out)
@@ -65,7 +66,7 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     shards = out / "shards"
     _run([py, "tools/make_shards.py", "--synthetic", str(args.samples), "--out", str(shards), "--image-size", "64",
-          "--val-fraction", "0.03", "--shard-size", "500", "--workers", "2"])
+          "--val-fraction", str(args.val_fraction), "--shard-size", "500", "--workers", "2"])
     common = ["--deepspeed_config", "ds_configs/cpu_zero2.json", "--config", "configs/tiny.yaml",
               "--set", f"data_dir={shards}", "--set", f"checkpoint_dir={out / 'checkpoints'}",
               "--set", f"output_dir={out / 'outputs'}", "--set", f"log_dir={out / 'logs'}"]
