@@ -1,11 +1,12 @@
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tryon_ds.training.distributed import free_port  # noqa: F401 (tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -28,12 +29,6 @@ def _seed():
 
 
 STEPS = 30
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_synthetic_shards(out, samples=160, shard_size=20, val_fraction=0.1, image_size=64):

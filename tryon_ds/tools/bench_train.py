@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from ..training.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CPU_CASES = [("tiny", "tiny", 8), ("small", "small", 4)]
@@ -112,9 +113,7 @@ def worker(args) -> None:
 
 
 def launch(case: dict, ranks: int, steps: int) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = Path(tempfile.mkstemp(suffix=".json")[1])
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(port),
            str(REPO / "tools" / "bench_train.py"), "--worker", json.dumps(case), "--out", str(out),

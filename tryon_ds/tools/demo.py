@@ -16,7 +16,6 @@ import argparse
 import json
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,14 +25,9 @@ import torch
 
 from ..config import UserError, exit_on_user_error
 from ..evaluation import format_table
+from ..training.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd: list[str]) -> None:
@@ -74,7 +68,7 @@ def main(argv=None) -> None:
         common += ["--set", "diffusion.sample_steps=[4,4]", "--set", "data.num_workers=0"]
     launcher = [py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks)]
     for stage, steps in ((1, args.base_steps), (2, args.sr_steps)):
-        _run(launcher + ["--master_port", str(_free_port()), "tryon_ds/train.py", *common, "--train_unet",
+        _run(launcher + ["--master_port", str(free_port()), "tryon_ds/train.py", *common, "--train_unet",
                          str(stage), "--max_steps", str(steps)])
     bundle = out / "bundle"
     for stage in (1, 2):
