@@ -21,6 +21,9 @@ SlurmctldHost=localhost
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# How long a requeued job is held (BeginTime) while the nodes still refuse its revoked credential:
+# 120 s by default, shortened so the requeue test is quick.
+AuthInfo=cred_expire=10
 StateSaveLocation={state}/ctld
 SlurmdSpoolDir={state}/%n
 SlurmctldPidFile={state}/slurmctld.pid
