@@ -1,8 +1,11 @@
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -63,3 +66,31 @@ def run(cmd, timeout=300):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
+
+
+def losses(run_dir, stage=1):
+    """step -> loss; a resumed run's entries replace those the killed run wrote for the same steps."""
+    out = {}
+    for line in (Path(run_dir) / "out" / f"metrics_unet{stage}.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        out[entry["step"]] = entry["loss"]
+    return out
+
+
+def wait_for(path, proc, timeout=180):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, "the run ended before it was interrupted"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def rank_processes(launcher):
+    """The training processes under a deepspeed launcher (not the launcher's own helper processes)."""
+    return [p for p in psutil.Process(launcher).children(recursive=True)
+            if "train.py" in " ".join(p.cmdline()) and "deepspeed.launcher" not in " ".join(p.cmdline())]
+
+
+def completed(run_dir, stage=1):
+    """The checkpoint folders --resume auto may pick (those with a COMPLETE marker), oldest first."""
+    return sorted(p.name for p in (run_dir / "ckpt" / f"unet{stage}").glob("step*") if (p / "COMPLETE").is_file())

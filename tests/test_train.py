@@ -6,23 +6,13 @@ import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, STEPS, command, run
-
-
-def losses(run_dir, stage=1):
-    """step -> loss; a resumed run's entries replace those the killed run wrote for the same steps."""
-    out = {}
-    for line in (Path(run_dir) / "out" / f"metrics_unet{stage}.jsonl").read_text().splitlines():
-        entry = json.loads(line)
-        out[entry["step"]] = entry["loss"]
-    return out
+from conftest import ROOT, STEPS, command, losses, rank_processes, run, wait_for
 
 
 def val_losses(stdout):
@@ -69,21 +59,13 @@ def test_ema_under_zero3_equals_single_rank_ema(zero_runs, reference):
         torch.testing.assert_close(ema3[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def _wait_for(path, proc, timeout=180):
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, "the run ended before it was interrupted"
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-
-
 def test_kill_then_resume_auto_reproduces_losses_and_resumes_at_another_world_size(zero_runs, shards, tmp_path):
     """SIGKILL a ZeRO-3 run after its step-10 checkpoint; --resume auto must give the uninterrupted losses
     (fp32: 1e-6) for the next 20 steps. Then resume the same checkpoint on 1 rank (universal checkpoint)."""
     killed = tmp_path / "killed"
     proc = subprocess.Popen(command(killed, shards, ds="cpu_zero3", steps=STEPS), cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for(killed / "ckpt" / "unet1" / "step00000010" / "COMPLETE", proc)
+    wait_for(killed / "ckpt" / "unet1" / "step00000010" / "COMPLETE", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     snapshot = tmp_path / "step10"
@@ -110,21 +92,15 @@ def test_kill_then_resume_auto_reproduces_losses_and_resumes_at_another_world_si
         assert got[step] == pytest.approx(uninterrupted[step], rel=1e-4, abs=1e-5), step
 
 
-def _rank_processes(launcher):
-    """The training processes under a deepspeed launcher (not the launcher's own helper processes)."""
-    return [p for p in psutil.Process(launcher).children(recursive=True)
-            if "train.py" in " ".join(p.cmdline()) and "deepspeed.launcher" not in " ".join(p.cmdline())]
-
-
 @pytest.mark.parametrize("sig, ranks", [(signal.SIGTERM, 2), (signal.SIGUSR1, 1)])
 def test_stop_signal_finishes_the_step_saves_and_exits_0(shards, tmp_path, sig, ranks):
     proc = subprocess.Popen(command(tmp_path, shards, ranks=ranks, steps=1000), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "out" / "metrics_unet1.jsonl"
-    _wait_for(metrics, proc)
+    wait_for(metrics, proc)
     while len(metrics.read_text().splitlines()) < 3:
         time.sleep(0.05)
-    targets = [psutil.Process(proc.pid)] if ranks == 1 else _rank_processes(proc.pid)
+    targets = [psutil.Process(proc.pid)] if ranks == 1 else rank_processes(proc.pid)
     assert len(targets) == ranks
     for p in targets:
         p.send_signal(sig)

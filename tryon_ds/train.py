@@ -255,9 +255,9 @@ def main(argv=None) -> None:
                  "config": config.to_dict()}
         try:
             ckpt = checkpoint.save(engine, ema, root, at, state, config.logging.keep_checkpoints, world.is_main)
-        except OSError as err:
+        except checkpoint.CheckpointWriteError as err:
             kept = [p.name for p in checkpoint.complete_checkpoints(root)]
-            raise UserError(f"could not write the step-{at} checkpoint under {root} ({err.strerror or err}); "
+            raise UserError(f"could not write the step-{at} checkpoint under {root} ({err}); "
                             f"the earlier checkpoints are intact: {', '.join(kept) or 'none'}") from None
         log.message(f"step {at}: checkpoint {ckpt}")
 

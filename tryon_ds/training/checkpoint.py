@@ -53,21 +53,45 @@ def read_state(ckpt: Path) -> dict:
     return json.loads((ckpt / "trainer_state.json").read_text())
 
 
+class CheckpointWriteError(Exception):
+    pass
+
+
+def _write_failure(err: Exception, root: Path) -> str:
+    """Why a checkpoint write failed, in words: torch.save's error for a full disk is "unexpected pos ..."."""
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = None
+    if free is not None and free < 16 * 2**20:
+        return f"No space left on device: {free / 2**20:.1f} MiB free under {root}"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
 def save(engine, ema, root: Path, step: int, state: dict, keep: int, is_main: bool) -> Path:
     """Every rank calls this. Returns the checkpoint folder."""
     tag = f"step{step:08d}"
     ckpt = root / tag
-    if is_main and ckpt.exists():  # an incomplete leftover of a killed run at the same step
-        shutil.rmtree(ckpt)
-    dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state={"trainer_state": state})
-    ema_state = ema.full_state_dict() if ema is not None else None
-    if is_main:
-        if ema_state is not None:
-            tmp = ckpt / ".ema.safetensors.tmp"
-            save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp))
-            tmp.replace(ckpt / "ema.safetensors")
-        atomic_write_json(ckpt / "trainer_state.json", state)
+    try:
+        if is_main and ckpt.exists():  # an incomplete leftover of a killed run at the same step
+            shutil.rmtree(ckpt)
+        dist.barrier()
+        engine.save_checkpoint(str(root), tag=tag, client_state={"trainer_state": state})
+        ema_state = ema.full_state_dict() if ema is not None else None
+        if is_main:
+            if ema_state is not None:
+                tmp = ckpt / ".ema.safetensors.tmp"
+                save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp))
+                tmp.replace(ckpt / "ema.safetensors")
+            atomic_write_json(ckpt / "trainer_state.json", state)
+    except Exception as err:  # torch.save and safetensors report a full disk as RuntimeError / SafetensorError
+        reason = _write_failure(err, root)
+        if is_main:  # free the space and leave nothing half-written (ignore_errors: a file there stays)
+            shutil.rmtree(ckpt, ignore_errors=True)
+        raise CheckpointWriteError(reason) from None
     dist.barrier()  # every rank's DeepSpeed files are written
     if is_main:
         atomic_write_bytes(ckpt / "COMPLETE", b"")

@@ -1,0 +1,49 @@
+"""SIGKILL of a rank while a checkpoint is being written: the half-written checkpoint is never the one
+--resume auto picks, and the resumed run reproduces the uninterrupted losses. (SIGKILL of the whole job
+between checkpoints: tests/test_train.py::test_kill_then_resume_auto_reproduces_losses...)"""
+import os
+import re
+import subprocess
+import time
+
+from conftest import ROOT, command, completed, losses, rank_processes, run, wait_for
+
+STEPS = 20
+EXTRA = ["--set", "checkpoint_freq=5", "--set", "dist_timeout_s=60"]
+
+
+def test_rank_killed_while_writing_a_checkpoint(shards, tmp_path):
+    reference = tmp_path / "reference"
+    run(command(reference, shards, steps=STEPS, extra=EXTRA))
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed, shards, steps=STEPS, extra=EXTRA), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_for(killed / "ckpt" / "unet1" / "step00000005" / "COMPLETE", proc)
+    ranks = rank_processes(proc.pid)
+    assert len(ranks) == 2
+    writing = killed / "ckpt" / "unet1" / "step00000010"
+    # Freeze both ranks the moment the step-10 folder appears, so the kill lands inside the write.
+    deadline = time.time() + 180
+    while not writing.exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.001)
+    for p in ranks:
+        p.suspend()
+    assert not (writing / "COMPLETE").exists(), "the checkpoint was complete before the ranks were stopped"
+    victim = next(p for p in ranks if "--local_rank=1" in " ".join(p.cmdline()))
+    victim.kill()
+    for p in ranks:
+        if p is not victim:
+            p.resume()
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode != 0, out[-2000:]
+    assert completed(killed) == ["step00000005"]
+
+    resumed = run(command(killed, shards, steps=STEPS, extra=[*EXTRA, "--resume", "auto"]))
+    assert re.search(r"resumed from \S*step00000005", resumed.stdout), resumed.stdout[-2000:]
+    want, got = losses(reference), losses(killed)
+    for step in range(6, STEPS + 1):
+        assert abs(got[step] - want[step]) <= 1e-6, (step, got[step], want[step])
+    assert completed(killed)[-1] == f"step{STEPS:08d}"

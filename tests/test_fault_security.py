@@ -1,0 +1,31 @@
+"""Security: no pickle loading, and names from shards or manifests never escape the output folder."""
+import dataclasses
+import json
+
+import pytest
+
+from conftest import ROOT
+
+
+def test_shard_keys_and_manifest_names_never_escape_the_output_folder(tmp_path):
+    from tryon_ds.config import UserError
+    from tryon_ds.data.shards import ShardOptions, write_shards
+    from tryon_ds.tools.infer import safe_name
+    assert safe_name("../../etc/passwd") == "_.._etc_passwd" and "/" not in safe_name("a/b\\c")
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"settings": {}, "shards": {"train": [
+        {"name": "../../outside.tar", "samples": 1, "bytes": 1, "sha256": "x"}]}}))
+    from tryon_ds.data.sources import synthetic_samples
+    opts = ShardOptions(image_size=(32, 32), layout="synthetic")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["settings"] = {"format_version": 1, **dataclasses.asdict(opts), "image_size": [32, 32]}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="is not of the form train-NNNNNN.tar"):
+        write_shards(out, synthetic_samples(2, 0, 64), opts, validate=False, log=lambda _: None)
+
+
+def test_no_pickle_loading_in_the_package():
+    sources = "".join(p.read_text() for p in (ROOT / "tryon_ds").rglob("*.py"))
+    for unsafe in ("torch.load(", "import pickle", "allow_pickle=True", "weights_only=False"):
+        assert unsafe not in sources, unsafe
