@@ -2,17 +2,21 @@
 run with a message and a checkpoint of the last good state. (fp16 loss scaling is DeepSpeed's and needs a GPU.)"""
 import subprocess
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, command, completed
 
 
-def test_non_finite_steps_never_reach_weights_or_ema_and_stop_the_run(shards, tmp_path):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_non_finite_steps_never_reach_weights_or_ema_and_stop_the_run(shards, tmp_path, precision):
     """An absurd learning rate without clipping makes the loss overflow; those steps are discarded, and after
-    max_bad_steps in a row the run saves the last good state and stops with a message saying so."""
+    max_bad_steps in a row the run saves the last good state and stops with a message saying so. fp32 and
+    bf16 (DeepSpeed's bf16 path: bf16 weights, fp32 master copy), as on CPU."""
     r = subprocess.run(command(tmp_path, shards, ranks=1, steps=60, extra=[
-        "--set", "learning_rate=1e30", "--set", "max_grad_norm=0", "--set", "warmup_steps=0", "--set", "max_bad_steps=3"]),
+        "--set", "learning_rate=1e30", "--set", "max_grad_norm=0", "--set", "warmup_steps=0", "--set", "max_bad_steps=3",
+        "--set", f"mixed_precision={precision}"]),
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert "3 steps in a row had a non-finite loss or gradients" in r.stderr and "Traceback" not in r.stderr

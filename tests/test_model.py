@@ -55,6 +55,16 @@ def test_shapes_and_gradients_reach_both_unets_and_pose_embeddings(tiny_config, 
         assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("unet.noise_aug"))
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_loss_in_bf16_weights(tiny_config, stage):
+    """DeepSpeed's bf16 mode casts the module to bf16 and feeds it fp32 batches and integer timesteps."""
+    model = CascadeStage(tiny_config, stage).to(torch.bfloat16)
+    loss = model(random_batch(tiny_config, stage, 2))
+    loss.backward()
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+    assert all(p.grad is None or p.grad.dtype == torch.bfloat16 for p in model.parameters())
+
+
 def test_missing_garment_pose_changes_the_output(tiny_config):
     """Absence is an input: masking the garment pose must change what the model computes."""
     model = CascadeStage(tiny_config, 1).eval()

@@ -39,9 +39,18 @@ class SinusoidalEmbedding(nn.Module):
         return torch.cat([args.sin(), args.cos()], dim=-1)
 
 
-def _embedder(cond_dim: int) -> nn.Sequential:
-    return nn.Sequential(SinusoidalEmbedding(cond_dim), nn.Linear(cond_dim, cond_dim), nn.SiLU(),
-                         nn.Linear(cond_dim, cond_dim))
+class _Embedder(nn.Sequential):
+    """Sinusoidal features of a timestep, then an MLP. The features are computed in fp32 (sin and cos of
+    arguments up to ~1000 rad keep no precision in bf16/fp16) and handed to the MLP in its own dtype."""
+
+    def __init__(self, dim: int):
+        super().__init__(SinusoidalEmbedding(dim), nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        x = self[0](t).to(self[1].weight.dtype)
+        for layer in list(self)[1:]:
+            x = layer(x)
+        return x
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -146,8 +155,8 @@ class ParallelUNet(nn.Module):
         depth = [cfg.attn_depth if a else 0 for a in attn]
         top_attn = attn.index(True)  # highest-resolution attending level; the garment decoder stops there
 
-        self.time_embed = _embedder(cond_dim)
-        self.noise_aug_embed = _embedder(cond_dim) if lowres_cond else None
+        self.time_embed = _Embedder(cond_dim)
+        self.noise_aug_embed = _Embedder(cond_dim) if lowres_cond else None
         self.person_pose = PoseEncoder(cfg.num_keypoints, cfg.pose_hidden, cond_dim)
         self.garment_pose = PoseEncoder(cfg.num_keypoints, cfg.pose_hidden, cond_dim)
 
