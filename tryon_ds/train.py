@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import random
 import signal
 import sys
 import threading
@@ -35,6 +34,7 @@ from tryon_ds.config import Config, UserError, add_config_args, config_from_args
 from tryon_ds.data.pipeline import TrainLoader, shard_urls, val_loader
 from tryon_ds.data.shards import read_manifest
 from tryon_ds.model import COND_KEYS
+from tryon_ds.seeding import seed_for
 from tryon_ds.stage import CascadeStage
 from tryon_ds.training import checkpoint, distributed
 from tryon_ds.training.ds_config import build_ds_config, precision
@@ -63,12 +63,6 @@ def lr_factor(config: Config):
         progress = min(1.0, (step - config.warmup_steps) / max(1, config.cosine_decay_max_steps - config.warmup_steps))
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
-
-
-def seed_for(*parts) -> int:
-    """Randomness of a step is a function of the seed and the global micro-batch slot alone, so a resumed
-    run (or a run at another world size, with data.streams fixed) draws the same timesteps and noise."""
-    return random.Random("/".join(map(str, parts))).getrandbits(63)
 
 
 def total_steps(config: Config, global_batch: int) -> int:

@@ -39,6 +39,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import Config, UserError
+from ..seeding import rng_for, seed_for
 from .transforms import augment
 
 MEMBERS = ("person.jpg", "ca.jpg", "garment.jpg", "person_pose.npy", "garment_pose.npy")
@@ -207,7 +208,7 @@ class TrainStream(IterableDataset):
         self.streams = config.data.streams or world_size * self.workers
 
     def _samples(self, stream: int, segment: int, counter: SkipCounter):
-        seed = random.Random(f"{self.config.data.seed}/{stream}/{segment}").getrandbits(63)
+        seed = seed_for(self.config.data.seed, stream, segment)
         buf = self.config.data.shuffle_buffer
         pipeline = wds.DataPipeline(
             wds.ResampledShards(self.urls, seed=seed, worker_seed=lambda: 0, deterministic=True),
@@ -235,7 +236,7 @@ class TrainStream(IterableDataset):
             for _ in range(skip * self.batch_size):
                 next(samples)
             for k in range(skip, seg_len):
-                batch = [to_stage(sample, self.config, self.stage, random.Random(f"{seed}/{position}"))
+                batch = [to_stage(sample, self.config, self.stage, rng_for(seed, position))
                          for seed, position, sample in (next(samples) for _ in range(self.batch_size))]
                 yield segment * seg_len + k, collate(batch)
             segment, skip = segment + 1, 0

@@ -20,6 +20,8 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from ..seeding import rng_for
+
 SKIN = [(255, 224, 196), (234, 192, 160), (198, 143, 105), (141, 85, 54), (94, 58, 36)]
 PATTERNS = ("solid", "stripes", "checks", "dots")
 GARMENT_TYPES = ("tshirt", "longsleeve", "tank")
@@ -158,7 +160,7 @@ def _keypoints_with_confidence(k: np.ndarray, rng: random.Random, size: int) -> 
 def render_sample(index: int, seed: int = 0, size: int = 256) -> dict:
     """The ``index``-th sample of the synthetic set ``seed``: PIL images and (18, 3) pixel keypoints
     (x, y, confidence), ``garment_pose`` None for a flat product garment."""
-    rng = random.Random(f"tryon-synthetic/{seed}/{index}")
+    rng = rng_for("tryon-synthetic", seed, index)
     garment = _random_garment(rng)
     skin, background = rng.choice(SKIN), tuple(rng.randint(150, 255) for _ in range(3))
     k = random_pose(rng, size)
