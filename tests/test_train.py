@@ -48,6 +48,7 @@ def test_zero_matches_single_process_and_validation_loss_falls(zero_runs, refere
     assert len(val) == 3 and val[-1] < val[0], val
     assert (run_dir / "ckpt" / "unet1" / f"step{STEPS:08d}" / "COMPLETE").is_file()
     assert "2 rank(s) x micro-batch 4" in result.stdout
+    assert "unet1: 1.79M parameters" in result.stdout  # the whole model's, also once ZeRO-3 has partitioned it
 
 
 def test_ema_under_zero3_equals_single_rank_ema(zero_runs, reference):

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from tryon_ds.config import Config, UserError, add_config_args, config_from_args, exit_on_user_error
 from tryon_ds.data.pipeline import TrainLoader, shard_urls, val_loader
 from tryon_ds.data.shards import read_manifest
-from tryon_ds.model import COND_KEYS
+from tryon_ds.model import COND_KEYS, parameter_count
 from tryon_ds.seeding import seed_for
 from tryon_ds.stage import CascadeStage
 from tryon_ds.training import checkpoint, distributed
@@ -234,7 +234,7 @@ def main(argv=None) -> None:
     model, engine, scheduler, ema = build_engine(config, stage, ds_config, load_from)
 
     log = RunLogger(config, stage, steps, start_step, f"unet{stage}") if world.is_main else NullLogger()
-    log.message(f"unet{stage}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, ZeRO-{zero_stage}, "
+    log.message(f"unet{stage}: {parameter_count(model) / 1e6:.2f}M parameters, ZeRO-{zero_stage}, "
                 f"{precision(ds_config)}, {world.size} rank(s) x micro-batch {config.batch_size} x accumulation "
                 f"{accum} = {global_batch} per step; steps {start_step} -> {steps}"
                 + (f"; resumed from {resume}" + (" (universal)" if load_from != resume else "") if resume else ""))

@@ -12,6 +12,7 @@ import time
 import torch
 
 from ..config import add_config_args, config_from_args, exit_on_user_error
+from ..model import parameter_count
 from ..stage import CascadeStage
 
 
@@ -58,7 +59,7 @@ def main(argv=None) -> None:
         for ckpt in (False, True):
             unet = dataclasses.replace(config.unet(stage), checkpointing=ckpt)
             cfg = dataclasses.replace(config, **{f"unet{stage}": unet})
-            params = sum(p.numel() for p in CascadeStage(cfg, stage).parameters())
+            params = parameter_count(CascadeStage(cfg, stage))
             s = step_seconds(cfg, stage, args.repeats)
             size = "x".join(map(str, config.image_size(stage)))
             print(f"{stage:>5}  {size:<8} {params / 1e6:6.2f}M   {str(ckpt):<13}  {s:14.3f}  {config.batch_size / s:9.1f}")

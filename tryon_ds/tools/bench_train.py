@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..model import parameter_count
 from ..training.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,7 +105,7 @@ def worker(args) -> None:
     states = state_bytes(engine)  # between backward and step: the gradients are held
     engine.step()
     result = {"step_s": step, "samples_per_s": case["batch"] * world.size / step, "states": states,
-              "params_total": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())}
+              "params_total": parameter_count(model)}
     if flops is not None:
         result.update(peak_gib=torch.cuda.max_memory_allocated() / 2**30, flops_per_step=flops,
                       mfu=flops / step / (H100_BF16_PEAK * world.size))

@@ -12,10 +12,7 @@ import torch
 
 from ..config import add_config_args, config_from_args, exit_on_user_error, preset
 from ..model import ParallelUNet
-
-
-def count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+from ..model import parameter_count as count
 
 
 def breakdown(unet: ParallelUNet) -> list[tuple[str, int]]:
