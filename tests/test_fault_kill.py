@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import time
+from pathlib import Path
 
 from conftest import ROOT, command, completed, losses, rank_processes, run, wait_for
 
@@ -17,7 +18,9 @@ def test_rank_killed_while_writing_a_checkpoint(shards, tmp_path):
     run(command(reference, shards, steps=STEPS, extra=EXTRA))
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(killed, shards, steps=STEPS, extra=EXTRA), cwd=ROOT, start_new_session=True,
+    cmd = command(killed, shards, steps=STEPS, extra=EXTRA)
+    port = cmd[cmd.index("--master_port") + 1]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     wait_for(killed / "ckpt" / "unet1" / "step00000005" / "COMPLETE", proc)
@@ -40,6 +43,8 @@ def test_rank_killed_while_writing_a_checkpoint(shards, tmp_path):
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode != 0, out[-2000:]
     assert completed(killed) == ["step00000005"]
+    # DeepSpeed's CPU all-reduce buffers (RAM-backed files) went with the processes, not left in /dev/shm.
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
     resumed = run(command(killed, shards, steps=STEPS, extra=[*EXTRA, "--resume", "auto"]))
     assert re.search(r"resumed from \S*step00000005", resumed.stdout), resumed.stdout[-2000:]

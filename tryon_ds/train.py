@@ -150,7 +150,11 @@ def build_engine(config: Config, stage: int, ds_config: dict, load_from: Path | 
     import deepspeed
 
     torch.manual_seed(config.seed)  # identical initial weights on every rank
-    model = CascadeStage(config, stage)
+    # Under ZeRO-3 each layer is partitioned as soon as it is built, so no rank ever holds the whole model
+    # (the sr preset is 3.9 GB in fp32).
+    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
+        model = CascadeStage(config, stage)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config)))

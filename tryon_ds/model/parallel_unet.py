@@ -53,11 +53,23 @@ class _Embedder(nn.Sequential):
         return x
 
 
-def _zero(module: nn.Module) -> nn.Module:
-    """Zero-initialised output layers: every residual branch starts as the identity."""
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
+class _ZeroInit:
+    """Zero-initialised output layers: every residual branch starts as the identity. Zeroed in the layer's
+    own reset_parameters, i.e. inside its __init__, because deepspeed.zero.Init partitions a layer's
+    parameters as soon as its __init__ returns; zeroing them afterwards would touch empty placeholders."""
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()  # draw as a plain layer would, so the other layers' seeded values stay
+        for p in self.parameters(recurse=False):
+            nn.init.zeros_(p)
+
+
+class ZeroConv2d(_ZeroInit, nn.Conv2d):
+    pass
+
+
+class ZeroLinear(_ZeroInit, nn.Linear):
+    pass
 
 
 class ResBlock(nn.Module):
@@ -68,7 +80,7 @@ class ResBlock(nn.Module):
         self.block1 = nn.Sequential(nn.GroupNorm(groups, in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
         self.film = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * out_ch))
         self.norm2 = nn.GroupNorm(groups, out_ch)
-        self.block2 = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1)))
+        self.block2 = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), ZeroConv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -88,7 +100,7 @@ class Attention(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
-        self.to_out = _zero(nn.Linear(inner, dim))
+        self.to_out = ZeroLinear(inner, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None, pose_tokens: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
@@ -110,7 +122,7 @@ class TransformerBlock(nn.Module):
         self.garment_norm = nn.LayerNorm(dim)
         self.cross_attn = Attention(dim, cfg.attn_heads, cfg.attn_dim_head, cfg.attention_backend)
         self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * cfg.ff_mult), nn.GELU(),
-                                _zero(nn.Linear(dim * cfg.ff_mult, dim)))
+                                ZeroLinear(dim * cfg.ff_mult, dim))
 
     def forward(self, x: torch.Tensor, garment: torch.Tensor, pose_tokens: torch.Tensor) -> torch.Tensor:
         height = x.shape[2]
@@ -186,7 +198,7 @@ class ParallelUNet(nn.Module):
         self.person_mid = _Level(mid, mid, 0, 2, cfg.mid_attn_depth, None, cond_dim, cfg)
         self.person_up = decoder(with_attn=True, stop=0)
         self.person_out = nn.Sequential(nn.GroupNorm(cfg.groups, cfg.dim), nn.SiLU(),
-                                        _zero(nn.Conv2d(cfg.dim, channels, 3, padding=1)))
+                                        ZeroConv2d(cfg.dim, channels, 3, padding=1))
         # The garment-UNet has no output image: only its features at the attending levels are used.
         self.garment_down = encoder(with_attn=False)
         self.garment_mid = _Level(mid, mid, 0, 1, 0, None, cond_dim, cfg)
