@@ -37,7 +37,7 @@ from tryon_ds.model import COND_KEYS, parameter_count
 from tryon_ds.seeding import seed_for
 from tryon_ds.stage import CascadeStage
 from tryon_ds.training import checkpoint, distributed
-from tryon_ds.training.ds_config import build_ds_config, precision
+from tryon_ds.training.ds_config import build_ds_config, precision, zero_stage
 from tryon_ds.training.ema import EMA
 from tryon_ds.training.logger import NullLogger, RunLogger, image_grid
 
@@ -152,8 +152,7 @@ def build_engine(config: Config, stage: int, ds_config: dict, load_from: Path | 
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     # Under ZeRO-3 each layer is partitioned as soon as it is built, so no rank ever holds the whole model
     # (the sr preset is 3.9 GB in fp32).
-    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(ds_config) == 3):
         model = CascadeStage(config, stage)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=ds_config,
@@ -215,7 +214,7 @@ def main(argv=None) -> None:
     world = distributed.setup(config.dist_timeout_s)
     ds_path = args.deepspeed_config or f"ds_configs/{'zero2_bf16' if world.device.type == 'cuda' else 'cpu_zero2'}.json"
     ds_config = build_ds_config(ds_path, config, world.size)
-    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    zero = zero_stage(ds_config)
     accum = config.gradient_accumulation_steps
     global_batch = config.batch_size * accum * world.size
     steps = total_steps(config, global_batch)
@@ -238,7 +237,7 @@ def main(argv=None) -> None:
     model, engine, scheduler, ema = build_engine(config, stage, ds_config, load_from)
 
     log = RunLogger(config, stage, steps, start_step, f"unet{stage}") if world.is_main else NullLogger()
-    log.message(f"unet{stage}: {parameter_count(model) / 1e6:.2f}M parameters, ZeRO-{zero_stage}, "
+    log.message(f"unet{stage}: {parameter_count(model) / 1e6:.2f}M parameters, ZeRO-{zero}, "
                 f"{precision(ds_config)}, {world.size} rank(s) x micro-batch {config.batch_size} x accumulation "
                 f"{accum} = {global_batch} per step; steps {start_step} -> {steps}"
                 + (f"; resumed from {resume}" + (" (universal)" if load_from != resume else "") if resume else ""))
@@ -247,7 +246,7 @@ def main(argv=None) -> None:
         metrics.parent.mkdir(parents=True, exist_ok=True)
 
     def save_checkpoint(at: int) -> None:
-        state = {"step": at, "world_size": world.size, "zero_stage": zero_stage, "stage": stage,
+        state = {"step": at, "world_size": world.size, "zero_stage": zero, "stage": stage,
                  "data_position": {"micro_batches_per_rank": at * accum, "streams": config.data.streams},
                  "rng": {"seed": config.seed, "scheme": "per micro-batch slot: seed_for(seed, 'train', slot)"},
                  "config": config.to_dict()}

@@ -68,3 +68,7 @@ def build_ds_config(path: str | Path, config: Config, world_size: int) -> dict:
 
 def precision(ds: dict) -> str:
     return next((k for k in ("fp16", "bf16") if ds.get(k, {}).get("enabled")), "fp32")
+
+
+def zero_stage(ds: dict) -> int:
+    return ds.get("zero_optimization", {}).get("stage", 0)
