@@ -6,7 +6,8 @@
 #   DS_CONFIG       DeepSpeed config                     (default: ds_configs/zero2_bf16.json)
 #   DATA_DIR        shard folder (sets data_dir)         (default: the config's)
 #   OUTPUT_DIR      outputs, checkpoints/ and logs/ go under it (default: the config's folders)
-#   EXTRA_ARGS      more arguments for train.py, e.g. "--max_steps 100000 --set data.num_workers=8"
+#   EXTRA_ARGS      more arguments for train.py, e.g. "--max_steps 100000 --set logging.wandb=offline"
+#   NUM_WORKERS     data-loader workers per task          (default: --cpus-per-task minus 2, at least 1)
 #   PYTHON          the Python to run                    (default: python)
 #   TRYON_REPO      the repository                       (default: the folder sbatch was run from)
 set -euo pipefail
@@ -17,19 +18,20 @@ PYTHON=${PYTHON:-python}
 CONFIG=${CONFIG:-configs/config.json}
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero2_bf16.json}
 
-# Rendezvous: the first node of the allocation; its SLURM name may not resolve as a host name.
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-if ! getent hosts "$MASTER_ADDR" >/dev/null 2>&1; then
-    echo "note: node name $MASTER_ADDR does not resolve; using 127.0.0.1 (single-host allocation)"
-    MASTER_ADDR=127.0.0.1
-fi
+source "$REPO/slurm/rendezvous.sh"
+MASTER_ADDR=$(rendezvous_host) || exit 1
 export MASTER_ADDR
 export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))  # per job, so jobs sharing a node do not collide
-if command -v nvidia-smi >/dev/null 2>&1; then
-    export NCCL_ASYNC_ERROR_HANDLING=1 NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-fi
+# Since Slurm 22.05 srun no longer inherits --cpus-per-task from the allocation: pass it on explicitly, or
+# every task gets one CPU and the data-loader workers share it.
+export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
+NUM_WORKERS=${NUM_WORKERS:-$(( SRUN_CPUS_PER_TASK > 3 ? SRUN_CPUS_PER_TASK - 2 : 1 ))}
+# A failed or hung NCCL collective aborts the process (then srun --kill-on-bad-exit ends the job) instead
+# of leaving the other ranks waiting.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1} NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 
-args=(--config "$CONFIG" --deepspeed_config "$DS_CONFIG" --train_unet "$STAGE" --resume auto)
+args=(--config "$CONFIG" --deepspeed_config "$DS_CONFIG" --train_unet "$UNET" --resume auto
+      --set "data.num_workers=$NUM_WORKERS")
 [ -n "${DATA_DIR:-}" ] && args+=(--set "data_dir=$DATA_DIR")
 if [ -n "${OUTPUT_DIR:-}" ]; then
     args+=(--set "output_dir=$OUTPUT_DIR" --set "checkpoint_dir=$OUTPUT_DIR/checkpoints" --set "log_dir=$OUTPUT_DIR/logs")
@@ -38,7 +40,8 @@ fi
 args+=(${EXTRA_ARGS:-})
 
 echo "=== $(date -Is) job $SLURM_JOB_ID start #${SLURM_RESTART_COUNT:-0} (restart count) on $SLURM_JOB_NODELIST:" \
-     "$SLURM_NNODES node(s) x ${SLURM_NTASKS_PER_NODE:-?} task(s), master $MASTER_ADDR:$MASTER_PORT, unet$STAGE"
+     "$SLURM_NNODES node(s) x ${SLURM_NTASKS_PER_NODE:-?} task(s) x $SRUN_CPUS_PER_TASK CPU(s), master" \
+     "$MASTER_ADDR:$MASTER_PORT, unet$UNET"
 
 # USR1 (--signal=B:USR1@N before the time limit, or scancel --signal=USR1 --batch): pass it to the tasks,
 # which finish their step, save and exit 0; only then requeue, so the save is never cut short.

@@ -13,5 +13,5 @@
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
-STAGE=1
+UNET=1
 source "${TRYON_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/common.sh"

@@ -13,5 +13,5 @@
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
-STAGE=2
+UNET=2
 source "${TRYON_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/common.sh"

@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -68,10 +69,10 @@ def run(cmd, timeout=300):
     return r
 
 
-def losses(run_dir, stage=1):
+def losses(run_dir, unet=1):
     """step -> loss; a resumed run's entries replace those the killed run wrote for the same steps."""
     out = {}
-    for line in (Path(run_dir) / "out" / f"metrics_unet{stage}.jsonl").read_text().splitlines():
+    for line in (Path(run_dir) / "out" / f"metrics_unet{unet}.jsonl").read_text().splitlines():
         entry = json.loads(line)
         out[entry["step"]] = entry["loss"]
     return out
@@ -91,6 +92,60 @@ def rank_processes(launcher):
             if "train.py" in " ".join(p.cmdline()) and "deepspeed.launcher" not in " ".join(p.cmdline())]
 
 
-def completed(run_dir, stage=1):
+def completed(run_dir, unet=1):
     """The checkpoint folders --resume auto may pick (those with a COMPLETE marker), oldest first."""
-    return sorted(p.name for p in (run_dir / "ckpt" / f"unet{stage}").glob("step*") if (p / "COMPLETE").is_file())
+    return sorted(p.name for p in (run_dir / "ckpt" / f"unet{unet}").glob("step*") if (p / "COMPLETE").is_file())
+
+
+BOUND_S = 60  # from the event that ends a run to the last of its processes gone
+
+
+def group_alive(pgid):
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return out
+
+
+class Run:
+    """A training command in its own process group; ``end()`` waits for it and for every process of it."""
+
+    def __init__(self, cmd, env=None):
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+        self.out = self.err = ""
+
+    def wait_for(self, predicate, timeout=180):
+        deadline = time.time() + timeout
+        while not predicate():
+            assert self.proc.poll() is None, "the run ended before the moment the test waits for"
+            assert time.time() < deadline, "the moment the test waits for never came"
+            time.sleep(0.02)
+
+    def signal_ranks(self, sig):
+        ranks = rank_processes(self.proc.pid)
+        assert ranks, "no training process found"
+        for p in ranks:
+            p.send_signal(sig)
+
+    def end(self, bound=BOUND_S):
+        start = time.time()
+        try:
+            self.out, self.err = self.proc.communicate(timeout=bound)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.communicate()
+            raise AssertionError(f"the run did not end within {bound} s")
+        while group_alive(self.proc.pid) and time.time() - start < bound:
+            time.sleep(0.2)
+        left = group_alive(self.proc.pid)
+        for p in left:
+            p.kill()
+        assert not left, f"processes left behind: {[' '.join(p.cmdline())[:120] for p in left]}"
+        return self.proc.returncode
+
+

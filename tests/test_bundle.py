@@ -16,41 +16,41 @@ from conftest import ROOT, command, free_port, run, run_tool
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from fixed_inputs import fixed_inputs  # noqa: E402
 
-STAGES = {1: "cpu_zero2", 2: "cpu_zero3"}  # the base UNet under ZeRO-2, the SR UNet under ZeRO-3
+UNETS = {1: "cpu_zero2", 2: "cpu_zero3"}  # the base UNet under ZeRO-2, the SR UNet under ZeRO-3
 
 
 @pytest.fixture(scope="module")
 def trained(shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
-    for stage, ds in STAGES.items():
-        run(command(root, shards, ds=ds, steps=4, extra=["--train_unet", str(stage)]))
+    for unet, ds in UNETS.items():
+        run(command(root, shards, ds=ds, steps=4, extra=["--train_unet", str(unet)]))
     bundle = root / "bundle"
-    for stage in STAGES:
-        r = run_tool(["tools/consolidate_checkpoint.py", str(root / "ckpt" / f"unet{stage}"), "--out", str(bundle)])
+    for unet in UNETS:
+        r = run_tool(["tools/consolidate_checkpoint.py", str(root / "ckpt" / f"unet{unet}"), "--out", str(bundle)])
         assert r.returncode == 0, r.stderr
-        assert {1: "1,785,763 parameters", 2: "1,534,211 parameters"}[stage] in r.stdout
+        assert {1: "1,785,763 parameters", 2: "1,534,211 parameters"}[unet] in r.stdout
     return root, bundle
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_bundle_gives_the_engines_outputs_for_raw_and_ema_weights(trained, stage):
+@pytest.mark.parametrize("unet", [1, 2])
+def test_bundle_gives_the_engines_outputs_for_raw_and_ema_weights(trained, unet):
     root, bundle = trained
-    ckpt = root / "ckpt" / f"unet{stage}" / "step00000004"
-    out = root / f"engine{stage}.safetensors"
+    ckpt = root / "ckpt" / f"unet{unet}" / "step00000004"
+    out = root / f"engine{unet}.safetensors"
     subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                     str(free_port()), "tests/helpers/engine_outputs.py", "--ckpt", str(ckpt), "--ds",
-                    f"ds_configs/{STAGES[stage]}.json", "--out", str(out)], cwd=ROOT, check=True,
+                    f"ds_configs/{UNETS[unet]}.json", "--out", str(out)], cwd=ROOT, check=True,
                    capture_output=True)
     engine = load_file(str(out))
     from tryon_ds.inference import TryOnPipeline
     for use_ema, key in ((False, "raw"), (True, "ema")):
         pipe = TryOnPipeline.from_pretrained(bundle, ema=use_ema)
-        x, t, cond, level = fixed_inputs(pipe.configs[stage], stage)
+        x, t, cond, level = fixed_inputs(pipe.configs[unet], unet)
         with torch.no_grad():
-            got = pipe.stages[stage].unet(x, t, cond, lowres_noise_level=level)
+            got = pipe.unets[unet].unet(x, t, cond, lowres_noise_level=level)
         torch.testing.assert_close(got, engine[key], rtol=0, atol=1e-6)
-    meta = json.loads((bundle / f"unet{stage}" / "config.json").read_text())
-    assert meta["step"] == 4 and meta["stage"] == stage and meta["has_ema"]
+    meta = json.loads((bundle / f"unet{unet}" / "config.json").read_text())
+    assert meta["step"] == 4 and meta["unet_number"] == unet and meta["has_ema"]
 
 
 def test_consolidation_refuses_to_overwrite_and_casts_dtype(trained, tmp_path):
@@ -94,7 +94,7 @@ def test_infer_cli_one_pair_is_deterministic_and_full_size(trained, shards, tmp_
                       "--seed", "7", "--sampler", "ddim"])
         assert r.returncode == 0, r.stderr
         outputs.append(np.asarray(Image.open(out)))
-    assert outputs[0].shape == (64, 64, 3)  # the SR stage's size, square input: no crop
+    assert outputs[0].shape == (64, 64, 3)  # UNet 2's size, square input: no crop
     assert np.array_equal(outputs[0], outputs[1])
 
 
@@ -110,12 +110,12 @@ def test_infer_cli_on_validation_shards_writes_results_and_grid(trained, shards,
 
 def test_base_only_bundle_and_bad_bundles_fail_clearly(trained, tmp_path):
     _, bundle = trained
-    from tryon_ds.config import UserError
+    from tryon_ds.errors import UserError
     from tryon_ds.inference import TryOnPipeline
     base_only = tmp_path / "base_only"
     shutil.copytree(bundle / "unet1", base_only / "unet1")
     pipe = TryOnPipeline.from_pretrained(base_only)
-    assert list(pipe.stages) == [1] and pipe.output_size == (32, 32)
+    assert list(pipe.unets) == [1] and pipe.output_size == (32, 32)
 
     with pytest.raises(UserError, match="does not exist"):
         TryOnPipeline.from_pretrained(tmp_path / "nowhere")

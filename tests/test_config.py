@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from tryon_ds.config import ConfigError, build_config, read_config_file
+from tryon_ds.config import build_config, read_config_file
+from tryon_ds.errors import ConfigError
 from conftest import ROOT, run_tool
 
 

@@ -1,4 +1,4 @@
-"""The README's main job, shortened (tools/demo.py --quick): every stage runs and leaves its outputs, and the
+"""The README's main job, shortened (tools/demo.py --quick): every UNet runs and leaves its outputs, and the
 quality table is finite and computed on the garment region."""
 import json
 
@@ -15,9 +15,9 @@ def test_demo_quick_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
     r = run_tool(["tools/demo.py", "--quick", "--out", str(out)], timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for stage in (1, 2):
-        assert list((out / "checkpoints" / f"unet{stage}").glob("step*/COMPLETE"))
-        assert (out / "bundle" / f"unet{stage}" / "ema.safetensors").is_file()
+    for unet in (1, 2):
+        assert list((out / "checkpoints" / f"unet{unet}").glob("step*/COMPLETE"))
+        assert (out / "bundle" / f"unet{unet}" / "ema.safetensors").is_file()
     grid = Image.open(out / "results" / "grid.png")
     assert grid.size == (4 * 64, 8 * 64)
     quality = json.loads((out / "quality.json").read_text())

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tryon_ds.diffusion import GaussianDiffusion, dynamic_threshold, make_betas
-from tryon_ds.stage import CascadeStage
+from tryon_ds.cascade import CascadeUNet
 from tryon_ds.tools.bench_model import random_batch
 
 
@@ -68,7 +68,7 @@ def test_cfg_dropout_really_drops_the_conditioning(tiny_config):
     for p_drop, should_match in ((1.0, True), (0.0, False)):
         cfg = dataclasses.replace(tiny_config, diffusion=dataclasses.replace(tiny_config.diffusion,
                                                                              cond_drop_prob=p_drop))
-        model = CascadeStage(cfg, 1)
+        model = CascadeUNet(cfg, 1)
         for p in model.parameters():
             if p.abs().sum() == 0:
                 torch.nn.init.normal_(p, std=0.05)
@@ -81,7 +81,7 @@ def test_cfg_dropout_really_drops_the_conditioning(tiny_config):
 
 def test_cfg_dropout_rate(tiny_config, monkeypatch):
     cfg = tiny_config
-    model = CascadeStage(cfg, 1)
+    model = CascadeUNet(cfg, 1)
     seen = []
     original = model.unet.forward
     monkeypatch.setattr(model.unet, "forward", lambda *a, **kw: (seen.append(kw["drop_cond"]), original(*a, **kw))[1])
@@ -95,7 +95,7 @@ def test_cfg_dropout_rate(tiny_config, monkeypatch):
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_cascade_sampling_gives_finite_deterministic_images_in_range(tiny_config, sampler):
-    base, sr = CascadeStage(tiny_config, 1).eval(), CascadeStage(tiny_config, 2).eval()
+    base, sr = CascadeUNet(tiny_config, 1).eval(), CascadeUNet(tiny_config, 2).eval()
     for model in (base, sr):
         for p in model.parameters():
             if p.abs().sum() == 0:

@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT, run_tool
-from tryon_ds.config import Config, ConfigError, build_config, deep_merge, read_config_file
+from tryon_ds.config import Config, build_config, deep_merge, read_config_file
+from tryon_ds.errors import ConfigError
 
 
 def _leaf_keys(cls, prefix=""):

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import ROOT, command, run_tool
 from tryon_ds.config import build_config, deep_merge, read_config_file
-from tryon_ds.data.pipeline import DataError, TrainLoader
+from tryon_ds.data.pipeline import TrainLoader
+from tryon_ds.errors import DataError
 
 
 def _members(shard):

@@ -8,30 +8,30 @@ from tryon_ds.config import preset
 from tryon_ds.model import ParallelUNet
 from tryon_ds.model import attention as attention_module
 from tryon_ds.model.attention import attention
-from tryon_ds.stage import CascadeStage
+from tryon_ds.cascade import CascadeUNet
 from tryon_ds.tools.bench_model import random_batch
 
 
-def _count_on_meta(name, stage):
+def _count_on_meta(name, unet):
     with torch.device("meta"):
-        unet = ParallelUNet(preset(name), lowres_cond=stage == 2)
+        unet = ParallelUNet(preset(name), lowres_cond=unet == 2)
     assert all(p.is_meta for p in unet.parameters())
     return sum(p.numel() for p in unet.parameters())
 
 
-@pytest.mark.parametrize("name, stage, target", [("base", 1, 850e6), ("sr", 2, 950e6)])
-def test_preset_parameter_counts_on_meta(name, stage, target):
-    assert abs(_count_on_meta(name, stage) - target) <= 0.05 * target
+@pytest.mark.parametrize("name, unet, target", [("base", 1, 850e6), ("sr", 2, 950e6)])
+def test_preset_parameter_counts_on_meta(name, unet, target):
+    assert abs(_count_on_meta(name, unet) - target) <= 0.05 * target
 
 
 def test_tiny_preset_is_small():
     assert _count_on_meta("tiny", 1) < 5e6 and _count_on_meta("tiny", 2) < 5e6
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_shapes_and_gradients_reach_both_unets_and_pose_embeddings(tiny_config, stage):
-    model = CascadeStage(tiny_config, stage)
-    batch = random_batch(tiny_config, stage, 2)
+@pytest.mark.parametrize("unet", [1, 2])
+def test_shapes_and_gradients_reach_both_unets_and_pose_embeddings(tiny_config, unet):
+    model = CascadeUNet(tiny_config, unet)
+    batch = random_batch(tiny_config, unet, 2)
     # Zero-initialised output layers give zero gradients upstream at step 0; perturb them as training would.
     for p in model.parameters():
         if p.abs().sum() == 0:
@@ -39,7 +39,7 @@ def test_shapes_and_gradients_reach_both_unets_and_pose_embeddings(tiny_config, 
     t = torch.tensor([10, 500])
     cond = {k: v for k, v in batch.items() if k not in ("person", "lowres")}
     level = None
-    if stage == 2:
+    if unet == 2:
         cond["lowres"] = torch.nn.functional.interpolate(batch["lowres"], size=batch["person"].shape[-2:])
         level = torch.tensor([0, 100])
     out = model.unet(batch["person"], t, cond, lowres_noise_level=level)
@@ -51,15 +51,15 @@ def test_shapes_and_gradients_reach_both_unets_and_pose_embeddings(tiny_config, 
                    "unet.time_embed", "unet.person_down", "unet.garment_down", "unet.garment_up"):
         reached = [g for n, g in grads.items() if n.startswith(prefix) and g is not None and g.abs().sum() > 0]
         assert reached, f"no gradient reaches {prefix}"
-    if stage == 2:
+    if unet == 2:
         assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("unet.noise_aug"))
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_loss_in_bf16_weights(tiny_config, stage):
+@pytest.mark.parametrize("unet", [1, 2])
+def test_loss_in_bf16_weights(tiny_config, unet):
     """DeepSpeed's bf16 mode casts the module to bf16 and feeds it fp32 batches and integer timesteps."""
-    model = CascadeStage(tiny_config, stage).to(torch.bfloat16)
-    loss = model(random_batch(tiny_config, stage, 2))
+    model = CascadeUNet(tiny_config, unet).to(torch.bfloat16)
+    loss = model(random_batch(tiny_config, unet, 2))
     loss.backward()
     assert torch.isfinite(loss) and loss.dtype == torch.float32
     assert all(p.grad is None or p.grad.dtype == torch.bfloat16 for p in model.parameters())
@@ -67,7 +67,7 @@ def test_loss_in_bf16_weights(tiny_config, stage):
 
 def test_missing_garment_pose_changes_the_output(tiny_config):
     """Absence is an input: masking the garment pose must change what the model computes."""
-    model = CascadeStage(tiny_config, 1).eval()
+    model = CascadeUNet(tiny_config, 1).eval()
     for p in model.parameters():
         if p.abs().sum() == 0:
             torch.nn.init.normal_(p, std=0.05)
@@ -106,7 +106,7 @@ def test_unknown_backend_is_an_error():
 def test_activation_checkpointing_gives_same_loss_and_gradients(tiny_config):
     cfg = dataclasses.replace(tiny_config, unet2=dataclasses.replace(tiny_config.unet2, checkpointing=False))
     cfg_ckpt = dataclasses.replace(tiny_config, unet2=dataclasses.replace(tiny_config.unet2, checkpointing=True))
-    plain, ckpt = CascadeStage(cfg, 2), CascadeStage(cfg_ckpt, 2)
+    plain, ckpt = CascadeUNet(cfg, 2), CascadeUNet(cfg_ckpt, 2)
     ckpt.load_state_dict(plain.state_dict())
     batch = random_batch(cfg, 2, 2)
     results = []

@@ -6,7 +6,8 @@ import torch
 
 from conftest import make_synthetic_shards, run_tool
 from tryon_ds.config import build_config, deep_merge, read_config_file
-from tryon_ds.data.pipeline import DataError, TrainLoader, resolve_shards, val_loader
+from tryon_ds.data.pipeline import TrainLoader, resolve_shards, to_device, val_loader
+from tryon_ds.errors import DataError
 from tryon_ds.data.transforms import augment, hflip, rotate
 from tryon_ds.model.pose import COCO18_FLIP
 from conftest import ROOT
@@ -85,9 +86,12 @@ def _take(loader, n):
     return [next(it) for _ in range(n)]
 
 
-def test_train_batches_have_stage_shapes_and_ranges(shards):
+def test_train_batches_have_unet_shapes_and_ranges(shards):
     cfg = config_for(shards)
-    b1 = _take(TrainLoader(cfg, 1, rank=0, batch_size=4), 1)[0]
+    wire = _take(TrainLoader(cfg, 1, rank=0, batch_size=4), 1)[0]
+    assert wire["person"].dtype == torch.uint8 and wire["person_pose"].dtype == torch.float32  # uint8 images on the wire
+    b1 = to_device(wire, torch.device("cpu"))
+    assert b1["person"].dtype == torch.float32
     assert b1["person"].shape == (4, 3, 32, 32) and b1["person"].min() >= -1 and b1["person"].max() <= 1
     assert b1["person_pose"].shape == (4, 18, 2) and b1["person_pose_valid"].dtype == torch.bool
     b2 = _take(TrainLoader(cfg, 2, rank=0, batch_size=4), 1)[0]

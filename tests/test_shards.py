@@ -186,7 +186,7 @@ def test_killed_run_leaves_only_finished_shards_and_resumes(tmp_path):
     listed = {e["name"]: e["sha256"] for e in manifest["shards"]["train"]}
     assert listed
     from tryon_ds.data.shards import read_manifest
-    from tryon_ds.config import UserError
+    from tryon_ds.errors import UserError
     with pytest.raises(UserError, match="incomplete"):
         read_manifest(out)
     mtimes = {n: os.stat(out / n).st_mtime_ns for n in listed}

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-from tryon_ds.tools.evaluate import main
+from _launch import run
 
 if __name__ == "__main__":
-    main()
+    run("tryon_ds.tools.evaluate")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-from tryon_ds.tools.make_shards import main
+from _launch import run
 
 if __name__ == "__main__":
-    main()
+    run("tryon_ds.tools.make_shards")

@@ -2,38 +2,39 @@
 
     BUNDLE/unet1/weights.safetensors   the raw weights of the base UNet
     BUNDLE/unet1/ema.safetensors       its EMA weights, when the run kept an EMA
-    BUNDLE/unet1/config.json           stage, training step, storage dtype and the run's whole config
-    BUNDLE/unet2/...                   the same for the SR UNet
+    BUNDLE/unet1/config.json           UNet number, training step, storage dtype and the run's whole config
+    BUNDLE/unet2/...                   the same for the super-resolution UNet
 
-Weights are safetensors only (no pickle). Each stage folder is written under a temporary name and renamed,
-so a killed consolidation leaves no half-written stage behind.
+Weights are safetensors only (no pickle). Each UNet's folder is written under a temporary name and renamed,
+so a killed consolidation leaves no half-written folder behind.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .config import Config, UserError, build_config
+from . import atomic
+from .config import Config, build_config
+from .errors import UserError
 from .model import ParallelUNet
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-UNET_PREFIX = "unet."  # the trainer's CascadeStage holds the UNet as .unet
+UNET_PREFIX = "unet."  # the trainer's CascadeUNet holds the Parallel-UNet as .unet
 
 
-def expected_shapes(config: Config, stage: int) -> dict[str, tuple]:
+def expected_shapes(config: Config, unet_number: int) -> dict[str, tuple]:
     with torch.device("meta"):
-        unet = ParallelUNet(config.unet(stage), lowres_cond=stage == 2, channels=config.channels)
+        unet = ParallelUNet(config.unet(unet_number), lowres_cond=unet_number == 2, channels=config.channels)
     return {k: tuple(v.shape) for k, v in unet.state_dict().items()}
 
 
-def check_weights(weights: dict[str, torch.Tensor], config: Config, stage: int, what: str) -> None:
+def check_weights(weights: dict[str, torch.Tensor], config: Config, unet_number: int, what: str) -> None:
     """Every tensor of the UNet present with the right shape, nothing extra; else a UserError listing them."""
-    want = expected_shapes(config, stage)
+    want = expected_shapes(config, unet_number)
     missing = sorted(set(want) - set(weights))
     extra = sorted(set(weights) - set(want))
     wrong = sorted(k for k in set(want) & set(weights) if tuple(weights[k].shape) != want[k])
@@ -46,47 +47,40 @@ def check_weights(weights: dict[str, torch.Tensor], config: Config, stage: int, 
         if wrong:
             k = wrong[0]
             parts.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(weights[k].shape)}, expected {want[k]})")
-        raise UserError(f"{what} does not match the unet{stage} of its config (preset "
-                        f"{config.unet(stage).preset!r}): " + "; ".join(parts))
+        raise UserError(f"{what} does not match the unet{unet_number} of its config (preset "
+                        f"{config.unet(unet_number).preset!r}): " + "; ".join(parts))
 
 
 def strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len(UNET_PREFIX):]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
 
 
-def write_stage(bundle: Path, stage: int, config: Config, step: int, weights: dict, ema: dict | None,
-                dtype: str, force: bool, source: str) -> Path:
-    final = bundle / f"unet{stage}"
+def write_unet(bundle: Path, unet_number: int, config: Config, step: int, weights: dict, ema: dict | None,
+               dtype: str, force: bool, source: str) -> Path:
+    final = bundle / f"unet{unet_number}"
     if final.exists() and not force:
         raise UserError(f"{final} exists; pass --force to replace it")
-    check_weights(weights, config, stage, f"the checkpoint's weights ({source})")
+    check_weights(weights, config, unet_number, f"the checkpoint's weights ({source})")
     if ema is not None:
-        check_weights(ema, config, stage, f"the checkpoint's EMA ({source})")
+        check_weights(ema, config, unet_number, f"the checkpoint's EMA ({source})")
     bundle.mkdir(parents=True, exist_ok=True)
-    tmp = bundle / f".unet{stage}.tmp"
+    tmp = bundle / f".unet{unet_number}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     cast = DTYPES[dtype]
-    save_file({k: v.to(cast).contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+    atomic.save_safetensors({k: v.to(cast) for k, v in weights.items()}, tmp / "weights.safetensors")
     if ema is not None:
-        save_file({k: v.to(cast).contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
-    meta = {"stage": stage, "step": step, "dtype": dtype, "has_ema": ema is not None, "source": source,
+        atomic.save_safetensors({k: v.to(cast) for k, v in ema.items()}, tmp / "ema.safetensors")
+    meta = {"unet_number": unet_number, "step": step, "dtype": dtype, "has_ema": ema is not None, "source": source,
             "parameters": sum(v.numel() for v in weights.values()), "config": config.to_dict()}
-    (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if final.exists():
-        old = bundle / f".unet{stage}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
+    atomic.write_json(tmp / "config.json", meta)
+    atomic.replace_dir(tmp, final)
     return final
 
 
-def read_stage(bundle: Path, stage: int, ema: bool) -> tuple[Config, dict, dict]:
-    """(config, UNet weights, meta) of one stage of a bundle, checked against the config."""
-    folder = Path(bundle) / f"unet{stage}"
+def read_unet(bundle: Path, unet_number: int, ema: bool) -> tuple[Config, dict, dict]:
+    """(config, UNet weights, meta) of one UNet of a bundle, checked against the config."""
+    folder = Path(bundle) / f"unet{unet_number}"
     meta_path = folder / "config.json"
     if not meta_path.is_file():
         raise UserError(f"{folder}: no config.json; is {bundle} a bundle written by tools/consolidate_checkpoint.py?")
@@ -102,5 +96,5 @@ def read_stage(bundle: Path, stage: int, ema: bool) -> tuple[Config, dict, dict]
         weights = load_file(str(path))
     except Exception as err:
         raise UserError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from None
-    check_weights(weights, config, stage, str(path))
+    check_weights(weights, config, unet_number, str(path))
     return config, weights, meta

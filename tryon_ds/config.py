@@ -1,19 +1,19 @@
 """One typed configuration tree for the whole trainer.
 
-The top level holds the seed guide's ``config.json`` keys verbatim, so that file loads as it is; the
-sections below it (``unet1``, ``unet2``, ``diffusion``, ``data``, ``logging``) hold what the seed does not
-name. A config is built once from a file plus command-line overrides and validated before anything runs;
-every user error is a :class:`ConfigError` whose message names the key, the value and what is allowed.
+The top level holds the ``config.json`` keys of the original TryOnDiffusion training guide verbatim, so
+such a file loads as it is (``configs/config.json``); the sections below it (``unet1``, ``unet2``,
+``diffusion``, ``data``, ``logging``) hold the rest. A config is built once from a file plus command-line
+overrides and validated before anything runs; every user error is a :class:`ConfigError` whose message
+names the key, the value and what is allowed.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import difflib
-import functools
 import json
 import math
-import sys
+import sysconfig
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,13 +22,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-
-class UserError(Exception):
-    """An error caused by the user's input (config, files, data): tools print it and exit 2."""
-
-
-class ConfigError(UserError, ValueError):
-    """A user error in the configuration."""
+from .errors import ConfigError
+from .model.presets import PRESETS
 
 
 def _range(ge=None, gt=None, le=None):
@@ -37,7 +32,7 @@ def _range(ge=None, gt=None, le=None):
 
 @dataclass
 class UNetConfig:
-    """Architecture of one Parallel-UNet. ``preset`` names the starting point (see ``model/presets.py``);
+    """Architecture of one Parallel-UNet. ``preset`` names the starting point (``model/presets.py``);
     any other key given beside it overrides that preset's value."""
 
     preset: str = "tiny"
@@ -61,6 +56,8 @@ class UNetConfig:
     dropout: float = field(default=0.0, metadata=_range(ge=0.0, le=1.0))
     attention_backend: Literal["sdpa", "xformers", "math"] = "sdpa"
     checkpointing: bool = False
+    # Run the convolutions on channels-last (NHWC) activations; tools/gpu_check.sh measures whether it pays.
+    channels_last: bool = False
 
     def validate(self, key: str) -> None:
         n = len(self.dim_mults)
@@ -90,8 +87,8 @@ class DiffusionConfig:
     sample_steps: tuple[int, int] = (256, 128)
     dynamic_threshold: bool = True
     dynamic_threshold_percentile: float = field(default=0.95, metadata=_range(gt=0.0, le=1.0))
-    # SR stage: the low-res input is noised to a random level in [0, noise_aug_max) during training and
-    # to the fixed level noise_aug_sample at sampling; both are fractions of the stage's timesteps.
+    # UNet 2: the low-res input is noised to a random level in [0, noise_aug_max) during training and
+    # to the fixed level noise_aug_sample at sampling; both are fractions of UNet 2's timesteps.
     noise_aug_max: float = field(default=0.5, metadata=_range(ge=0.0, le=1.0))
     noise_aug_sample: float = field(default=0.2, metadata=_range(ge=0.0, le=1.0))
 
@@ -123,11 +120,15 @@ class LoggingConfig:
     progress_bar: bool = True
     keep_checkpoints: int = field(default=3, metadata=_range(ge=1))
     sample_count: int = field(default=4, metadata=_range(ge=1))
+    # Sample grids during training use this many DDIM steps (every other rank waits meanwhile).
+    preview_steps: int = field(default=25, metadata=_range(ge=1))
+    # An online wandb that cannot reach its server gives up after this long and the run logs to TensorBoard.
+    wandb_init_timeout_s: float = field(default=30.0, metadata=_range(gt=0.0))
 
 
 @dataclass
 class Config:
-    # The seed guide's config.json keys.
+    # The original training guide's config.json keys (configs/config.json).
     data_dir: str = "./data"
     output_dir: str = "./outputs"
     checkpoint_dir: str = "./checkpoints"
@@ -136,6 +137,7 @@ class Config:
     sr_image_size: tuple[int, int] = (256, 256)
     timesteps: tuple[int, int] = (1000, 1000)
     channels: int = field(default=3, metadata=_range(ge=1))
+    # Per GPU (per rank): the micro-batch; a step sees batch_size x gradient_accumulation_steps x ranks.
     batch_size: int = field(default=4, metadata=_range(ge=1))
     learning_rate: float = field(default=1e-4, metadata=_range(gt=0.0))
     num_epochs: int = field(default=100, metadata=_range(ge=1))
@@ -152,7 +154,7 @@ class Config:
     # true picks bf16 where the DeepSpeed config does not say; "fp16"/"bf16"/"no" are explicit.
     mixed_precision: bool | Literal["no", "fp16", "bf16"] = True
 
-    # Beyond the seed.
+    # Beyond the guide's keys.
     ema_decay: float = field(default=0.9999, metadata=_range(ge=0.0, le=1.0))
     weight_decay: float = field(default=0.01, metadata=_range(ge=0.0))
     min_lr_ratio: float = field(default=0.1, metadata=_range(ge=0.0, le=1.0))
@@ -174,14 +176,14 @@ class Config:
             values = getattr(getattr(self, section) if section else self, name)
             if any(v < 1 for v in values):
                 raise ConfigError(f"config key '{key}': got {list(values)}, expected positive integers")
-        for stage, key in ((1, "base_image_size"), (2, "sr_image_size")):
-            unet = self.unet(stage)
-            unet.validate(f"unet{stage}")
+        for number, key in ((1, "base_image_size"), (2, "sr_image_size")):
+            unet = self.unet(number)
+            unet.validate(f"unet{number}")
             factor = 2 ** (len(unet.dim_mults) - 1)
             size = getattr(self, key)
             if any(s % factor for s in size):
                 raise ConfigError(f"config key '{key}': {list(size)} is not divisible by {factor}, which "
-                                  f"unet{stage}'s {len(unet.dim_mults)} levels need")
+                                  f"unet{number}'s {len(unet.dim_mults)} levels need")
         if any(s % b for s, b in zip(self.sr_image_size, self.base_image_size)):
             raise ConfigError(f"config key 'sr_image_size': {list(self.sr_image_size)} must be a multiple of "
                               f"'base_image_size' {list(self.base_image_size)}")
@@ -192,28 +194,15 @@ class Config:
         if self.channels != 3:
             raise ConfigError(f"config key 'channels': got {self.channels}, only RGB (3) is supported")
 
-    def unet(self, stage: int) -> UNetConfig:
-        return self.unet1 if stage == 1 else self.unet2
+    def unet(self, unet_number: int) -> UNetConfig:
+        """UNet 1 (base) or UNet 2 (super-resolution) of the cascade."""
+        return self.unet1 if unet_number == 1 else self.unet2
 
-    def image_size(self, stage: int) -> tuple[int, int]:
-        return self.base_image_size if stage == 1 else self.sr_image_size
+    def image_size(self, unet_number: int) -> tuple[int, int]:
+        return self.base_image_size if unet_number == 1 else self.sr_image_size
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-# --------------------------------------------------------------------------- presets
-# ``base`` (128x128, attention at 32 and 16) and ``sr`` (256x256, attention at 32 and 16) match the seed's
-# ~850M / ~950M; tests/test_model.py checks the counts on the meta device. ``tiny`` is the dataclass default.
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {},
-    "base": dict(dim=192, dim_mults=(1, 2, 4, 4), num_res_blocks=(3, 4, 5, 6), attn_levels=(False, False, True, True),
-                 attn_heads=8, attn_dim_head=64, ff_mult=4, attn_depth=2, mid_attn_depth=2, cond_dim=768,
-                 pose_hidden=512, groups=32),
-    "sr": dict(dim=128, dim_mults=(1, 2, 4, 6, 6), num_res_blocks=(2, 3, 4, 6, 6),
-               attn_levels=(False, False, False, True, True), attn_heads=8, attn_dim_head=64, ff_mult=4,
-               attn_depth=2, mid_attn_depth=2, cond_dim=768, pose_hidden=512, groups=32),
-}
 
 
 def preset(name: str) -> UNetConfig:
@@ -366,10 +355,28 @@ def build_config(data: dict) -> Config:
     return config
 
 
-def read_config_file(path: str | Path) -> dict:
+# Where the shipped configs/ and ds_configs/ are: beside the package in a source checkout (also an editable
+# install), or under the environment's data folder after a regular install (setup.cfg's data_files).
+SHIPPED_ROOTS = (Path(__file__).resolve().parents[1], Path(sysconfig.get_path("data")) / "share" / "tryon-ds")
+
+
+def find_config_file(path: str | Path, what: str = "config file") -> Path:
+    """A path the user gives is read relative to the current folder; one naming a shipped file
+    (``ds_configs/zero2_bf16.json``, ``configs/tiny.yaml``) is found from any folder."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.is_file() or path.is_absolute():
+        if not path.is_file():
+            raise ConfigError(f"{what} {str(path)!r} does not exist")
+        return path
+    for root in SHIPPED_ROOTS:
+        if (root / path).is_file() and path.parts[0] in ("configs", "ds_configs"):
+            return root / path
+    raise ConfigError(f"{what} {str(path)!r} does not exist (in the current folder {Path.cwd()}"
+                      + (", nor among the shipped ones)" if path.parts[0] in ("configs", "ds_configs") else ")"))
+
+
+def read_config_file(path: str | Path) -> dict:
+    path = find_config_file(path)
     text = path.read_text()
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
@@ -415,41 +422,30 @@ def parse_override(text: str) -> dict:
     return out
 
 
-# The seed guide's command-line flags, mapped to config keys.
-SEED_FLAGS = {"train_unet": ("train_unet_number", int), "batch_size": ("batch_size", int),
+# The original training guide's command-line flags, mapped to config keys.
+GUIDE_FLAGS = {"train_unet": ("train_unet_number", int), "batch_size": ("batch_size", int),
               "learning_rate": ("learning_rate", float), "num_epochs": ("num_epochs", int),
               "max_steps": ("max_steps", int)}
+FLAG_HELP = {"train_unet": " (1 = base, 2 = super-resolution)",
+             "batch_size": " (per GPU: the micro-batch; a step sees batch_size x accumulation x ranks)"}
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML or JSON config file (the seed's config.json keys work as they are)")
-    for flag, (key, tp) in SEED_FLAGS.items():
+    parser.add_argument("--config", help="YAML or JSON config file (a training guide's config.json works as it is)")
+    for flag, (key, tp) in GUIDE_FLAGS.items():
         parser.add_argument(f"--{flag}", type=str, default=None, metavar=tp.__name__.upper(),
-                            help=f"override config key '{key}'")
+                            help=f"override config key '{key}'" + FLAG_HELP.get(flag, ""))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, dotted for sections: --set unet1.dim=64")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     data = read_config_file(args.config) if args.config else {}
-    for flag, (key, _) in SEED_FLAGS.items():
+    for flag, (key, _) in GUIDE_FLAGS.items():
         raw = getattr(args, flag, None)
         if raw is not None:
             data = deep_merge(data, parse_override(f"{key}={raw}"))
     for text in args.set:
         data = deep_merge(data, parse_override(text))
     return build_config(data)
-
-
-def exit_on_user_error(main):
-    """Decorator for command-line entry points: a UserError prints one line and exits 2, no traceback."""
-
-    @functools.wraps(main)
-    def wrapper(*a, **kw):
-        try:
-            return main(*a, **kw)
-        except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
-    return wrapper
 

@@ -26,7 +26,8 @@ def make_betas(schedule: str, timesteps: int) -> torch.Tensor:
 
 
 def _gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values[t.cpu()].to(like.device, like.dtype).view(-1, *[1] * (like.dim() - 1))
+    """values[t] shaped to broadcast over ``like``; ``values`` already lives on t's device (no host sync)."""
+    return values[t].to(like.dtype).view(-1, *[1] * (like.dim() - 1))
 
 
 def dynamic_threshold(x0: torch.Tensor, percentile: float) -> torch.Tensor:
@@ -38,7 +39,8 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float) -> torch.Tensor:
 
 class GaussianDiffusion:
     """The schedule's tables are plain fp32 tensors, not module buffers: DeepSpeed casts a module's buffers
-    to fp16/bf16, where 1 - alpha_bar near t=0 would round to zero."""
+    to fp16/bf16, where 1 - alpha_bar near t=0 would round to zero. A copy per device is kept, so indexing
+    them by a batch's timesteps never waits for the device."""
 
     def __init__(self, timesteps: int, schedule: str = "cosine", objective: str = "v"):
         if objective not in ("eps", "v"):
@@ -46,19 +48,31 @@ class GaussianDiffusion:
         self.timesteps, self.objective = timesteps, objective
         alphas_cumprod = torch.cumprod(1 - make_betas(schedule, timesteps), dim=0)
         self.alphas_cumprod = alphas_cumprod.float()
-        self.sqrt_ac = alphas_cumprod.sqrt().float()
-        self.sqrt_1m_ac = (1 - alphas_cumprod).sqrt().float()
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._host = (alphas_cumprod.sqrt().float(), (1 - alphas_cumprod).sqrt().float())
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(alpha_bar), sqrt(1 - alpha_bar)) on ``device``."""
+        if device not in self._tables:
+            self._tables[device] = tuple(v.to(device) for v in self._host)
+        return self._tables[device]
+
+    def _coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sqrt_ac, sqrt_1m_ac = self._on(t.device)
+        return _gather(sqrt_ac, t, like), _gather(sqrt_1m_ac, t, like)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return _gather(self.sqrt_ac, t, x0) * x0 + _gather(self.sqrt_1m_ac, t, x0) * noise
+        a, b = self._coefficients(t, x0)
+        return a * x0 + b * noise
 
     def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         if self.objective == "eps":
             return noise
-        return _gather(self.sqrt_ac, t, x0) * noise - _gather(self.sqrt_1m_ac, t, x0) * x0
+        a, b = self._coefficients(t, x0)
+        return a * noise - b * x0
 
     def x0_and_eps(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = _gather(self.sqrt_ac, t, x_t), _gather(self.sqrt_1m_ac, t, x_t)
+        a, b = self._coefficients(t, x_t)
         if self.objective == "eps":
             return (x_t - b * out) / a, out
         return a * x_t - b * out, b * x_t + a * out

@@ -9,9 +9,8 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tryon_ds.config import build_config  # noqa: E402
-from tryon_ds.stage import CascadeStage  # noqa: E402
-from tryon_ds.train import build_engine  # noqa: E402
-from tryon_ds.training import checkpoint, distributed  # noqa: E402
+from tryon_ds.cascade import CascadeUNet  # noqa: E402
+from tryon_ds.training import checkpoint, distributed, engine as ds_engine  # noqa: E402
 from tryon_ds.training.ds_config import build_ds_config  # noqa: E402
 from fixed_inputs import fixed_inputs  # noqa: E402
 
@@ -26,14 +25,16 @@ world = distributed.setup()
 ckpt = Path(args.ckpt)
 state = checkpoint.read_state(ckpt)
 config = build_config(state["config"])
-stage = state["stage"]
-_, engine, _, ema = build_engine(config, stage, build_ds_config(args.ds, config, world.size), ckpt)
+unet = state["unet_number"]
+_, engine, _, ema = ds_engine.build(config, build_ds_config(args.ds, config, world.size), ckpt)
 engine.eval()
-x, t, cond, level = fixed_inputs(config, stage)
+x, t, cond, level = fixed_inputs(config, unet)
 with torch.no_grad():
     raw = engine.module.unet(x, t, cond, lowres_noise_level=level)
-    plain = CascadeStage(config, stage).eval()
-    plain.load_state_dict(ema.full_state_dict())
-    from_ema = plain.unet(x, t, cond, lowres_noise_level=level)
+    ema_weights = ema.full_state_dict()  # collective; the whole EMA on rank 0
 if world.is_main:
+    plain = CascadeUNet(config, unet).eval()
+    plain.load_state_dict(ema_weights)
+    with torch.no_grad():
+        from_ema = plain.unet(x, t, cond, lowres_noise_level=level)
     save_file({"raw": raw.contiguous(), "ema": from_ema.contiguous()}, args.out)

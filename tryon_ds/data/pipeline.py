@@ -17,6 +17,9 @@ workers (the default, ``streams: 0``) each worker reads exactly one stream.
 Validation reads every sample exactly once across all ranks and workers: by shard when there are enough
 shards, else by sample index.
 
+Images travel from the loader workers to the trainer as uint8 (a quarter of the bytes of float32, pinned
+for the copy to a GPU) and become [-1, 1] floats on the device (``to_device``).
+
 Bad samples (a corrupt or missing member, a pose of the wrong shape or with NaN) are skipped and counted;
 each batch carries its worker's counts so the trainer can report them. A shard that cannot be opened is
 named in the counts; if nothing at all can be read, the stream raises :class:`DataError`.
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import glob
 import io
-import random
 import signal
 from collections import Counter
 from pathlib import Path
@@ -33,20 +35,16 @@ from pathlib import Path
 import braceexpand
 import numpy as np
 import torch
-import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..config import Config, UserError
+from ..config import Config
+from ..errors import DataError
 from ..seeding import rng_for, seed_for
-from .transforms import augment
+from .preprocess import pose_tensors, to_tensor, unet_inputs
 
 MEMBERS = ("person.jpg", "ca.jpg", "garment.jpg", "person_pose.npy", "garment_pose.npy")
-
-
-class DataError(UserError):
-    pass
 
 
 class BadSample(Exception):
@@ -89,10 +87,9 @@ def shard_urls(config: Config, split: str) -> list[str]:
 def _image(raw: dict, name: str) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(raw[name])) as img:
-            arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+            return to_tensor(img)
     except Exception as err:
         raise BadSample(f"unreadable {name} ({type(err).__name__})") from None
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
 def _pose(raw: dict, name: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,8 +101,7 @@ def _pose(raw: dict, name: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise BadSample(f"{name} of shape {a.shape}, expected ({k}, 3)")
     if not np.isfinite(a).all():
         raise BadSample(f"{name} has NaN or infinite values")
-    t = torch.from_numpy(a.astype(np.float32))
-    return t[:, :2].clamp(0, 1), t[:, 2] > 0
+    return pose_tensors(a)
 
 
 def decode(raw: dict, num_keypoints: int) -> dict:
@@ -124,35 +120,41 @@ def decode(raw: dict, num_keypoints: int) -> dict:
     return sample
 
 
-def _resize(img: torch.Tensor, size) -> torch.Tensor:
-    if tuple(img.shape[-2:]) == tuple(size):
-        return img
-    return F.interpolate(img[None], size=tuple(size), mode="bilinear", antialias=True, align_corners=False)[0]
-
-
-def to_stage(sample: dict, config: Config, stage: int, rng: random.Random | None = None) -> dict:
-    """Resize to the stage's size, augment (training: ``rng`` given) at that size, normalise images to
-    [-1, 1]; stage 2 also gets ``lowres``, the target at the base size."""
-    out = dict(sample)
-    size = config.image_size(stage)
-    for name in ("person", "ca", "garment"):
-        out[name] = _resize(sample[name], size)
-    if rng is not None:
-        d = config.data
-        out.pop("mask", None)
-        out = augment(out, rng, d.hflip_prob, d.rotation_degrees, d.color_jitter)
-    if stage == 2:
-        out["lowres"] = _resize(out["person"], config.base_image_size) * 2 - 1
-    for name in ("person", "ca", "garment"):
-        out[name] = out[name] * 2 - 1
-    if "mask" in out:
-        out["mask"] = (_resize(out["mask"], size) > 0.5).float()
-    return out
-
-
 def collate(samples: list[dict]) -> dict:
     keys = set.intersection(*(set(s) for s in samples))
     return {k: [s[k] for s in samples] if k == "key" else torch.stack([s[k] for s in samples]) for k in keys}
+
+
+WIRE_IMAGES = ("person", "ca", "garment", "lowres")
+
+
+def to_wire(batch: dict) -> dict:
+    """Images in [-1, 1] -> uint8 for the trip from a loader worker (the mask, 0/1, likewise)."""
+    out = dict(batch)
+    for k in WIRE_IMAGES:
+        if k in out:
+            out[k] = ((out[k] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    if "mask" in out:
+        out["mask"] = out["mask"].to(torch.uint8)
+    return out
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch from the loader on ``device``, images back in [-1, 1] as float32."""
+    out = {}
+    for k, v in batch.items():
+        if not torch.is_tensor(v):
+            out[k] = v
+            continue
+        v = v.to(device, non_blocking=True)
+        if v.dtype == torch.uint8:
+            v = v.float() / 127.5 - 1 if k in WIRE_IMAGES else v.float()
+        out[k] = v
+    return out
+
+
+def collate_to_wire(samples: list[dict]) -> dict:
+    return to_wire(collate(samples))
 
 
 # --------------------------------------------------------------------------- skip accounting
@@ -198,10 +200,10 @@ def _worker_init(_):
 
 # --------------------------------------------------------------------------- training
 class TrainStream(IterableDataset):
-    def __init__(self, urls: list[str], config: Config, stage: int, rank: int, world_size: int,
+    def __init__(self, urls: list[str], config: Config, unet_number: int, rank: int, world_size: int,
                  batch_size: int, accumulation: int = 1, start_step: int = 0):
         super().__init__()
-        self.urls, self.config, self.stage = urls, config, stage
+        self.urls, self.config, self.unet_number = urls, config, unet_number
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.first_local = start_step * accumulation  # this rank's micro-batches already consumed
         self.workers = max(1, config.data.num_workers)
@@ -219,7 +221,7 @@ class TrainStream(IterableDataset):
         position = 0
         for raw in pipeline:
             try:
-                sample = decode(raw, self.config.unet(self.stage).num_keypoints)
+                sample = decode(raw, self.config.unet(self.unet_number).num_keypoints)
             except BadSample as err:
                 counter.bad_sample(raw.get("__key__", "?"), str(err))
                 continue
@@ -236,9 +238,9 @@ class TrainStream(IterableDataset):
             for _ in range(skip * self.batch_size):
                 next(samples)
             for k in range(skip, seg_len):
-                batch = [to_stage(sample, self.config, self.stage, rng_for(seed, position))
+                batch = [unet_inputs(sample, self.config, self.unet_number, rng_for(seed, position))
                          for seed, position, sample in (next(samples) for _ in range(self.batch_size))]
-                yield segment * seg_len + k, collate(batch)
+                yield segment * seg_len + k, collate_to_wire(batch)
             segment, skip = segment + 1, 0
 
     def __iter__(self):
@@ -265,14 +267,16 @@ class TrainStream(IterableDataset):
 class TrainLoader:
     """A rank's training micro-batches from ``start_step`` on; sums the workers' skip counts."""
 
-    def __init__(self, config: Config, stage: int, rank: int, batch_size: int, world_size: int = 1,
+    def __init__(self, config: Config, unet_number: int, rank: int, batch_size: int, world_size: int = 1,
                  accumulation: int = 1, start_step: int = 0):
         urls = shard_urls(config, "train")
-        self.stream = TrainStream(urls, config, stage, rank, world_size, batch_size, accumulation, start_step)
+        self.stream = TrainStream(urls, config, unet_number, rank, world_size, batch_size, accumulation, start_step)
         w = config.data.num_workers
         self.loader = DataLoader(self.stream, batch_size=None, num_workers=w, persistent_workers=w > 0,
-                                 prefetch_factor=2 if w > 0 else None, worker_init_fn=_worker_init)
+                                 prefetch_factor=2 if w > 0 else None, worker_init_fn=_worker_init,
+                                 pin_memory=torch.cuda.is_available())
         self.skipped_by_worker: dict[int, dict] = {}
+        self._iterator = None
 
     def skipped(self) -> Counter:
         total: Counter = Counter()
@@ -281,18 +285,33 @@ class TrainLoader:
         return total
 
     def __iter__(self):
-        for batch in self.loader:
+        self._iterator = iter(self.loader)
+        for batch in self._iterator:
             self.skipped_by_worker[batch.pop("worker")] = batch.pop("skipped")
             yield batch
+
+    def close(self) -> None:
+        """Stop the loader workers now, on every way a run ends."""
+        shutdown_workers(self._iterator)
+        self._iterator = None
+
+
+def shutdown_workers(iterator) -> None:
+    """Stop a DataLoader iterator's workers now rather than when it is garbage-collected: they ignore
+    SIGTERM (see _worker_init), so a forgotten one would keep the process from exiting."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)  # PyTorch's own, what its __del__ calls
+    if shutdown is not None:
+        shutdown()
 
 
 # --------------------------------------------------------------------------- validation
 class ValDataset(IterableDataset):
     """Every validation sample exactly once over ``world_size`` ranks x the loader's workers."""
 
-    def __init__(self, urls: list[str], config: Config, stage: int, rank: int, world_size: int):
+    def __init__(self, urls: list[str], config: Config, unet_number: int, rank: int, world_size: int):
         super().__init__()
-        self.urls, self.config, self.stage, self.rank, self.world_size = urls, config, stage, rank, world_size
+        self.urls, self.config, self.unet_number = urls, config, unet_number
+        self.rank, self.world_size = rank, world_size
         self.counter = SkipCounter(len(urls))
 
     def __iter__(self):
@@ -306,14 +325,14 @@ class ValDataset(IterableDataset):
             if not by_shard and index % consumers != me:
                 continue
             try:
-                sample = decode(raw, self.config.unet(self.stage).num_keypoints)
+                sample = decode(raw, self.config.unet(self.unet_number).num_keypoints)
             except BadSample as err:
                 self.counter.bad_sample(raw.get("__key__", "?"), str(err))
                 continue
-            yield to_stage(sample, self.config, self.stage)
+            yield unet_inputs(sample, self.config, self.unet_number)
 
 
-def val_loader(config: Config, stage: int, rank: int, world_size: int, batch_size: int) -> DataLoader:
-    dataset = ValDataset(shard_urls(config, "val"), config, stage, rank, world_size)
-    return DataLoader(dataset, batch_size=batch_size, num_workers=config.data.num_workers, collate_fn=collate,
-                      worker_init_fn=_worker_init)
+def val_loader(config: Config, unet_number: int, rank: int, world_size: int, batch_size: int) -> DataLoader:
+    dataset = ValDataset(shard_urls(config, "val"), config, unet_number, rank, world_size)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=config.data.num_workers, collate_fn=collate_to_wire,
+                      worker_init_fn=_worker_init, pin_memory=torch.cuda.is_available())

@@ -27,12 +27,13 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from ..config import UserError
+from .. import atomic
+from ..errors import UserError
+from .preprocess import letterbox, normalise_pose
 from .sources import LoadedSample, SampleError, SourceSample, load_sample
 
 FORMAT_VERSION = 1
 SHARD_NAME = re.compile(r"^(train|val)-\d{6}\.tar$")
-PAD_COLOUR = (255, 255, 255)
 
 
 @dataclass(frozen=True)
@@ -47,51 +48,12 @@ class ShardOptions:
     source: str = ""
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
 def is_val(key: str, fraction: float) -> bool:
     """A stable split: the same key always lands on the same side, whatever the order or machine."""
     return (zlib.crc32(key.encode()) % 100_000) < fraction * 100_000
 
 
 # --------------------------------------------------------------------------- one sample
-def letterbox(img: Image.Image, size: tuple[int, int], fill, resample=Image.BICUBIC):
-    """Resize to fit (H, W) keeping the aspect ratio, pad the rest. Returns image, scale, (pad_x, pad_y)."""
-    h, w = size
-    scale = min(w / img.width, h / img.height)
-    nw, nh = max(1, round(img.width * scale)), max(1, round(img.height * scale))
-    out = Image.new(img.mode, (w, h), fill)
-    pad = ((w - nw) // 2, (h - nh) // 2)
-    out.paste(img.resize((nw, nh), resample) if (nw, nh) != img.size else img, pad)
-    return out, scale, pad
-
-
-def normalise_pose(pose: np.ndarray | None, scale: float, pad, size: tuple[int, int], k: int) -> np.ndarray:
-    """Pixel (x, y, confidence) -> (x, y, valid) in [0, 1] of the letterboxed image; None -> all invalid."""
-    out = np.zeros((k, 3), np.float32)
-    if pose is None:
-        return out
-    h, w = size
-    valid = pose[:, 2] > 0
-    out[:, 0] = (pose[:, 0] * scale + pad[0]) / w
-    out[:, 1] = (pose[:, 1] * scale + pad[1]) / h
-    out[:, :2] = np.clip(out[:, :2], 0.0, 1.0)
-    out[:, 2] = valid
-    out[~valid, :2] = 0.0
-    return out
-
-
 def _jpeg(img: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
@@ -106,9 +68,9 @@ def _npy(a: np.ndarray) -> bytes:
 
 def encode_sample(s: LoadedSample, opts: ShardOptions) -> dict:
     size = opts.image_size
-    person, scale, pad = letterbox(s.person, size, PAD_COLOUR)
-    ca, _, _ = letterbox(s.ca, size, PAD_COLOUR)
-    garment, g_scale, g_pad = letterbox(s.garment, size, PAD_COLOUR)
+    person, scale, pad = letterbox(s.person, size)
+    ca, _, _ = letterbox(s.ca, size)
+    garment, g_scale, g_pad = letterbox(s.garment, size)
     sample = {
         "__key__": s.key,
         "person.jpg": _jpeg(person, opts.jpeg_quality),
@@ -207,7 +169,7 @@ def write_shards(out: Path, samples: list[SourceSample], opts: ShardOptions, wor
     manifest = {"settings": settings, "complete": False, "shards": {}, "samples": {},
                 "skipped": {k: v for k, v in bad_keys.items()}, "scan_problems": list(scan_problems)}
     if skip_bad and problems:
-        atomic_write_json(out / "skipped.json", {"problems": list(problems)})
+        atomic.write_json(out / "skipped.json", {"problems": list(problems)})
         log(f"skipping {len(bad_keys)} bad sample(s) and {len(scan_problems)} unmatched file(s); "
             f"see {out / 'skipped.json'}")
 
@@ -228,7 +190,7 @@ def write_shards(out: Path, samples: list[SourceSample], opts: ShardOptions, wor
             os.replace(tmp, final)
             manifest["shards"][split].append({"name": name, "samples": count, "bytes": final.stat().st_size,
                                               "sha256": _sha256(final), "first_key": first})
-            atomic_write_json(manifest_path, manifest)
+            atomic.write_json(manifest_path, manifest)
             writer = None
 
         for n, encoded in enumerate(_parallel(_convert, [(s, opts) for s in todo], workers), 1):
@@ -249,7 +211,7 @@ def write_shards(out: Path, samples: list[SourceSample], opts: ShardOptions, wor
             finish()
         manifest["samples"][split] = len(items)
     manifest["complete"] = True
-    atomic_write_json(manifest_path, manifest)
+    atomic.write_json(manifest_path, manifest)
     for leftover in out.glob(".*.tar.tmp"):
         leftover.unlink()
     return manifest

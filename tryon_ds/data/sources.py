@@ -5,8 +5,9 @@ reads one in full, checks it and returns PIL images and pixel-coordinate keypoin
 :class:`SampleError` listing every problem with its file and what was expected.
 
 Layouts:
-- ``folders``: the seed guide's ``person_images/ ca_images/ garment_images/ person_poses/ garment_poses/``,
-  matched by file stem; poses are ``.npy`` arrays (K, 2) or (K, 3) in the source image's pixels.
+- ``folders``: ``person_images/ ca_images/ garment_images/ person_poses/ garment_poses/`` (the layout of
+  the original TryOnDiffusion training guide), matched by file stem; poses are ``.npy`` arrays (K, 2) or
+  (K, 3) in the source image's pixels.
 - ``viton-hd``: the VITON-HD release (``train_pairs.txt``, ``test_pairs.txt``, and ``image/ cloth/
   agnostic-v3.2/ openpose_json/`` under ``train/`` and ``test/`` or at the top). Samples are paired (the
   person in their own garment, the only pairs with a ground truth); ``cloth/`` holds flat product images,
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..config import UserError
+from ..errors import UserError
 from . import synthetic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -65,10 +66,10 @@ def _images_by_stem(folder: Path) -> dict[str, Path]:
 
 
 def scan_folders(root: Path) -> tuple[list[SourceSample], list[str]]:
-    """Samples of the seed guide's layout and the problems found while matching them."""
+    """Samples of the ``folders`` layout and the problems found while matching them."""
     missing = [d for d in FOLDER_DIRS.values() if not (root / d).is_dir()]
     if missing:
-        raise UserError(f"{root}: not the seed guide's layout, missing folder(s) {', '.join(missing)} "
+        raise UserError(f"{root}: not the folders layout, missing folder(s) {', '.join(missing)} "
                         f"(expected {', '.join(FOLDER_DIRS.values())})")
     found = {role: (_images_by_stem(root / d) if "pose" not in role
                     else {p.stem: p for p in sorted((root / d).glob("*.npy"))})

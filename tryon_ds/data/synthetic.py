@@ -186,7 +186,7 @@ def render_sample(index: int, seed: int = 0, size: int = 256) -> dict:
 
 
 def export_folders(root, n: int, seed: int = 0, size: int = 256) -> None:
-    """Write ``n`` synthetic samples in the seed guide's folder layout (JPEG images, (18, 3) pixel poses);
+    """Write ``n`` synthetic samples in the ``folders`` layout (JPEG images, (18, 3) pixel poses);
     a flat garment's pose is written as all-undetected, the only way that layout can say it."""
     from pathlib import Path
 

@@ -6,6 +6,10 @@
 
 A backend that cannot run here (xformers not installed, or tensors not on CUDA) falls back to ``sdpa``
 with a single warning, so a run never silently computes something else than it was asked to.
+
+On the ``meta`` device (tools/plan_memory.py traces activations there) ``sdpa`` calls the memory-efficient
+kernel directly: the dispatcher would pick the math path on meta, which keeps the whole N x M attention
+matrix for backward where the GPU kernels keep only their inputs, output and log-sum-exp.
 """
 from __future__ import annotations
 
@@ -46,6 +50,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
     """q: (B, H, N, D), k/v: (B, H, M, D) -> (B, H, N, D)."""
     backend = resolve_backend(backend, q.device)
+    if backend == "sdpa" and q.device.type == "meta":
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[0]
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)
     if backend == "xformers":

@@ -1,18 +1,19 @@
 """Parallel-UNet (TryOnDiffusion, Zhu et al. 2023).
 
 Two UNets run side by side:
-- the person-UNet denoises ``z_t`` given the clothing-agnostic image (and, at the SR stage, the upsampled
+- the person-UNet denoises ``z_t`` given the clothing-agnostic image (and, in UNet 2, the upsampled
   low-resolution try-on) concatenated on channels;
 - the garment-UNet encodes the segmented garment. At the person-UNet's attending (low-resolution) levels,
   person features cross-attend to the garment features of the same level: the "implicit warping".
 
-Both are conditioned on the diffusion time, the person and garment poses (and, at the SR stage, the
+Both are conditioned on the diffusion time, the person and garment poses (and, in UNet 2, the
 noise-augmentation level of the low-resolution input) through FiLM in every residual block; the two pose
 embeddings are also appended to every attention's key/value sequence.
 """
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from einops import rearrange
@@ -20,9 +21,11 @@ from einops.layers.torch import Rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import UNetConfig
 from .attention import attention
 from .pose import PoseEncoder
+
+if TYPE_CHECKING:  # the config imports the presets of this package
+    from ..config import UNetConfig
 
 COND_KEYS = ("ca", "garment", "person_pose", "person_pose_valid", "garment_pose", "garment_pose_valid")
 
@@ -218,71 +221,65 @@ class ParallelUNet(nn.Module):
             c = c + self.noise_aug_embed(lowres_noise_level)
         return c, torch.stack([emb_p, emb_g], dim=1)
 
-    def _garment_features(self, garment: torch.Tensor, c: torch.Tensor):
-        """Garment features handed to the person-UNet: {("down"|"up", level): map} and the middle map."""
-        feats = {}
-        x, skips = self.garment_in(garment), []
-        for i, level in enumerate(self.garment_down):
+    def _walk(self, down: nn.ModuleList, mid: "_Level", up: nn.ModuleList, x: torch.Tensor, c: torch.Tensor,
+              visit: Callable[[tuple, "_Level", torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """One UNet path, the same for the person and the garment: each level's residual blocks (the up
+        path's take the matching down block's output as a skip), then ``visit(place, level, x)``, which may
+        replace x, then the level's resampling. Places are ("down", level), ("mid",), ("up", level); the
+        middle level calls it after its first block. A decoder cut short (the garment's) ends early."""
+        skips = []
+        for i, level in enumerate(down):
             for block in level.res:
                 x = self._call(block, x, c)
                 skips.append(x)
-            if self.cfg.attn_levels[i]:
-                feats[("down", i)] = x
+            x = visit(("down", i), level, x)
             if level.resample is not None:
                 x = level.resample(x)
-        for block in self.garment_mid.res:
+        for j, block in enumerate(mid.res):
             x = self._call(block, x, c)
-        mid = x
-        n = len(self.garment_down)
-        for j, level in enumerate(self.garment_up):
-            i = n - 1 - j
+            if j == 0:
+                x = visit(("mid",), mid, x)
+        for j, level in enumerate(up):
             for block in level.res:
                 x = self._call(block, torch.cat([x, skips.pop()], dim=1), c)
-            if self.cfg.attn_levels[i]:
-                feats[("up", i)] = x
+            x = visit(("up", len(down) - 1 - j), level, x)
             if level.resample is not None:
                 x = level.resample(x)
-        return feats, mid
+        return x
 
     # ------------------------------------------------------------------ forward
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, lowres_noise_level: torch.Tensor | None = None,
                 drop_cond: torch.Tensor | None = None) -> torch.Tensor:
         """x_t: (B, C, H, W) noisy image; t: (B,) integer timesteps; cond: the tensors named in COND_KEYS
-        (and ``lowres`` at the SR stage); drop_cond: (B,) bool, True where the try-on conditioning is
-        replaced by its null value (classifier-free guidance)."""
+        (and ``lowres`` for UNet 2); drop_cond: (B,) bool, True where the try-on conditioning is replaced by
+        its null value (classifier-free guidance)."""
         if drop_cond is not None:
             cond = drop_conditioning(cond, drop_cond)
+        if self.cfg.channels_last:  # the convolutions propagate the layout from their inputs
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+            cond = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in cond.items()}
         c, pose_tokens = self._conditioning(t, cond, lowres_noise_level)
-        garment_feats, garment_mid = self._garment_features(cond["garment"], c)
 
+        garment_feats = {}
+
+        def keep(place, level, x):  # the garment features the person stream attends to
+            garment_feats[place] = x
+            return x
+
+        def attend(place, level, x):  # the implicit warping: attend to the garment at the same place
+            for block in level.attn:
+                x = self._call(block, x, garment_feats[place], pose_tokens)
+            return x
+
+        self._walk(self.garment_down, self.garment_mid, self.garment_up, self.garment_in(cond["garment"]), c, keep)
         inputs = [x_t, cond["ca"]] + ([cond["lowres"]] if self.lowres_cond else [])
-        x, skips = self.person_in(torch.cat(inputs, dim=1)), []
-        for i, level in enumerate(self.person_down):
-            for block in level.res:
-                x = self._call(block, x, c)
-                skips.append(x)
-            for block in level.attn:
-                x = self._call(block, x, garment_feats[("down", i)], pose_tokens)
-            if level.resample is not None:
-                x = level.resample(x)
-        x = self._call(self.person_mid.res[0], x, c)
-        for block in self.person_mid.attn:
-            x = self._call(block, x, garment_mid, pose_tokens)
-        x = self._call(self.person_mid.res[1], x, c)
-        n = len(self.person_down)
-        for j, level in enumerate(self.person_up):
-            i = n - 1 - j
-            for block in level.res:
-                x = self._call(block, torch.cat([x, skips.pop()], dim=1), c)
-            for block in level.attn:
-                x = self._call(block, x, garment_feats[("up", i)], pose_tokens)
-            if level.resample is not None:
-                x = level.resample(x)
+        x = self._walk(self.person_down, self.person_mid, self.person_up, self.person_in(torch.cat(inputs, dim=1)),
+                       c, attend)
         return self.person_out(x)
 
 
 def drop_conditioning(cond: dict, drop: torch.Tensor) -> dict:
-    """Null the try-on conditioning (ca image, garment, both poses) where ``drop`` is True. The SR stage's
+    """Null the try-on conditioning (ca image, garment, both poses) where ``drop`` is True. UNet 2's
     low-resolution input is kept: it is the image being super-resolved, not a guidance signal."""
     keep = ~drop
     out = dict(cond)

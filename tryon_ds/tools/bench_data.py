@@ -1,4 +1,4 @@
-"""Input-pipeline throughput: WebDataset shards vs a plain loader over the seed guide's folder layout,
+"""Input-pipeline throughput: WebDataset shards vs a plain loader over the ``folders`` layout,
 on the same synthetic samples, plus the conversion rate of make_shards.
 
     python tools/bench_data.py --samples 400 --batches 30
@@ -15,19 +15,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import build_config, deep_merge, exit_on_user_error, read_config_file
+from ..cli import exit_on_user_error
+from ..config import build_config, deep_merge, read_config_file
 from ..data import sources
-from ..data.pipeline import TrainLoader, collate, to_stage
+from ..data.pipeline import TrainLoader, collate
+from ..data.preprocess import to_tensor, unet_inputs
 from ..data.shards import ShardOptions, write_shards
 from ..data.synthetic import export_folders
 
 
 class FolderDataset(Dataset):
-    """The obvious loader for the seed layout: open the files of one sample per __getitem__."""
+    """The obvious loader for the folders layout: open the files of one sample per __getitem__."""
 
-    def __init__(self, root: Path, config, stage: int):
+    def __init__(self, root: Path, config, unet_number: int):
         self.samples, _ = sources.scan_folders(root)
-        self.config, self.stage = config, stage
+        self.config, self.unet_number = config, unet_number
 
     def __len__(self):
         return len(self.samples)
@@ -37,13 +39,12 @@ class FolderDataset(Dataset):
         size = s.person.size
         out = {"key": s.key}
         for name in ("person", "ca", "garment"):
-            arr = np.asarray(getattr(s, name), dtype=np.float32) / 255.0
-            out[name] = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+            out[name] = to_tensor(getattr(s, name))
         for name in ("person_pose", "garment_pose"):
             pose = getattr(s, name)
             out[name] = torch.from_numpy(pose[:, :2] / np.array(size, np.float32))
             out[f"{name}_valid"] = torch.from_numpy(pose[:, 2] > 0)
-        return to_stage(out, self.config, self.stage, random.Random(i))
+        return unet_inputs(out, self.config, self.unet_number, random.Random(i))
 
 
 def rate(iterator, batches: int, batch_size: int) -> float:
@@ -73,22 +74,22 @@ def main(argv=None) -> None:
         print(f"make_shards, {workers} worker(s): {args.samples / (time.perf_counter() - start):.1f} samples/s "
               "(check + convert + write)")
     base = read_config_file(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
-    print("stage  size  workers  shards samples/s  folder samples/s  ratio")
-    for stage in (1, 2):
+    print(" unet  size  workers  shards samples/s  folder samples/s  ratio")
+    for unet in (1, 2):
         for workers in (0, 1, 2):
             cfg = build_config(deep_merge(base, {"data_dir": str(root / "shards1"), "base_image_size": [128, 128],
                                                  "sr_image_size": [256, 256],
                                                  "data": {"num_workers": workers, "shuffle_buffer": 200}}))
-            shards = rate(TrainLoader(cfg, stage, 0, args.batch_size), args.batches, args.batch_size)
-            plain = DataLoader(FolderDataset(root / "folders", cfg, stage), batch_size=args.batch_size, shuffle=True,
+            shards = rate(TrainLoader(cfg, unet, 0, args.batch_size), args.batches, args.batch_size)
+            plain = DataLoader(FolderDataset(root / "folders", cfg, unet), batch_size=args.batch_size, shuffle=True,
                                num_workers=workers, collate_fn=collate, persistent_workers=workers > 0)
 
             def forever():
                 while True:
                     yield from plain
             folder = rate(forever(), args.batches, args.batch_size)
-            size = cfg.image_size(stage)[0]
-            print(f"{stage:>5}  {size:>4}  {workers:>7}  {shards:16.1f}  {folder:16.1f}  {shards / folder:5.2f}")
+            size = cfg.image_size(unet)[0]
+            print(f"{unet:>5}  {size:>4}  {workers:>7}  {shards:16.1f}  {folder:16.1f}  {shards / folder:5.2f}")
 
 
 if __name__ == "__main__":

@@ -11,15 +11,16 @@ import time
 
 import torch
 
-from ..config import add_config_args, config_from_args, exit_on_user_error
+from ..cascade import CascadeUNet
+from ..cli import exit_on_user_error
+from ..config import add_config_args, config_from_args
 from ..model import parameter_count
-from ..stage import CascadeStage
 
 
-def random_batch(config, stage: int, batch_size: int, generator: torch.Generator | None = None) -> dict:
+def random_batch(config, unet_number: int, batch_size: int, generator: torch.Generator | None = None) -> dict:
     """A batch of the trainer's layout filled with noise: images in [-1, 1], poses in [0, 1]."""
-    h, w = config.image_size(stage)
-    k = config.unet(stage).num_keypoints
+    h, w = config.image_size(unet_number)
+    k = config.unet(unet_number).num_keypoints
 
     def image(size):
         return torch.rand(batch_size, config.channels, *size, generator=generator) * 2 - 1
@@ -29,14 +30,14 @@ def random_batch(config, stage: int, batch_size: int, generator: torch.Generator
              "garment_pose": torch.rand(batch_size, k, 2, generator=generator),
              "person_pose_valid": torch.rand(batch_size, k, generator=generator) > 0.1,
              "garment_pose_valid": torch.rand(batch_size, k, generator=generator) > 0.1}
-    if stage == 2:
+    if unet_number == 2:
         batch["lowres"] = image(tuple(config.base_image_size))
     return batch
 
 
-def step_seconds(config, stage: int, repeats: int) -> float:
-    model = CascadeStage(config, stage)
-    batch = random_batch(config, stage, config.batch_size)
+def step_seconds(config, unet_number: int, repeats: int) -> float:
+    model = CascadeUNet(config, unet_number)
+    batch = random_batch(config, unet_number, config.batch_size)
     times = []
     for i in range(repeats + 2):  # two warm-up steps
         start = time.perf_counter()
@@ -54,15 +55,15 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     config = config_from_args(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {config.batch_size}")
-    print("stage  size      params   checkpointing  fwd+bwd s/step  samples/s")
-    for stage in (1, 2):
+    print(" unet  size      params   checkpointing  fwd+bwd s/step  samples/s")
+    for number in (1, 2):
         for ckpt in (False, True):
-            unet = dataclasses.replace(config.unet(stage), checkpointing=ckpt)
-            cfg = dataclasses.replace(config, **{f"unet{stage}": unet})
-            params = parameter_count(CascadeStage(cfg, stage))
-            s = step_seconds(cfg, stage, args.repeats)
-            size = "x".join(map(str, config.image_size(stage)))
-            print(f"{stage:>5}  {size:<8} {params / 1e6:6.2f}M   {str(ckpt):<13}  {s:14.3f}  {config.batch_size / s:9.1f}")
+            unet = dataclasses.replace(config.unet(number), checkpointing=ckpt)
+            cfg = dataclasses.replace(config, **{f"unet{number}": unet})
+            params = parameter_count(CascadeUNet(cfg, number))
+            s = step_seconds(cfg, number, args.repeats)
+            size = "x".join(map(str, config.image_size(number)))
+            print(f"{number:>5}  {size:<8} {params / 1e6:6.2f}M   {str(ckpt):<13}  {s:14.3f}  {config.batch_size / s:9.1f}")
 
 
 if __name__ == "__main__":

@@ -1,20 +1,23 @@
-"""Training-step benchmark: step time, samples/s and per-rank memory of the model states, for ZeRO-0/2/3
-and activation checkpointing on/off, with real DeepSpeed engines.
+"""Training-step benchmark with real DeepSpeed engines, built and stepped as the trainer does (its EMA too).
 
-    python tools/bench_train.py --ranks 2 --steps 8                 # CPU: tiny and small presets
-    python tools/bench_train.py --ranks 1 --gpu --steps 20          # GPU: base (batch 16) and sr (batch 8)
+    python tools/bench_train.py --ranks 2 --steps 8                 # CPU: tiny and small presets, ZeRO-0/2/3
+    python tools/bench_train.py --gpu --steps 60 --json out.json    # GPU: the matrix of tools/gpu_check.sh
 
-Each configuration runs in its own ``deepspeed`` launch on random batches (the data pipeline is measured by
-tools/bench_data.py). "states" counts the bytes each rank really holds after a step: its parameters (a
-ZeRO-3 rank only its partition), the gradients it keeps, and the optimizer's fp32 master copy and Adam
-moments; on GPU also the peak allocated memory and the model-FLOPs utilisation from torch's FLOP counter.
+CPU: step time, samples/s and the bytes each rank really holds after a backward (its parameters, a ZeRO-3
+rank only its partition; the gradients it keeps; the optimizer's fp32 master copy; Adam's moments; the EMA),
+beside tools/plan_memory.py's estimate of the same. GPU: UNet 1 (base preset, micro-batch 16) and UNet 2
+(sr preset, micro-batch 8) in bf16 and fp16 under ZeRO-2 and ZeRO-3, with each attention backend that runs
+there (and channels_last for one case): it/s, samples/s, peak memory beside the planner's estimate,
+model-FLOPs utilisation (FLOPs of a step from ``torch.utils.flop_counter`` against the GPU's dense bf16
+peak) and whether every loss was finite. Every ``--log-freq`` steps it reads the loss scale and gradient
+norm as the trainer's log step does. Each case runs in its own process, on random batches (the input
+pipeline is measured by tools/bench_data.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,16 +26,13 @@ from pathlib import Path
 
 import torch
 
-from ..model import parameter_count
-from ..training.distributed import free_port
-
 REPO = Path(__file__).resolve().parents[2]
-CPU_CASES = [("tiny", "tiny", 8), ("small", "small", 4)]
-GPU_CASES = [("base", "base", 16), ("sr", "sr", 8)]
+CPU_CASES = [("tiny", 8), ("small", 4)]
 # "small": a CPU-sized Parallel-UNet between tiny and base, at the tiny config's 32/64 px.
 SMALL = {"preset": "tiny", "dim": 64, "num_res_blocks": [2, 2, 2], "attn_heads": 4, "attn_dim_head": 32,
          "cond_dim": 256, "pose_hidden": 256}
-H100_BF16_PEAK = 989e12  # dense bf16 TFLOP/s of an H100 SXM; fp16 is the same
+# Dense bf16 (= fp16) tensor throughput by the vendors' datasheets, FLOP/s.
+PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
 
 
 def _tensor_bytes(tensors) -> int:
@@ -45,122 +45,212 @@ def state_bytes(engine) -> dict:
     inner = getattr(opt, "optimizer", opt)
     moments = [t for s in inner.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
     master = []
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat"):
         master += list(getattr(opt, name, []) or [])
+    master += [t for group in getattr(opt, "fp32_groups", []) for t in group]  # ZeRO-0's unfused fp16/bf16
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    for name in ("averaged_gradients",):
-        held = getattr(opt, name, None)
-        if isinstance(held, dict):
-            grads += [g for group in held.values() for g in (group or [])]
+    held = getattr(opt, "averaged_gradients", None)
+    if isinstance(held, dict):
+        grads += [g for group in held.values() for g in (group or [])]
     grads += [m.grad for m in master if m.grad is not None]
     return {"params": _tensor_bytes(params), "grads": _tensor_bytes(grads), "master": _tensor_bytes(master),
             "moments": _tensor_bytes(moments)}
 
 
-def worker(args) -> None:
-    """One configuration, inside a deepspeed launch."""
-    import deepspeed
-
+def case_config(case: dict):
     from tryon_ds.config import build_config, deep_merge, read_config_file
-    from tryon_ds.stage import CascadeStage
+
+    unet = SMALL if case["preset"] == "small" else {"preset": case["preset"]}
+    unet = {**unet, "checkpointing": case.get("checkpointing", False)}
+    over = {"batch_size": case["batch"], "mixed_precision": case["precision"] if case["precision"] != "fp32" else "no",
+            "train_unet_number": case["unet"], "use_ema": True, "unet1": unet, "unet2": unet}
+    if case.get("size"):
+        over.update(base_image_size=[case["size"] // case["unet"]] * 2, sr_image_size=[case["size"] * 2 // case["unet"]] * 2)
+    return build_config(deep_merge(read_config_file(REPO / "configs" / "tiny.yaml"), over))
+
+
+def _set_variant(engine, backend: str, channels_last: bool) -> None:
+    from tryon_ds.model.parallel_unet import Attention
+
+    for m in engine.module.modules():
+        if isinstance(m, Attention):
+            m.backend = backend
+    engine.module.unet.cfg = engine.module.unet.cfg.__class__(**{**engine.module.unet.cfg.__dict__,
+                                                                  "channels_last": channels_last})
+
+
+def worker(args) -> None:
+    """One case in its own process: the engine is built once; each variant (attention backend, memory
+    format) is measured on it in turn."""
+    from tryon_ds.model import parameter_count
+    from tryon_ds.model.attention import xops
     from tryon_ds.tools.bench_model import random_batch
-    from tryon_ds.training import distributed
-    from tryon_ds.training.ds_config import build_ds_config
+    from tryon_ds.tools.plan_memory import plan
+    from tryon_ds.training import distributed, engine as ds_engine
+    from tryon_ds.training.ds_config import build_ds_config, zero_stage
 
     world = distributed.setup()
     case = json.loads(args.worker)
-    unet = SMALL if case["preset"] == "small" else {"preset": case["preset"]}
-    over = {"batch_size": case["batch"], "mixed_precision": case["precision"] if case["precision"] != "fp32" else "no",
-            "unet1": {**unet, "checkpointing": case["checkpointing"]},
-            "unet2": {**unet, "checkpointing": case["checkpointing"]}}
-    if case["preset"] in ("base", "sr"):
-        over.update(base_image_size=[128, 128], sr_image_size=[256, 256])
-    config = build_config(deep_merge(read_config_file(REPO / "configs" / "tiny.yaml"), over))
+    config = case_config(case)
     ds = build_ds_config(REPO / "ds_configs" / case["ds"], config, world.size)
-    torch.manual_seed(0)
-    model = CascadeStage(config, case["stage"])
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
-    batch = {k: v.to(world.device) for k, v in random_batch(config, case["stage"], case["batch"]).items()}
-    flops = None
-    if world.device.type == "cuda":
-        from torch.utils.flop_counter import FlopCounterMode
+    model, engine, _, ema = ds_engine.build(config, ds)
+    cuda = world.device.type == "cuda"
+    batch = {k: v.to(world.device) for k, v in random_batch(config, case["unet"], case["batch"]).items()}
+    n = case["unet"]
 
-        with FlopCounterMode(display=False) as counter:
-            engine.backward(engine(batch))
-        engine.step()
-        flops = counter.get_total_flops() * world.size
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps + 2):
-        if world.device.type == "cuda":
+    held = {}
+
+    def train_step(step):
+        torch.manual_seed(step)
+        loss = engine(batch)
+        engine.backward(loss)
+        held.update(state_bytes(engine))  # between backward and step: the gradients are held
+        ds_engine.step(engine)
+        if engine.was_step_applied():
+            ema.update(step, torch.isfinite(loss.detach()) & ds_engine.grad_norm_ok(engine))
+        return loss.detach().float()
+
+    results = []
+    for variant in case["variants"]:
+        if variant["attention"] == "xformers" and (xops is None or not cuda):
+            results.append({**variant, "skipped": "xformers not installed" if xops is None else "no CUDA"})
+            continue
+        _set_variant(engine, variant["attention"], variant.get("channels_last", False))
+        for step in range(3):  # warm-up: cuDNN's autotuner, allocator, first collectives
+            train_step(step)
+        flops = None
+        if cuda:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                train_step(3)
+            flops = counter.get_total_flops()
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        losses, scales = [], []
         start = time.perf_counter()
-        engine.backward(engine(batch))
-        engine.step()
-        if world.device.type == "cuda":
+        for step in range(args.steps):
+            losses.append(train_step(step))
+            if (step + 1) % args.log_freq == 0:  # what the trainer reads at a log step
+                scales.append(ds_engine.loss_scale(engine) if engine.fp16_enabled() else None)
+                float(engine.get_global_grad_norm() or 0.0)
+        if cuda:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    step = statistics.median(times[2:])
-    engine.backward(engine(batch))
-    states = state_bytes(engine)  # between backward and step: the gradients are held
-    engine.step()
-    result = {"step_s": step, "samples_per_s": case["batch"] * world.size / step, "states": states,
-              "params_total": parameter_count(model)}
-    if flops is not None:
-        result.update(peak_gib=torch.cuda.max_memory_allocated() / 2**30, flops_per_step=flops,
-                      mfu=flops / step / (H100_BF16_PEAK * world.size))
+        step_s = (time.perf_counter() - start) / args.steps
+        finite = bool(torch.isfinite(torch.stack(losses)).all())
+        planned = sum(plan(config, n, case["batch"], zero_stage(ds), case["precision"], world.size,
+                           case.get("checkpointing", False), ds).values())
+        r = {**variant, "step_s": step_s, "it_s": 1 / step_s, "samples_per_s": case["batch"] * world.size / step_s,
+             "losses_finite": finite, "loss_scales": scales, "planned_gib": planned / 2**30,
+             "params": parameter_count(model)}
+        if cuda:
+            peak = next((v for k, v in PEAKS.items() if k in torch.cuda.get_device_name()), None)
+            r.update(gpu=torch.cuda.get_device_name(), peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                     flops_per_step=flops, mfu=flops / step_s / peak if peak else None)
+        else:
+            r.update(states=dict(held))
+        results.append(r)
     if world.is_main:
-        Path(args.out).write_text(json.dumps(result))
+        Path(args.out).write_text(json.dumps(results))
 
 
-def launch(case: dict, ranks: int, steps: int) -> dict:
-    port = free_port()
+def launch(case: dict, ranks: int, steps: int, log_freq: int) -> list[dict]:
+    from tryon_ds.training.distributed import free_port
+
     out = Path(tempfile.mkstemp(suffix=".json")[1])
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(port),
-           str(REPO / "tools" / "bench_train.py"), "--worker", json.dumps(case), "--out", str(out),
-           "--steps", str(steps)]
+    script = [str(REPO / "tools" / "bench_train.py"), "--worker", json.dumps(case), "--out", str(out), "--steps",
+              str(steps), "--log-freq", str(log_freq)]
+    cmd = ([sys.executable, *script] if ranks == 1 else
+           [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
+            str(free_port()), *script])
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if r.returncode != 0:
-        raise SystemExit(f"benchmark case {case} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+        return [{"case_failed": f"{r.stdout[-1500:]}\n{r.stderr[-1500:]}"}]
     return json.loads(out.read_text())
+
+
+def gpu_cases(dry_run: bool) -> list[dict]:
+    """The device check's matrix. A dry run (CPU) runs two of its cases (each UNet, each ZeRO stage, every
+    variant) at the tiny preset's size in bf16: the plumbing, not the figures."""
+    out = []
+    for preset, unet, batch in (("base", 1, 16), ("sr", 2, 8)):
+        for precision in ("bf16", "fp16"):
+            for zero in (2, 3):
+                variants = [{"attention": "sdpa"}, {"attention": "xformers"}]
+                if (preset, precision, zero) == ("base", "bf16", 2):
+                    variants.append({"attention": "sdpa", "channels_last": True})
+                case = {"preset": preset, "unet": unet, "batch": batch, "precision": precision, "zero": zero,
+                        "ds": f"zero{zero}_{precision}.json", "variants": variants, "size": 128 * unet}
+                if dry_run:
+                    if precision == "fp16" or (unet, zero) not in ((1, 2), (2, 3)):
+                        continue  # DeepSpeed runs fp16 on GPUs only
+                    case.update(preset="tiny", batch=2, size=64 if unet == 2 else 32, ds=f"cpu_zero{zero}.json")
+                out.append(case)
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'preset':<7}{'unet':>5}{'batch':>6} {'prec':<5}{'ZeRO':>5} {'attention':<20}{'it/s':>7}{'samples/s':>11}"
+            f"{'peak GiB':>10}{'planned':>9}{'TFLOP/step':>11}{'MFU':>7}  losses")
+    lines = [head]
+    for r in rows:
+        attn = r.get("attention", "") + (" channels_last" if r.get("channels_last") else "")
+        left = f"{r['preset']:<7}{r['unet']:>5}{r['batch']:>6} {r['precision']:<5}{r['zero']:>5} {attn:<20}"
+        if "skipped" in r or "case_failed" in r:
+            lines.append(left + (f"skipped: {r['skipped']}" if "skipped" in r else "FAILED (see the JSON)"))
+            continue
+        peak = f"{r['peak_gib']:10.1f}" if "peak_gib" in r else f"{'-':>10}"
+        flops = f"{r['flops_per_step'] / 1e12:11.1f}" if r.get("flops_per_step") else f"{'-':>11}"
+        mfu = f"{100 * r['mfu']:6.1f}%" if r.get("mfu") else f"{'-':>7}"
+        lines.append(left + f"{r['it_s']:7.2f}{r['samples_per_s']:11.1f}{peak}{r['planned_gib']:9.1f}{flops}{mfu}  "
+                     + ("finite" if r["losses_finite"] else "NOT FINITE"))
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--gpu", action="store_true", help="the base/sr presets in fp16 and bf16 with ZeRO-2")
+    p.add_argument("--log-freq", type=int, default=10)
+    p.add_argument("--gpu", action="store_true", help="the GPU matrix (base/sr, bf16/fp16, ZeRO-2/3, attention)")
+    p.add_argument("--dry-run", action="store_true", help="with --gpu: the same matrix, tiny and on CPU")
+    p.add_argument("--json", help="write every result here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return worker(args)
-    mib = 2 ** 20
     if args.gpu:
-        print("preset  stage  batch  precision  step s   it/s   samples/s  peak GiB  TFLOP/step  MFU")
-        for name, preset_name, batch in GPU_CASES:
-            stage = 2 if name == "sr" else 1
-            for prec in ("fp16", "bf16"):
-                case = {"preset": preset_name, "stage": stage, "batch": batch, "precision": prec,
-                        "ds": f"zero2_{prec}.json", "checkpointing": False}
-                r = launch(case, args.ranks, args.steps)
-                print(f"{name:<7} {stage:>5}  {batch:>5}  {prec:<9}  {r['step_s']:6.3f}  {1 / r['step_s']:5.2f}  "
-                      f"{r['samples_per_s']:9.1f}  {r['peak_gib']:8.1f}  {r['flops_per_step'] / 1e12:10.1f}  "
-                      f"{100 * r['mfu']:4.1f}%")
-        return
-    print(f"{args.ranks} rank(s), CPU, fp32; states = MiB per rank: params + grads + fp32 master + Adam moments")
-    print("preset  params   ZeRO  ckpt   step s  samples/s   params  grads  master  moments  total MiB")
-    for name, preset_name, batch in CPU_CASES:
+        rows = []
+        for case in gpu_cases(args.dry_run):
+            base = {k: case[k] for k in ("preset", "unet", "batch", "precision", "zero")}
+            rows += [{**base, **r} for r in launch(case, 1 if args.dry_run else args.ranks, args.steps, args.log_freq)]
+            print(table(rows).splitlines()[-1], flush=True)
+        print(table(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        failed = [r for r in rows if "case_failed" in r or not r.get("losses_finite", True)]
+        sys.exit(1 if failed else 0)
+    mib = 2 ** 20
+    print(f"{args.ranks} rank(s), CPU, fp32; MiB per rank as measured (planned by tools/plan_memory.py in brackets)")
+    print("preset  params   ZeRO  ckpt   step s  samples/s   params        grads         master        moments")
+    for preset_name, batch in CPU_CASES:
         for zero in (0, 2, 3):
             for ckpt in (False, True):
-                case = {"preset": preset_name, "stage": 1, "batch": batch, "precision": "fp32",
-                        "ds": f"cpu_zero{zero}.json", "checkpointing": ckpt}
-                r = launch(case, args.ranks, args.steps)
-                s = r["states"]
-                print(f"{name:<7} {r['params_total'] / 1e6:5.2f}M  {zero:>4}  {str(ckpt):<5}  {r['step_s']:6.3f}  "
-                      f"{r['samples_per_s']:9.1f}  {s['params'] / mib:6.1f}  {s['grads'] / mib:5.1f}  "
-                      f"{s['master'] / mib:6.1f}  {s['moments'] / mib:7.1f}  {sum(s.values()) / mib:9.1f}")
+                case = {"preset": preset_name, "unet": 1, "batch": batch, "precision": "fp32", "ds": f"cpu_zero{zero}.json",
+                        "checkpointing": ckpt, "variants": [{"attention": "sdpa"}]}
+                r = launch(case, args.ranks, args.steps, args.log_freq)[0]
+                if "case_failed" in r:
+                    raise SystemExit(f"benchmark case {case} failed:\n{r['case_failed']}")
+                from tryon_ds.tools.plan_memory import model_states
+
+                planned = list(model_states(r["params"], zero, "fp32", args.ranks,
+                                            json.loads((REPO / "ds_configs" / case["ds"]).read_text())).values())
+                cells = "".join(f"  {got / mib:5.1f} ({want / mib:5.1f})"
+                                for got, want in zip(r["states"].values(), planned))
+                print(f"{preset_name:<7} {r['params'] / 1e6:5.2f}M  {zero:>4}  {str(ckpt):<5}  {r['step_s']:6.3f}  "
+                      f"{r['samples_per_s']:9.1f} {cells}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python tools/consolidate_checkpoint.py checkpoints/unet1 --out bundle/            # newest complete step
     python tools/consolidate_checkpoint.py checkpoints/unet2/step00050000 --out bundle/ --dtype bf16
 
-Run it for stage 1 and then stage 2 into the same folder to build the cascade. The weights are gathered by
+Run it for UNet 1 and then UNet 2 into the same folder to build the cascade. The weights are gathered by
 DeepSpeed's own ``zero_to_fp32`` functions; the EMA (when the run kept one) is taken as saved.
 """
 from __future__ import annotations
@@ -13,18 +13,20 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from ..bundle import DTYPES, strip_prefix, write_stage
-from ..config import UserError, build_config, exit_on_user_error
+from ..bundle import DTYPES, strip_prefix, write_unet
+from ..cli import exit_on_user_error
+from ..config import build_config
+from ..errors import UserError
 from ..training import checkpoint
 
 
 @exit_on_user_error
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a stage's checkpoint folder (checkpoints/unet1) or one step in it")
+    p.add_argument("checkpoint", help="a UNet's checkpoint folder (checkpoints/unet1) or one step in it")
     p.add_argument("--out", required=True, help="the bundle folder")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="storage dtype of the weights")
-    p.add_argument("--force", action="store_true", help="replace this stage if the bundle already has it")
+    p.add_argument("--force", action="store_true", help="replace this UNet if the bundle already has it")
     args = p.parse_args(argv)
 
     path = Path(args.checkpoint)
@@ -37,15 +39,15 @@ def main(argv=None) -> None:
     if state["zero_stage"] not in (2, 3):
         raise UserError(f"{ckpt} is a ZeRO-{state['zero_stage']} checkpoint; this tool reads ZeRO-2 and ZeRO-3 ones")
     config = build_config(state["config"])
-    stage = state["stage"]
+    number = state["unet_number"]
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    print(f"consolidating {ckpt} (unet{stage}, step {state['step']}, ZeRO-{state['zero_stage']}, "
+    print(f"consolidating {ckpt} (unet{number}, step {state['step']}, ZeRO-{state['zero_stage']}, "
           f"{state['world_size']} rank(s))")
     weights = strip_prefix(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
     ema = strip_prefix(load_file(str(ckpt / "ema.safetensors"))) if (ckpt / "ema.safetensors").is_file() else None
-    out = write_stage(Path(args.out), stage, config, state["step"], weights, ema, args.dtype, args.force, str(ckpt))
+    out = write_unet(Path(args.out), number, config, state["step"], weights, ema, args.dtype, args.force, str(ckpt))
     n = sum(v.numel() for v in weights.values())
     print(f"wrote {out}: {n:,} parameters ({n / 1e6:.2f}M), {args.dtype}, "
           f"{'raw + EMA' if ema is not None else 'raw'} weights")

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import UserError, exit_on_user_error
+from ..cli import exit_on_user_error
+from ..errors import UserError
 from ..evaluation import format_table
 from ..training.distributed import free_port
 
@@ -73,12 +74,12 @@ def main(argv=None) -> None:
     if args.quick:
         common += ["--set", "diffusion.sample_steps=[4,4]", "--set", "data.num_workers=0"]
     launcher = [py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks)]
-    for stage, steps, batch in ((1, args.base_steps, args.base_batch), (2, args.sr_steps, args.sr_batch)):
+    for unet, steps, batch in ((1, args.base_steps, args.base_batch), (2, args.sr_steps, args.sr_batch)):
         _run(launcher + ["--master_port", str(free_port()), "tryon_ds/train.py", *common, "--train_unet",
-                         str(stage), "--max_steps", str(steps), "--batch_size", str(batch)])
+                         str(unet), "--max_steps", str(steps), "--batch_size", str(batch)])
     bundle = out / "bundle"
-    for stage in (1, 2):
-        _run([py, "tools/consolidate_checkpoint.py", str(out / "checkpoints" / f"unet{stage}"), "--out", str(bundle)])
+    for unet in (1, 2):
+        _run([py, "tools/consolidate_checkpoint.py", str(out / "checkpoints" / f"unet{unet}"), "--out", str(bundle)])
     val = str(shards / "val-*.tar")
     sampling = ["--guidance", str(args.guidance)] + (["--steps", "4", "3"] if args.quick else [])
     _run([py, "tools/infer.py", "--checkpoint", str(bundle), "--shards", val, "--num", "8",

@@ -13,24 +13,25 @@ from pathlib import Path
 
 import torch
 
-from ..config import UserError, exit_on_user_error
+from .. import atomic
+from ..cli import exit_on_user_error
 from ..data.pipeline import ValDataset, collate, resolve_shards
-from ..data.shards import atomic_write_json
+from ..errors import UserError
 from ..evaluation import QualityTable, fid_kid
 from ..inference import TryOnPipeline
 
 
 def evaluate(pipe: TryOnPipeline, shards: str, num: int, batch_size: int, options: dict):
     urls = resolve_shards(shards, "validation")
-    iterators = {s: iter(ValDataset(urls, pipe.configs[s], s, 0, 1)) for s in pipe.stages}
-    last = max(pipe.stages)
+    iterators = {n: iter(ValDataset(urls, pipe.configs[n], n, 0, 1)) for n in pipe.unets}
+    last = pipe.last
     table, real, fake = QualityTable(), [], []
     while table.count < num:
         n = min(batch_size, num - table.count)
-        samples = {s: [x for _, x in zip(range(n), it)] for s, it in iterators.items()}
+        samples = {u: [x for _, x in zip(range(n), it)] for u, it in iterators.items()}
         if not samples[1]:
             break
-        conds = {s: collate(batch) for s, batch in samples.items()}
+        conds = {u: collate(batch) for u, batch in samples.items()}
         result = pipe.generate(conds, **options)[last].cpu()
         table.add(result, conds[last])
         real.append(conds[last]["person"])
@@ -68,7 +69,7 @@ def main(argv=None) -> None:
     print(f"inside the garment region the cascade is ahead of the better baseline by "
           f"{margins['psnr_region']:+.2f} dB PSNR and {margins['ssim_region']:+.3f} SSIM")
     if args.json:
-        atomic_write_json(Path(args.json), {"rows": table.rows(), "margins": margins, "pairs": table.count,
+        atomic.write_json(Path(args.json), {"rows": table.rows(), "margins": margins, "pairs": table.count,
                                             "region_pixels": table.region_pixels, "fid_kid": fid,
                                             "seed": args.seed, "bundle": str(args.checkpoint)})
 

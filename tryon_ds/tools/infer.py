@@ -1,6 +1,6 @@
 """Try a garment on a person with a trained cascade bundle.
 
-One pair, as in the seed guide:
+One pair (the original training guide's command line):
     python tools/infer.py --checkpoint bundle/ --ca_image ca.jpg --garment_image garment.jpg \\
         --person_pose person.npy --garment_pose garment.npy --output result.jpg
 Validation samples from shards, in batches, with a grid (ca | garment | result | target):
@@ -19,11 +19,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..config import UserError, exit_on_user_error
+from .. import atomic
+from ..cli import exit_on_user_error
 from ..data.pipeline import ValDataset, collate, resolve_shards
+from ..data.preprocess import image_grid, to_image
 from ..data.sources import read_image, read_pose
-from ..inference import TryOnPipeline, to_image
-from ..training.logger import image_grid
+from ..errors import UserError
+from ..inference import TryOnPipeline
 
 
 def _load_pair(args, num_keypoints: int):
@@ -45,29 +47,21 @@ def safe_name(key: str) -> str:
     return name or "sample"
 
 
-def _save(img: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    img.save(tmp)
-    tmp.replace(path)
-
-
 def run_shards(pipe: TryOnPipeline, args, options: dict) -> None:
     out_dir = Path(args.output_dir)
-    config = pipe.configs[max(pipe.configs)]
-    stages = {s: ValDataset(resolve_shards(args.shards, "validation"), pipe.configs[s], s, 0, 1) for s in pipe.stages}
+    last = pipe.last
+    urls = resolve_shards(args.shards, "validation")
+    iterators = {n: iter(ValDataset(urls, pipe.configs[n], n, 0, 1)) for n in pipe.unets}
     rows, done = [], 0
-    iterators = {s: iter(d) for s, d in stages.items()}
     while done < args.num:
         n = min(args.batch_size, args.num - done)
-        batch = {s: [x for _, x in zip(range(n), it)] for s, it in iterators.items()}
+        batch = {u: [x for _, x in zip(range(n), it)] for u, it in iterators.items()}
         if not batch[1]:
             break
-        conds = {s: collate(samples) for s, samples in batch.items()}
+        conds = {u: collate(samples) for u, samples in batch.items()}
         results = pipe.generate(conds, **options)
-        last = max(pipe.stages)
         for i, key in enumerate(conds[last]["key"]):
-            _save(to_image(results[last][i]), out_dir / f"{safe_name(key)}.png")
+            atomic.save_image(to_image(results[last][i]), out_dir / f"{safe_name(key)}.png")
         c = conds[last]
         rows.append(image_grid([c["ca"], c["garment"], results[last].cpu(), c["person"]]))
         done += len(batch[1])
@@ -78,8 +72,8 @@ def run_shards(pipe: TryOnPipeline, args, options: dict) -> None:
     for r in rows:
         grid.paste(r, (0, y))
         y += r.height
-    _save(grid, out_dir / "grid.png")
-    print(f"{done} try-on result(s) at {config.image_size(max(pipe.stages))} in {out_dir}; grid (ca | garment | "
+    atomic.save_image(grid, out_dir / "grid.png")
+    print(f"{done} try-on result(s) at {pipe.output_size} in {out_dir}; grid (ca | garment | "
           f"result | target) in {out_dir / 'grid.png'}")
 
 
@@ -87,7 +81,7 @@ def run_shards(pipe: TryOnPipeline, args, options: dict) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a bundle folder from tools/consolidate_checkpoint.py")
-    p.add_argument("--config", help="accepted for the seed guide's command line; the bundle's own config is used")
+    p.add_argument("--config", help="accepted for the original training guide's command line; the bundle's own config is used")
     p.add_argument("--ca_image")
     p.add_argument("--garment_image")
     p.add_argument("--person_pose")
@@ -98,7 +92,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--output_dir", default="results")
     p.add_argument("--sampler", choices=("ddpm", "ddim"))
-    p.add_argument("--steps", type=int, nargs="+", metavar="N", help="sampling steps per stage (one or two numbers)")
+    p.add_argument("--steps", type=int, nargs="+", metavar="N", help="sampling steps per UNet (one or two numbers)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the config's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
@@ -107,7 +101,7 @@ def main(argv=None) -> None:
     if args.config:
         warnings.warn("--config is ignored: the bundle carries the config it was trained with")
     if args.steps is not None and not 1 <= len(args.steps) <= 2:
-        raise UserError("--steps takes one number per stage (one or two)")
+        raise UserError("--steps takes one number per UNet (one or two)")
     pipe = TryOnPipeline.from_pretrained(args.checkpoint, args.device, ema=args.ema)
     steps = None if args.steps is None else (args.steps[0], args.steps[-1])
     options = {"sampler": args.sampler, "steps": steps, "guidance": args.guidance, "seed": args.seed}
@@ -118,7 +112,7 @@ def main(argv=None) -> None:
         raise UserError(f"give {', '.join(missing)} (or --shards for validation samples)")
     ca, garment, person_pose, garment_pose = _load_pair(args, pipe.configs[1].unet(1).num_keypoints)
     result = pipe(ca, garment, person_pose, garment_pose, **options)
-    _save(result, Path(args.output))
+    atomic.save_image(result, Path(args.output))
     print(f"wrote {args.output} ({result.width}x{result.height})")
 
 

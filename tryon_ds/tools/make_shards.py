@@ -1,6 +1,6 @@
 """Convert a try-on data set into WebDataset tar shards for training.
 
-    python tools/make_shards.py data/ --out shards/                  # the seed guide's folder layout
+    python tools/make_shards.py data/ --out shards/                  # the folders layout (README)
     python tools/make_shards.py VITON-HD/ --out shards/ --workers 8  # the VITON-HD release
     python tools/make_shards.py --synthetic 2000 --out shards/       # a procedural set, no download
 
@@ -15,7 +15,8 @@ import re
 import time
 from pathlib import Path
 
-from ..config import UserError, exit_on_user_error
+from ..cli import exit_on_user_error
+from ..errors import UserError
 from ..data import sources
 from ..data.shards import ShardOptions, write_shards
 
@@ -38,7 +39,7 @@ def parse_bytes(text: str) -> int:
 @exit_on_user_error
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", nargs="?", help="input folder (seed layout or VITON-HD)")
+    p.add_argument("source", nargs="?", help="input folder (the folders layout or VITON-HD)")
     p.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
     p.add_argument("--layout", choices=("auto", "folders", "viton-hd"), default="auto")
     p.add_argument("--synthetic", type=int, metavar="N", help="write N procedural samples instead of a folder")

@@ -1,13 +1,14 @@
-"""Checkpoints: DeepSpeed's own sharded save, plus the EMA and the run's state, marked complete last.
+"""Checkpoints: DeepSpeed's own sharded save, plus the EMA and the run's state, marked complete last; and
+what a run resumes from.
 
-Layout, one folder per stage: ``{checkpoint_dir}/unet{stage}/step{N:08d}/``
+Layout, one folder per UNet: ``{checkpoint_dir}/unet{N}/step{S:08d}/``
     (DeepSpeed's files)          model and optimizer states of every rank
     ema.safetensors              the whole EMA (fp32), world-size independent
     trainer_state.json           step, data position, world size, ZeRO stage, seeds, config
     COMPLETE                     written by rank 0 after every rank has finished writing
 ``--resume auto`` takes the newest folder with COMPLETE, so a run killed while saving falls back to the
 previous checkpoint. A checkpoint saved at another world size is converted once to DeepSpeed's universal
-format (``step{N}_universal/``) and loaded from there.
+format (``step{S}_universal/``) and loaded from there.
 """
 from __future__ import annotations
 
@@ -16,19 +17,21 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ..config import UserError
-from ..data.shards import atomic_write_bytes, atomic_write_json
+from .. import atomic
+from ..config import Config
+from ..errors import UserError
 
 TAG = re.compile(r"^step(\d{8})$")
 
 
-def stage_dir(checkpoint_dir: str, stage: int) -> Path:
-    return Path(checkpoint_dir) / f"unet{stage}"
+def unet_dir(checkpoint_dir: str, unet_number: int) -> Path:
+    return Path(checkpoint_dir) / f"unet{unet_number}"
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -53,6 +56,51 @@ def read_state(ckpt: Path) -> dict:
     return json.loads((ckpt / "trainer_state.json").read_text())
 
 
+def trainer_state(step: int, config: Config, world_size: int, zero_stage: int) -> dict:
+    """What trainer_state.json records beside DeepSpeed's files: enough to resume, convert and export."""
+    accum = config.gradient_accumulation_steps
+    return {"step": step, "world_size": world_size, "zero_stage": zero_stage, "unet_number": config.train_unet_number,
+            "data_position": {"micro_batches_per_rank": step * accum, "streams": config.data.streams},
+            "rng": {"seed": config.seed, "scheme": "per micro-batch slot: seed_for(seed, 'train', slot)"},
+            "config": config.to_dict()}
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a run starts: ``step`` steps done, from ``checkpoint`` (None: a fresh run), which DeepSpeed
+    loads from ``load_from`` (the checkpoint itself, or its universal conversion)."""
+    step: int = 0
+    checkpoint: Path | None = None
+    load_from: Path | None = None
+
+    def describe(self) -> str:
+        if self.checkpoint is None:
+            return "a fresh run"
+        return f"resumed from {self.checkpoint}" + (" (universal)" if self.load_from != self.checkpoint else "")
+
+
+def plan_resume(root: Path, resume: str, world, ds_config: dict) -> Resume:
+    """``--resume none|auto|FOLDER`` -> a :class:`Resume`. A checkpoint of another world size is converted
+    once by rank 0 to DeepSpeed's universal format, and ``ds_config`` is told to load it so. Collective."""
+    ckpt = find_resume(root, resume)
+    if ckpt is None:
+        return Resume()
+    state = read_state(ckpt)
+    if state["world_size"] == world.size:
+        return Resume(state["step"], ckpt, ckpt)
+    failure = [None]
+    if world.is_main:
+        try:
+            convert_to_universal(ckpt, state["zero_stage"])
+        except RuntimeError as err:
+            failure[0] = str(err)
+    dist.broadcast_object_list(failure, src=0)  # every rank fails alike, none waits for the others
+    if failure[0] is not None:
+        raise UserError(failure[0])
+    ds_config["checkpoint"] = {"load_universal": True}
+    return Resume(state["step"], ckpt, universal_path(ckpt))
+
+
 class CheckpointWriteError(Exception):
     pass
 
@@ -72,7 +120,7 @@ def _write_failure(err: Exception, root: Path) -> str:
 
 
 def save(engine, ema, root: Path, step: int, state: dict, keep: int, is_main: bool) -> Path:
-    """Every rank calls this. Returns the checkpoint folder."""
+    """Every rank calls this. Returns the checkpoint folder. The EMA is gathered to rank 0, which writes it."""
     tag = f"step{step:08d}"
     ckpt = root / tag
     try:
@@ -83,10 +131,8 @@ def save(engine, ema, root: Path, step: int, state: dict, keep: int, is_main: bo
         ema_state = ema.full_state_dict() if ema is not None else None
         if is_main:
             if ema_state is not None:
-                tmp = ckpt / ".ema.safetensors.tmp"
-                save_file({k: v.contiguous() for k, v in ema_state.items()}, str(tmp))
-                tmp.replace(ckpt / "ema.safetensors")
-            atomic_write_json(ckpt / "trainer_state.json", state)
+                atomic.save_safetensors(ema_state, ckpt / "ema.safetensors")
+            atomic.write_json(ckpt / "trainer_state.json", state)
     except Exception as err:  # torch.save and safetensors report a full disk as RuntimeError / SafetensorError
         reason = _write_failure(err, root)
         if is_main:  # free the space and leave nothing half-written (ignore_errors: a file there stays)
@@ -94,7 +140,7 @@ def save(engine, ema, root: Path, step: int, state: dict, keep: int, is_main: bo
         raise CheckpointWriteError(reason) from None
     dist.barrier()  # every rank's DeepSpeed files are written
     if is_main:
-        atomic_write_bytes(ckpt / "COMPLETE", b"")
+        atomic.write_bytes(ckpt / "COMPLETE", b"")
         for old in complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
             shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)
@@ -123,7 +169,7 @@ def convert_to_universal(ckpt: Path, zero_stage: int) -> Path:
     for name in ("ema.safetensors", "trainer_state.json"):
         if (ckpt / name).is_file():
             shutil.copy2(ckpt / name, out / name)
-    atomic_write_bytes(out / "COMPLETE", b"")
+    atomic.write_bytes(out / "COMPLETE", b"")
     return out
 
 

@@ -4,7 +4,8 @@
 - ``srun`` (one task per GPU): rank, world and local rank come from SLURM_PROCID, SLURM_NTASKS and
   SLURM_LOCALID; MASTER_ADDR/PORT from the job (the sbatch scripts export them).
 - a plain ``python tryon_ds/train.py``: a world of one on 127.0.0.1 and a free port.
-NCCL on CUDA, gloo otherwise.
+NCCL on CUDA, gloo otherwise. A rank's GPU is ``local_rank % device_count()``: with one task per GPU and
+SLURM binding each task to its own GPU (``--gpus-per-task``), every task sees a single device 0.
 """
 from __future__ import annotations
 
@@ -46,8 +47,12 @@ def setup(timeout_s: float = 1800) -> World:
         env.setdefault("MASTER_PORT", str(free_port()))
     local_rank = int(env.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        device, backend = torch.device("cuda", local_rank % torch.cuda.device_count()), "nccl"
+        torch.cuda.set_device(device)
+        # TF32 matmuls and convolutions (Ampere and later) and cuDNN's autotuner: the UNets' shapes are fixed.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     else:
         device, backend = torch.device("cpu"), "gloo"
         if "OMP_NUM_THREADS" not in env:

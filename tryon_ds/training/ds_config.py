@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import Config, ConfigError
+from ..config import Config
+from ..errors import ConfigError
 
 
 def _fill(ds: dict, key: str, value, path: str, ours: str) -> None:
@@ -60,6 +61,11 @@ def build_ds_config(path: str | Path, config: Config, world_size: int) -> dict:
     enabled = [k for k in ("fp16", "bf16") if ds.get(k, {}).get("enabled")]
     if len(enabled) > 1:
         raise ConfigError(f"{name} enables both fp16 and bf16; choose one")
+    if "bf16" in enabled:
+        # DeepSpeed skips a non-finite bf16 step only with this on, and its default changed across versions.
+        if ds["bf16"].setdefault("check_grad_overflow", True) is not True:
+            raise ConfigError(f"{name} sets bf16.check_grad_overflow={ds['bf16']['check_grad_overflow']!r}; the "
+                              "trainer relies on DeepSpeed skipping non-finite bf16 steps: set it to true")
     if wanted in ("fp16", "bf16") and config.mixed_precision != True and not enabled:  # noqa: E712
         raise ConfigError(f"the training config asks for mixed_precision {wanted!r} but {name} has no "
                           f"\"{wanted}\": {{\"enabled\": \"auto\"}} block to turn it on")

@@ -1,91 +1,174 @@
-"""An exponential moving average of the weights that is correct under every ZeRO stage.
+"""An exponential moving average of the optimizer's fp32 master weights, partitioned like them.
 
-Each rank averages its *local view* of every parameter, in fp32:
-- ZeRO-3 partitions parameters, so a rank holds only its partition: the EMA averages the optimizer's fp32
-  master partition and is itself partitioned (1/world of the memory);
-- ZeRO-0/1/2 keep whole parameters on every rank: the EMA averages them.
-``full_state_dict()`` gathers the whole EMA (a collective: every rank calls it) for checkpoints, samples
-and export; ``load_full_state_dict()`` takes a whole EMA and keeps this rank's part, so an EMA saved at one
-world size loads at any other.
+Mixed-precision training keeps the weights the optimizer updates (the master copy) in fp32 and the module's
+weights in bf16/fp16; an EMA of the module's half-precision weights would lose every step smaller than
+bf16's resolution, so the EMA reads the master copy, which DeepSpeed holds differently per ZeRO stage:
+- ZeRO-3: each rank's partition of every parameter (``safe_get_local_fp32_param``);
+- ZeRO-1/2: each rank's slice of the flat fp32 partition, a *fragment* of some parameters
+  (``param._hp_mapping``, the mapping DeepSpeed's own universal checkpoints use);
+- ZeRO-0 in bf16/fp16: the optimizer's whole fp32 copy of each parameter; in fp32: the parameter itself.
+Each rank averages only what it holds, in place and without copies. ``full_state_dict()`` assembles the
+whole EMA on rank 0 (a collective, a bucket at a time); ``load_full_state_dict()`` takes a whole EMA and
+keeps this rank's part, so an EMA saved at one world size loads at any other.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
-from torch import nn
 
 
-def _is_partitioned(p: nn.Parameter) -> bool:
-    return hasattr(p, "ds_id")
+@dataclass
+class _Entry:
+    name: str
+    param: torch.nn.Parameter
+    master: torch.Tensor | None  # this rank's fp32 master view (None: no part of it here)
+    kind: str                    # "partition" (ZeRO-3), "fragment" (ZeRO-1/2) or "whole"
+    offset: int = 0              # where a fragment starts in the flattened parameter
 
 
-def _local_view(p: nn.Parameter) -> torch.Tensor:
-    if _is_partitioned(p):
-        from deepspeed.utils import safe_get_local_fp32_param
+def _zero0_masters(optimizer) -> dict[int, torch.Tensor]:
+    """ZeRO-0's fp16/bf16 wrappers: parameter id -> its fp32 master tensor."""
+    if hasattr(optimizer, "fp32_groups"):  # FP16_UnfusedOptimizer: one fp32 copy per parameter
+        return {id(lp): hp for lps, hps in zip(optimizer.fp16_groups, optimizer.fp32_groups) for lp, hp in zip(lps, hps)}
+    if hasattr(optimizer, "fp32_groups_flat"):  # FP16_Optimizer: one flat fp32 copy per group
+        out = {}
+        for lps, flat in zip(optimizer.fp16_groups, optimizer.fp32_groups_flat):
+            offset = 0
+            for lp in lps:
+                out[id(lp)] = flat.narrow(0, offset, lp.numel()).view_as(lp)
+                offset += lp.numel()
+        return out
+    return {}
 
-        local = safe_get_local_fp32_param(p)
-        return (local if local is not None else p.ds_tensor).detach().reshape(-1)
-    return p.detach()
+
+def _partition(p: torch.nn.Parameter) -> torch.Tensor:
+    """A ZeRO-3 parameter's fp32 master partition on this rank (a view, not a copy, unless offloaded)."""
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    local = safe_get_local_fp32_param(p)
+    return (local if local is not None else p.ds_tensor.float()).reshape(-1)
+
+
+def master_entries(engine) -> list[_Entry]:
+    zero0 = _zero0_masters(engine.optimizer)
+    entries = []
+    for name, p in engine.module.named_parameters():
+        if hasattr(p, "ds_id"):
+            entries.append(_Entry(name, p, _partition(p), "partition"))
+        elif hasattr(p, "_hp_mapping"):
+            mapping = p._hp_mapping
+            entries.append(_Entry(name, p, None if mapping is None else mapping.hp_fragment, "fragment",
+                                  0 if mapping is None else mapping.lp_fragment_address.start))
+        else:
+            master = zero0.get(id(p), p)
+            if master.dtype != torch.float32:
+                raise RuntimeError(f"no fp32 master copy of {name} found in {type(engine.optimizer).__name__}")
+            entries.append(_Entry(name, p, master, "whole"))
+    return entries
 
 
 class EMA:
-    def __init__(self, module: nn.Module, decay: float):
+    def __init__(self, engine, decay: float):
         self.decay = decay
-        self.names, self.params = zip(*[(n, p) for n, p in module.named_parameters()])
-        self.shadow = [_local_view(p).float().clone() for p in self.params]
+        self.entries = master_entries(engine)
+        self.held = [e for e in self.entries if e.master is not None]
+        self.shadow = [e.master.detach().clone() for e in self.held]
 
     def current_decay(self, step: int) -> float:
         """Warm-up: early weights are noise, so average over at most (1 + step) / (10 + step) of the past."""
         return min(self.decay, (1 + step) / (10 + step))
 
     @torch.no_grad()
-    def update(self, step: int) -> None:
-        decay = self.current_decay(step)
-        local = [_local_view(p).float() for p in self.params]
-        torch._foreach_lerp_(self.shadow, local, 1.0 - decay)
+    def update(self, step: int, gate: torch.Tensor | bool = True) -> None:
+        """Move the average toward the master weights. ``gate``, a bool or a 0-d bool tensor on the
+        masters' device, must be true for the step to count: a device tensor keeps the host from waiting."""
+        if not self.shadow or gate is False:
+            return
+        weight = 1.0 - self.current_decay(step)
+        if torch.is_tensor(gate):
+            weight = gate.to(self.shadow[0].device, torch.float32) * weight
+        # ZeRO-3 may move its partitions between steps (sub-groups, swapping): look them up each time.
+        masters = [_partition(e.param) if e.kind == "partition" else e.master for e in self.held]
+        torch._foreach_lerp_(self.shadow, masters, weight)
 
     # ------------------------------------------------------------------ whole-model views
-    def _world(self) -> tuple[int, int]:
+    @staticmethod
+    def _world() -> tuple[int, int]:
         if dist.is_available() and dist.is_initialized():
             return dist.get_rank(), dist.get_world_size()
         return 0, 1
 
     @torch.no_grad()
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole EMA as {name: fp32 tensor of the parameter's shape}, on every rank (CPU tensors)."""
-        _, world = self._world()
-        out = {}
-        partitioned = [i for i, p in enumerate(self.params) if _is_partitioned(p)]
-        if partitioned:
-            flat = torch.cat([self.shadow[i] for i in partitioned])
-            gathered = [torch.empty_like(flat) for _ in range(world)]
-            dist.all_gather(gathered, flat)
+    def full_state_dict(self, bucket_numel: int = 1 << 26) -> dict[str, torch.Tensor] | None:
+        """The whole EMA as {name: fp32 CPU tensor of the parameter's shape} on rank 0, None on the others.
+        Every rank calls it. Partitioned entries travel a bucket at a time: each rank contributes what it
+        holds, zeros elsewhere, and a sum-reduce to rank 0 assembles the parameters."""
+        rank, world = self._world()
+        shadows = {id(e): s for e, s in zip(self.held, self.shadow)}
+        out: dict[str, torch.Tensor] = {}
+        device = self.shadow[0].device if self.shadow else torch.device("cpu")
+        if dist.is_initialized() and dist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        pending, size = [], 0
+        for i, e in enumerate(self.entries):
+            if e.kind == "whole":
+                if rank == 0:
+                    out[e.name] = shadows[id(e)].reshape(e.param.shape).cpu().clone()
+            else:
+                pending.append(e)
+                size += self._numel(e)
+            if pending and (size >= bucket_numel or i == len(self.entries) - 1):
+                self._reduce_bucket(pending, shadows, rank, world, device, out)
+                pending, size = [], 0
+        return out if rank == 0 else None
+
+    @staticmethod
+    def _numel(e: _Entry) -> int:
+        return e.param.ds_numel if e.kind == "partition" else e.param.numel()
+
+    @staticmethod
+    def _shape(e: _Entry) -> torch.Size:
+        return e.param.ds_shape if e.kind == "partition" else e.param.shape
+
+    def _place(self, e: _Entry, rank: int) -> tuple[int, int]:
+        """(start, length) of this rank's part in the flattened parameter."""
+        if e.kind == "partition":
+            n = e.master.numel() if e.master is not None else 0
+            return n * rank, max(0, min(n, e.param.ds_numel - n * rank))
+        return e.offset, (e.master.numel() if e.master is not None else 0)
+
+    def _reduce_bucket(self, entries, shadows, rank, world, device, out) -> None:
+        sizes = [self._numel(e) for e in entries]
+        flat = torch.zeros(sum(sizes), device=device)
+        offset = 0
+        for e, n in zip(entries, sizes):
+            shadow = shadows.get(id(e))
+            if shadow is not None:
+                start, length = self._place(e, rank)
+                flat[offset + start: offset + start + length] = shadow[:length].to(device)
+            offset += n
+        if world > 1:
+            dist.reduce(flat, dst=0)
+        if rank == 0:
             offset = 0
-            for i in partitioned:
-                n = self.shadow[i].numel()
-                p = self.params[i]
-                whole = torch.cat([g[offset:offset + n] for g in gathered])[: p.ds_numel]
-                out[self.names[i]] = whole.reshape(p.ds_shape).cpu()
+            for e, n in zip(entries, sizes):
+                out[e.name] = flat[offset: offset + n].reshape(self._shape(e)).cpu().clone()
                 offset += n
-        for i, p in enumerate(self.params):
-            if not _is_partitioned(p):
-                out[self.names[i]] = self.shadow[i].cpu().clone()
-        return out
 
     @torch.no_grad()
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = [n for n in self.names if n not in state]
+        missing = [e.name for e in self.entries if e.name not in state]
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} parameter(s), e.g. {missing[:3]}")
         rank, _ = self._world()
-        for i, (name, p) in enumerate(zip(self.names, self.params)):
-            whole = state[name].float().reshape(-1)
-            if _is_partitioned(p):
-                # ZeRO-3 gives rank r the r-th slice of the flattened parameter, the last one zero-padded.
-                n = self.shadow[i].numel()
-                local = torch.zeros(n)
-                piece = whole[n * rank: n * (rank + 1)]
-                local[: piece.numel()] = piece
-                self.shadow[i].copy_(local)
-            else:
-                self.shadow[i].copy_(whole.reshape(self.shadow[i].shape).to(self.shadow[i].device))
+        for e, shadow in zip(self.held, self.shadow):
+            whole = state[e.name].float().reshape(-1)
+            if e.kind == "whole":
+                shadow.copy_(whole.reshape(shadow.shape).to(shadow.device))
+                continue
+            start, length = self._place(e, rank)
+            local = torch.zeros(shadow.numel())
+            local[:length] = whole[start: start + length]
+            shadow.copy_(local.to(shadow.device))

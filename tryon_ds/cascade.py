@@ -1,11 +1,11 @@
-"""One stage of the cascade: a Parallel-UNet trained and sampled by Gaussian diffusion.
+"""One UNet of the cascade: a Parallel-UNet trained and sampled by Gaussian diffusion.
 
-Stage 1 (base) generates the try-on at ``base_image_size``. Stage 2 (SR) generates it at ``sr_image_size``
-from a low-resolution try-on: in training the ground truth downsampled to the base size, at inference
-stage 1's output. Either way the low-res image is upsampled and noised to a level the UNet is told
-(noise-conditioning augmentation), so stage 2 never needs stage 1's checkpoint to train.
+UNet 1 (base) generates the try-on at ``base_image_size``. UNet 2 (super-resolution) generates it at
+``sr_image_size`` from a low-resolution try-on: in training the ground truth downsampled to the base size,
+at inference UNet 1's output. Either way the low-res image is upsampled and noised to a level the UNet is
+told (noise-conditioning augmentation), so UNet 2 never needs UNet 1's checkpoint to train.
 
-``forward(batch)`` is the training loss, so a DeepSpeed engine wraps the whole stage.
+``forward(batch)`` is the training loss, so a DeepSpeed engine wraps the whole ``CascadeUNet``.
 """
 from __future__ import annotations
 
@@ -18,18 +18,17 @@ from .diffusion import GaussianDiffusion
 from .model import COND_KEYS, ParallelUNet
 
 
-class CascadeStage(nn.Module):
-    def __init__(self, config: Config, stage: int):
+class CascadeUNet(nn.Module):
+    def __init__(self, config: Config, unet_number: int):
         super().__init__()
-        self.stage = stage
-        self.image_size = tuple(config.image_size(stage))
-        self.low_size = tuple(config.base_image_size)
+        self.unet_number = unet_number
+        self.image_size = tuple(config.image_size(unet_number))
         self.dcfg = config.diffusion
-        self.unet = ParallelUNet(config.unet(stage), lowres_cond=stage == 2, channels=config.channels)
-        self.diffusion = GaussianDiffusion(config.timesteps[stage - 1], self.dcfg.schedule, self.dcfg.objective)
+        self.unet = ParallelUNet(config.unet(unet_number), lowres_cond=unet_number == 2, channels=config.channels)
+        self.diffusion = GaussianDiffusion(config.timesteps[unet_number - 1], self.dcfg.schedule, self.dcfg.objective)
 
     def _lowres_input(self, lowres: torch.Tensor, level: torch.Tensor, noise: torch.Tensor | None = None):
-        """Upsample the low-res try-on to this stage's size and noise it to ``level`` (timesteps)."""
+        """Upsample the low-res try-on to this UNet's size and noise it to ``level`` (timesteps)."""
         up = F.interpolate(lowres, size=self.image_size, mode="bilinear", align_corners=False, antialias=False)
         noise = torch.randn_like(up) if noise is None else noise
         return self.diffusion.q_sample(up, level, noise)
@@ -42,7 +41,7 @@ class CascadeStage(nn.Module):
         noise = torch.randn_like(x0)
         drop = torch.rand(b, device=x0.device) < self.dcfg.cond_drop_prob
         level = None
-        if self.stage == 2:
+        if self.unet_number == 2:
             max_level = int(self.dcfg.noise_aug_max * self.diffusion.timesteps)
             level = torch.randint(0, max_level + 1, (b,), device=x0.device)
             cond["lowres"] = self._lowres_input(batch["lowres"], level)
@@ -57,10 +56,10 @@ class CascadeStage(nn.Module):
     def sample(self, cond: dict, lowres: torch.Tensor | None = None, steps: int | None = None,
                sampler: str | None = None, guidance: float | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        """Try-on images in [-1, 1] at this stage's size, with classifier-free guidance:
+        """Try-on images in [-1, 1] at this UNet's size, with classifier-free guidance:
         out = uncond + guidance * (cond - uncond); guidance 1 is plain conditional sampling."""
         d = self.dcfg
-        steps = steps or d.sample_steps[self.stage - 1]
+        steps = steps or d.sample_steps[self.unet_number - 1]
         sampler = sampler or d.sampler
         guidance = d.guidance if guidance is None else guidance
         if sampler not in ("ddpm", "ddim"):
@@ -69,9 +68,9 @@ class CascadeStage(nn.Module):
         b = ref.shape[0]
         cond = {k: cond[k] for k in COND_KEYS}
         level = None
-        if self.stage == 2:
+        if self.unet_number == 2:
             if lowres is None:
-                raise ValueError("the SR stage samples from a low-resolution try-on: pass lowres")
+                raise ValueError("UNet 2 (super-resolution) samples from a low-resolution try-on: pass lowres")
             level = torch.full((b,), int(d.noise_aug_sample * self.diffusion.timesteps), device=ref.device)
             noise = torch.randn(lowres.shape[:2] + self.image_size, generator=generator, device=ref.device,
                                 dtype=ref.dtype)

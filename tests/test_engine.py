@@ -1,0 +1,149 @@
+"""What the trainer reads from DeepSpeed's engines, on real engines of every ZeRO stage and precision the CPU
+runs (tests/helpers/engine_probe.py, 2 ranks): the loss scale, its exhaustion, fp32 reduction in the bf16
+configs, the EMA of the fp32 master weights, and the memory planner against the bytes the engines hold."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, free_port, run_tool
+from tryon_ds.config import build_config, read_config_file
+from tryon_ds.errors import ConfigError
+from tryon_ds.training.ds_config import build_ds_config
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe") / "probe.json"
+    r = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                        str(free_port()), "tests/helpers/engine_probe.py", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def engines(probe):
+    return {k: v for k, v in probe.items() if k != "exhaustion"}
+
+
+def test_loss_scale_is_read_from_every_optimizer_deepspeed_returns(probe):
+    """ZeRO-0's wrappers keep it in loss_scale_config, the ZeRO-1/2/3 optimizers as cur_scale: one helper
+    reads both (the old direct read crashed the first fp16 log step under ZeRO-2/3)."""
+    kinds = {v["optimizer"]: v["loss_scale"] for v in engines(probe).values()}
+    assert set(kinds) == {"AdamW", "FP16_UnfusedOptimizer", "DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3"}
+    assert kinds["AdamW"] is None  # plain fp32 ZeRO-0: no loss scaler at all
+    assert all(kinds[k] == 1.0 for k in kinds if k != "AdamW")
+
+
+def test_loss_scale_exhaustion_becomes_the_trainers_stop(probe):
+    """DeepSpeed's own dynamic fp16 scaler, run down from 4 to its minimum 1 by overflowing steps in a real
+    ZeRO-2 engine: its bare Exception becomes LossScaleExhausted, which train.py turns into save + stop."""
+    ex = probe["exhaustion"]
+    assert ex["scales"] == [2.0, 1.0] and ex["final_scale"] == 1.0
+    assert ex["outcome"].startswith("LossScaleExhausted at step 2")
+    source = (ROOT / "tryon_ds" / "train.py").read_text()
+    assert "except ds_engine.LossScaleExhausted:" in source and "save(run, step)" in source
+
+
+def test_bf16_configs_reduce_and_accumulate_gradients_in_fp32_and_skip_non_finite_steps(probe):
+    for name in ("zero2_bf16", "zero3_bf16"):
+        v = probe[f"{name}/bf16"]
+        assert v["grad_accum_dtype"] == "torch.float32" and v["communication_data_type"] == "torch.float32", name
+    for name in ("zero2_bf16", "zero3_bf16", "zero3_bf16_offload"):
+        ds = json.loads((ROOT / "ds_configs" / f"{name}.json").read_text())
+        assert ds["bf16"]["check_grad_overflow"] is True and ds["communication_data_type"] == "fp32"
+        assert ds["data_types"]["grad_accum_dtype"] == "fp32"
+
+
+def test_a_bf16_config_without_overflow_checks_is_refused(tmp_path):
+    config = build_config({**read_config_file(ROOT / "configs" / "tiny.yaml"), "mixed_precision": "bf16"})
+    ds = json.loads((ROOT / "ds_configs" / "zero2_bf16.json").read_text())
+    ds["bf16"]["check_grad_overflow"] = False
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    with pytest.raises(ConfigError, match="bf16.check_grad_overflow=False"):
+        build_ds_config(path, config, 2)
+    del ds["bf16"]["check_grad_overflow"]  # absent: set on, whatever DeepSpeed's default of the day
+    path.write_text(json.dumps(ds))
+    assert build_ds_config(path, config, 2)["bf16"]["check_grad_overflow"] is True
+
+
+def test_ema_averages_the_fp32_master_weights_partitioned_like_them(probe):
+    """With decay 0 the EMA equals what it averages. Rounded to bf16 it is the module's bf16 weight, yet it
+    holds more than bf16 can: it reads the fp32 master copy, not the module. Each rank holds as much EMA as
+    master (half of it at 2 ranks under ZeRO-1/2/3)."""
+    for name, v in engines(probe).items():
+        assert v["ema_dtypes"] == ["torch.float32"] and v["ema_names_match"], name
+        assert v["ema_rounds_to_module"], name
+        assert v["ema_finer_than_module"] == (v["precision"] == "bf16"), name
+        states = v["states"]
+        held = states["master"] if states["master"] else states["params"]  # fp32 ZeRO-0: the weights are the master
+        assert states["ema"] == held, name
+
+
+def test_memory_planner_model_states_match_the_engines(probe):
+    """tools/plan_memory.py's model-state lines against the bytes each rank of a real engine holds between
+    backward and step (tools/bench_train.py's count): within 5% for every ZeRO stage and precision."""
+    pairs = {"params": "parameters", "grads": "gradients", "master": "fp32 master",
+             "moments": "optimizer (Adam moments)", "ema": "EMA (fp32, like the master)"}
+    for name, v in engines(probe).items():
+        for measured, planned in pairs.items():
+            got, want = v["states"][measured], v["planned"][planned]
+            assert abs(got - want) <= 0.05 * max(want, 1), (name, measured, got, want)
+
+
+def test_plan_memory_cli_says_whether_it_fits_and_what_to_change():
+    ok = run_tool(["tools/plan_memory.py", "--preset", "base", "--micro-batch", "16", "--zero", "2", "--precision",
+                   "bf16", "--gpus", "16"])
+    assert ok.returncode == 0, ok.stderr
+    for line in ("parameters", "gradients", "fp32 master", "optimizer (Adam moments)", "EMA", "activations",
+                 "DeepSpeed buffers", "total", "fits in 80 GB"):
+        assert line in ok.stdout, line
+    tight = run_tool(["tools/plan_memory.py", "--preset", "sr", "--micro-batch", "32", "--zero", "2", "--precision",
+                      "bf16", "--gpus", "8", "--gpu-memory", "24"])
+    assert tight.returncode == 0, tight.stderr
+    assert "does NOT fit in 24 GB" in tight.stdout and "activation checkpointing" in tight.stdout
+    assert "ZeRO-3" in tight.stdout and "micro-batch" in tight.stdout.split("what would fit instead:")[1]
+
+
+def test_checkpointing_shrinks_planned_activations():
+    from tryon_ds.tools.plan_memory import activations
+    config = build_config({"base_image_size": [128, 128], "unet1": {"preset": "base"}})
+    plain, ckpt = (activations(config, 1, 4, "bf16", c) for c in (False, True))
+    assert 0 < ckpt < plain / 3
+
+
+def test_diffusion_tables_follow_the_batch_device():
+    """The schedule is indexed on the batch's own device (a host round trip each micro-batch cost a sync):
+    on the meta device, where nothing can reach the host, the whole training loss still runs."""
+    from tryon_ds.cascade import CascadeUNet
+    from tryon_ds.tools.bench_model import random_batch
+    config = build_config(read_config_file(ROOT / "configs" / "tiny.yaml"))
+    with torch.device("meta"):
+        model = CascadeUNet(config, 2)
+    loss = model({k: v.to("meta") for k, v in random_batch(config, 2, 2).items()})
+    assert loss.device.type == "meta" and loss.shape == ()
+
+
+def test_gpu_check_dry_run_sets_up_and_runs_its_plumbing(tmp_path):
+    """tools/gpu_check.sh --dry-run on CPU: the wheels a GPU node lacks are fetched (from the package
+    registry) and fit Python 3.12; the matrix and the trainer run at the tiny size; the JSON and the table
+    are written."""
+    env = {**os.environ, "WHEELS_DIR": str(tmp_path / "whl"), "RESULTS": str(tmp_path / "results"),
+           "PYTHON": sys.executable}
+    fetch = subprocess.run(["tools/gpu_check.sh", "--fetch-wheels"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert fetch.returncode == 0, fetch.stderr[-2000:]
+    assert any(p.name.startswith("deepspeed-") for p in (tmp_path / "whl").iterdir())
+    r = subprocess.run(["tools/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((tmp_path / "results" / "gpu_check.json").read_text())
+    ran = [row for row in report["matrix"] if "step_s" in row]
+    assert {(row["unet"], row["zero"]) for row in ran} == {(1, 2), (2, 3)} and all(row["losses_finite"] for row in ran)
+    assert any(row.get("channels_last") for row in ran)
+    assert report["trainer"]["cpu_zero3"]["done"]
+    assert "planned" in (tmp_path / "results" / "gpu_check.txt").read_text()

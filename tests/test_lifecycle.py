@@ -1,0 +1,122 @@
+"""Every way a run ends ends it: with the right exit status, within a bound, and with no process left (the
+ranks, their data-loader workers, wandb's service). Real DeepSpeed ranks on CPU with real loader workers;
+each run starts its own process group, so whatever it leaves behind is found by that group."""
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import ROOT, Run, command, completed, free_port, rank_processes
+
+WORKERS = ["--set", "data.num_workers=2"]
+
+
+def metric_steps(run_dir):
+    path = run_dir / "out" / "metrics_unet1.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_finished_run_exits_0_and_leaves_no_process(shards, tmp_path):
+    run = Run(command(tmp_path, shards, steps=6, extra=WORKERS))
+    assert run.end(bound=180) == 0, run.err[-3000:]
+    assert "done: unet1 at step 6" in run.out
+
+
+@pytest.mark.parametrize("moment", ["start-up", "validation", "preview", "checkpoint"])
+def test_a_stop_signal_at_any_moment_saves_and_exits_0(shards, tmp_path, moment):
+    """SIGTERM/SIGUSR1 while DeepSpeed starts, in the middle of validation (which it cuts short), while a
+    preview is drawn, or while a checkpoint is written: the run saves and exits 0."""
+    extra = [*WORKERS, "--set", "validation_freq=1000", "--set", "sample_freq=1000", "--set", "checkpoint_freq=1000"]
+    if moment == "validation":  # a long validation from step 3: the whole shard set, 2 samples a batch
+        extra += ["--set", "validation_freq=3", "--set", "batch_size=2", "--set", f"data.val_shards=[{shards}/train-*.tar]"]
+    if moment == "preview":
+        extra += ["--set", "sample_freq=3", "--set", "logging.preview_steps=150"]
+    if moment == "checkpoint":
+        extra += ["--set", "checkpoint_freq=3"]
+    run = Run(command(tmp_path, shards, steps=1000, extra=extra))
+    if moment == "start-up":
+        run.wait_for(lambda: len(rank_processes(run.proc.pid)) == 2, timeout=60)
+        time.sleep(2)  # inside imports and DeepSpeed's set-up
+        assert not metric_steps(tmp_path)
+    elif moment == "checkpoint":
+        run.wait_for((tmp_path / "ckpt" / "unet1" / "step00000003").exists)
+    else:
+        run.wait_for(lambda: 3 in metric_steps(tmp_path))
+        time.sleep(0.5)
+    run.signal_ranks(signal.SIGUSR1 if moment == "preview" else signal.SIGTERM)
+    assert run.end() == 0, run.err[-3000:]
+    assert "stop requested: saved at step" in run.out
+    assert completed(tmp_path), "no checkpoint saved"
+    if moment == "validation":
+        assert "validation cut short by the stop request" in run.out
+    if moment == "checkpoint":
+        assert "step00000003" in completed(tmp_path)
+
+
+def rank_commands(run_dir, shards, extra=()):
+    """The two ranks as srun starts them: separate processes, rank and world from the environment."""
+    cmd = command(run_dir, shards, ranks=1, steps=20, extra=[*WORKERS, *extra])
+    port = str(free_port())
+    return [(cmd, {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("when", ["at start", "mid-run on one rank"])
+def test_a_user_error_is_printed_once_and_every_rank_exits_2(shards, tmp_path, when):
+    if when == "at start":  # every rank meets it: bf16 asked for, fp32-only DeepSpeed config
+        extra = ["--set", "mixed_precision=bf16", "--deepspeed_config", str(tmp_path / "fp32.json")]
+        ds = json.loads((ROOT / "ds_configs" / "cpu_zero2.json").read_text())
+        ds["bf16"] = {"enabled": False}
+        (tmp_path / "fp32.json").write_text(json.dumps(ds))
+        expected = "has no \"bf16\": {\"enabled\": \"auto\"} block"
+    else:  # only rank 0 writes the step-5 checkpoint's files; a file is in its way
+        extra = ["--set", "checkpoint_freq=5"]
+        (tmp_path / "ckpt" / "unet1").mkdir(parents=True)
+        (tmp_path / "ckpt" / "unet1" / "step00000005").write_text("in the way")
+        expected = "could not write the step-5 checkpoint"
+    runs = [Run(cmd, env) for cmd, env in rank_commands(tmp_path, shards, extra)]
+    codes = [r.end(bound=120) for r in runs]
+    assert codes == [2, 2], [r.err[-2000:] for r in runs]
+    stderr = "".join(r.err for r in runs)
+    assert stderr.count(expected) == 1, stderr[-3000:]
+    assert any(line.startswith("error: ") and expected in line for line in stderr.splitlines()), stderr[-3000:]
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("api_key", [True, False])
+def test_wandb_without_a_reachable_server_costs_a_bounded_wait_and_never_hangs_the_end(shards, tmp_path, api_key):
+    """wandb online, its server an address on this machine where nothing listens, with and without an API
+    key: one line says it fell back, the run trains to the end and exits 0, leaving no process."""
+    env = {"WANDB_MODE": "online", "WANDB_BASE_URL": f"http://127.0.0.1:{free_port()}", "WANDB_API_KEY": "",
+           "WANDB_DIR": str(tmp_path)}
+    if api_key:
+        env["WANDB_API_KEY"] = "0123456789abcdef0123456789abcdef01234567"
+    start = time.time()
+    run = Run(command(tmp_path, shards, ranks=1, steps=4, extra=[*WORKERS, "--set", "logging.wandb=online",
+                                                                 "--set", "logging.wandb_init_timeout_s=5"]), env)
+    assert run.end(bound=150) == 0, run.err[-3000:]
+    assert run.out.count("logging to TensorBoard only") == 1, run.out[-3000:]
+    assert "done: unet1 at step 4" in run.out
+    assert time.time() - start < 120
+
+
+def test_tryon_train_from_any_folder_finds_the_shipped_configs(shards, tmp_path):
+    """The console script started in an empty folder, given a config and data of its own: the default
+    DeepSpeed config (ds_configs/cpu_zero2.json) and `extends: configs/tiny.yaml` are the shipped ones."""
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    (work / "my.yaml").write_text(f"extends: {ROOT / 'configs' / 'tiny.yaml'}\ndata_dir: {shards}\n"
+                                  "checkpoint_dir: ckpt\noutput_dir: out\nlog_dir: logs\ndata: {num_workers: 0}\n")
+    r = subprocess.run(["tryon-train", "--config", "my.yaml", "--max_steps", "2", "--set", "validation_freq=100",
+                        "--set", "sample_freq=100"], cwd=work, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (work / "ckpt" / "unet1" / "step00000002" / "COMPLETE").is_file()
+    r = subprocess.run(["tryon-train", "--config", "my.yaml", "--deepspeed_config", "ds_configs/cpu_zero3.json",
+                        "--max_steps", "1", "--set", "checkpoint_dir=ckpt3"], cwd=work, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "ZeRO-3" in r.stdout, r.stderr[-3000:]
+    r = subprocess.run(["tryon-train", "--config", "my.yaml", "--deepspeed_config", "mine.json"], cwd=work,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and f"DeepSpeed config 'mine.json' does not exist (in the current folder {work})" in r.stderr

@@ -1,0 +1,103 @@
+"""How a picture becomes the UNets' input and back, in one place, so that shard writing, the training
+pipeline and inference prepare it the same way:
+
+1. ``letterbox`` to the shard size (aspect kept, white padding) and ``normalise_pose`` to that image:
+   tools/make_shards.py stores this; inference does the same to its inputs at the last UNet's size;
+2. ``to_tensor``: RGB in [0, 1], (3, H, W);
+3. ``unet_inputs``: resized to one UNet's size (augmented there when training), scaled to [-1, 1];
+   UNet 2 also gets ``lowres``, the target at UNet 1's size.
+``to_image`` and ``image_grid`` turn [-1, 1] tensors back into pictures.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .transforms import IMAGES, augment
+
+PAD_COLOUR = (255, 255, 255)
+
+
+def letterbox(img: Image.Image, size: tuple[int, int], fill=PAD_COLOUR, resample=Image.BICUBIC):
+    """Resize to fit (H, W) keeping the aspect ratio, pad the rest. Returns image, scale, (pad_x, pad_y)."""
+    h, w = size
+    scale = min(w / img.width, h / img.height)
+    nw, nh = max(1, round(img.width * scale)), max(1, round(img.height * scale))
+    out = Image.new(img.mode, (w, h), fill)
+    pad = ((w - nw) // 2, (h - nh) // 2)
+    out.paste(img.resize((nw, nh), resample) if (nw, nh) != img.size else img, pad)
+    return out, scale, pad
+
+
+def normalise_pose(pose: np.ndarray | None, scale: float, pad, size: tuple[int, int], k: int) -> np.ndarray:
+    """Pixel (x, y, confidence) -> (x, y, valid) in [0, 1] of the letterboxed image; None -> all invalid."""
+    out = np.zeros((k, 3), np.float32)
+    if pose is None:
+        return out
+    h, w = size
+    valid = pose[:, 2] > 0
+    out[:, 0] = (pose[:, 0] * scale + pad[0]) / w
+    out[:, 1] = (pose[:, 1] * scale + pad[1]) / h
+    out[:, :2] = np.clip(out[:, :2], 0.0, 1.0)
+    out[:, 2] = valid
+    out[~valid, :2] = 0.0
+    return out
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """A PIL image -> float (3, H, W) in [0, 1]."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def pose_tensors(pose: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stored (K, 3) pose (x, y, valid) -> (K, 2) coordinates in [0, 1] and a (K,) bool mask."""
+    t = torch.from_numpy(np.asarray(pose, dtype=np.float32))
+    return t[:, :2].clamp(0, 1), t[:, 2] > 0
+
+
+def resize(img: torch.Tensor, size) -> torch.Tensor:
+    if tuple(img.shape[-2:]) == tuple(size):
+        return img
+    return F.interpolate(img[None], size=tuple(size), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def unet_inputs(sample: dict, config, unet_number: int, rng: random.Random | None = None) -> dict:
+    """One sample (images in [0, 1]) -> UNet ``unet_number``'s inputs: resized to its size, augmented there
+    when ``rng`` is given (training), images in [-1, 1]; UNet 2 also gets ``lowres``, the target at UNet 1's
+    size. Images absent from ``sample`` (inference has no target) are left out."""
+    out = dict(sample)
+    size = config.image_size(unet_number)
+    present = [name for name in IMAGES if name in sample]
+    for name in present:
+        out[name] = resize(sample[name], size)
+    if rng is not None:
+        d = config.data
+        out.pop("mask", None)
+        out = augment(out, rng, d.hflip_prob, d.rotation_degrees, d.color_jitter)
+    if unet_number == 2 and "person" in out:
+        out["lowres"] = resize(out["person"], config.base_image_size) * 2 - 1
+    for name in present:
+        out[name] = out[name] * 2 - 1
+    if "mask" in out:
+        out["mask"] = (resize(out["mask"], size) > 0.5).float()
+    return out
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
+    return ((x.float().clamp(-1, 1).permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
+
+
+def to_image(x: torch.Tensor) -> Image.Image:
+    return Image.fromarray(to_uint8(x))
+
+
+def image_grid(columns: list[torch.Tensor]) -> Image.Image:
+    """Columns of (B, 3, H, W) images in [-1, 1], all of one size -> one picture, a row per sample."""
+    rows = torch.cat([c.float() for c in columns], dim=3)  # B, 3, H, W * ncols
+    return to_image(torch.cat(list(rows), dim=1))  # 3, B*H, W*ncols

@@ -1,0 +1,191 @@
+"""Memory per GPU of a training run, before renting the GPUs: model states, EMA, activations and DeepSpeed's
+buffers, whether it fits, and what to change if not.
+
+    python tools/plan_memory.py --preset base --micro-batch 16 --zero 2 --precision bf16 --gpus 16
+    python tools/plan_memory.py --preset sr --micro-batch 8 --zero 3 --precision bf16 --gpus 8 --checkpointing
+
+Model states follow DeepSpeed's layout for the ZeRO stage and precision (what tools/bench_train.py measures
+on real engines); activations are what autograd keeps for backward, traced on the ``meta`` device for that
+preset, micro-batch and image size (no memory is used); the buffers are read from the DeepSpeed config the
+run would use (``ds_configs/zero{2,3}_{precision}.json``, or ``--deepspeed_config``). Not counted: the CUDA
+context and allocator fragmentation (typically 1-3 GB).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import torch
+
+from ..cascade import CascadeUNet
+from ..cli import exit_on_user_error
+from ..config import Config, add_config_args, config_from_args, find_config_file, preset
+from ..errors import UserError
+from ..model import parameter_count
+from ..model.parallel_unet import ResBlock, TransformerBlock
+
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GIB = 2 ** 30
+
+
+def model_states(n: int, zero: int, precision: str, gpus: int, ds: dict) -> dict[str, float]:
+    """Bytes per GPU of parameters, gradients, the fp32 master copy, Adam's two moments and the EMA (which
+    averages the master copy and is partitioned like it)."""
+    p = BYTES[precision]
+    accum = BYTES.get(ds.get("data_types", {}).get("grad_accum_dtype"), p)
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
+    shard = gpus if zero >= 1 else 1
+    out = {"parameters": p * n / (gpus if zero == 3 else 1),
+           "gradients": accum * n / (gpus if zero >= 2 else 1),
+           # ZeRO-1/2/3 keep an fp32 master partition even in fp32 training; ZeRO-0 needs one only in fp16/bf16.
+           "fp32 master": 4 * n / shard if (zero >= 1 or precision != "fp32") else 0.0,
+           "optimizer (Adam moments)": 8 * n / shard,
+           "EMA (fp32, like the master)": 4 * n / shard}
+    if offload:  # the master copy and the moments live in host memory; ZeRO-3 hands the EMA its partition on GPU
+        out["fp32 master"] = out["optimizer (Adam moments)"] = 0.0
+    return out
+
+
+def buffers(ds: dict, precision: str) -> float:
+    """DeepSpeed's gradient-reduction and parameter-gathering buckets, from the DeepSpeed config."""
+    z = ds.get("zero_optimization", {})
+    zero = z.get("stage", 0)
+    if zero == 0:
+        return 0.0
+    comm = BYTES.get(ds.get("communication_data_type"), BYTES[precision])
+    reduce = z.get("reduce_bucket_size", 5e8) * comm * (2 if z.get("overlap_comm", zero == 3) else 1)
+    if zero == 3:
+        return reduce + z.get("stage3_prefetch_bucket_size", 5e7) * BYTES[precision]
+    return reduce + z.get("allgather_bucket_size", 5e8) * BYTES[precision]
+
+
+def activations(config: Config, unet_number: int, micro_batch: int, precision: str, checkpointing: bool) -> float:
+    """Bytes autograd keeps for backward in one micro-batch's forward, traced on the meta device. With
+    activation checkpointing a block keeps only its input, and one block's activations exist again at a time
+    while it is recomputed."""
+    from .bench_model import random_batch
+
+    cfg = dataclasses.replace(config, unet1=dataclasses.replace(config.unet1, checkpointing=False),
+                              unet2=dataclasses.replace(config.unet2, checkpointing=False))
+    with torch.device("meta"):
+        model = CascadeUNet(cfg, unet_number).to(DTYPES[precision])
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+    batch = {k: v.to("meta") for k, v in random_batch(cfg, unet_number, micro_batch).items()}
+    outside, inside, inputs, current = {}, {}, {}, [None]
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in weights:
+            (inside.setdefault(current[0], {}) if current[0] is not None else outside)[storage._cdata] = storage.nbytes()
+        return t
+
+    def enter(module, args):
+        if current[0] is None:  # checkpointing wraps the outermost block only
+            current[0] = id(module)
+            inputs[id(module)] = sum(a.untyped_storage().nbytes() for a in args if torch.is_tensor(a))
+
+    def leave(module, args, out):
+        if current[0] == id(module):
+            current[0] = None
+
+    hooks = [m.register_forward_pre_hook(enter) for m in model.modules() if isinstance(m, (ResBlock, TransformerBlock))]
+    hooks += [m.register_forward_hook(leave) for m in model.modules() if isinstance(m, (ResBlock, TransformerBlock))]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(batch)
+    for h in hooks:
+        h.remove()
+    blocks = [sum(saved.values()) for saved in inside.values()]
+    if checkpointing:
+        return sum(outside.values()) + sum(inputs.values()) + max(blocks, default=0)
+    return sum(outside.values()) + sum(blocks)
+
+
+def plan(config: Config, unet_number: int, micro_batch: int, zero: int, precision: str, gpus: int,
+         checkpointing: bool, ds: dict) -> dict[str, float]:
+    with torch.device("meta"):
+        n = parameter_count(CascadeUNet(config, unet_number))
+    rows = model_states(n, zero, precision, gpus, ds)
+    rows["activations"] = activations(config, unet_number, micro_batch, precision, checkpointing)
+    rows["DeepSpeed buffers"] = buffers(ds, precision)
+    return rows
+
+
+def default_ds(zero: int, precision: str) -> str:
+    if zero in (2, 3) and precision != "fp32":
+        return f"ds_configs/zero{zero}_{precision}.json"
+    return f"ds_configs/cpu_zero{zero}.json"
+
+
+def _table(rows: dict[str, float]) -> str:
+    lines = [f"  {name:<30}{value / GIB:9.2f} GiB" for name, value in rows.items()]
+    return "\n".join(lines + [f"  {'total':<30}{sum(rows.values()) / GIB:9.2f} GiB"])
+
+
+@exit_on_user_error
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", help="a model preset (tiny, base, sr, ...); default: the config's UNet")
+    p.add_argument("--unet", type=int, choices=(1, 2), help="1 = base, 2 = super-resolution (default: 2 for sr presets)")
+    p.add_argument("--image-size", type=int, help="default: 128 for UNet 1, 256 for UNet 2 with a preset, else the config's")
+    p.add_argument("--micro-batch", type=int, default=16, help="per GPU")
+    p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=2)
+    p.add_argument("--precision", choices=sorted(BYTES), default="bf16")
+    p.add_argument("--gpus", type=int, default=8, help="data-parallel ranks")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU (default 80)")
+    p.add_argument("--deepspeed_config", help="read buffer sizes from this DeepSpeed config")
+    add_config_args(p)
+    args = p.parse_args(argv)
+    if args.micro_batch < 1 or args.gpus < 1:
+        raise UserError("--micro-batch and --gpus take positive integers")
+    config = config_from_args(args)
+    number = args.unet or (2 if (args.preset or "").endswith("sr") else config.train_unet_number)
+    if args.preset:
+        size = args.image_size or (256 if number == 2 else 128)
+        config = dataclasses.replace(config, **{f"unet{number}": preset(args.preset)},
+                                     **{"base_image_size" if number == 1 else "sr_image_size": (size, size)})
+        if number == 2:
+            config = dataclasses.replace(config, base_image_size=(size // 2, size // 2))
+    ds = json.loads(find_config_file(args.deepspeed_config or default_ds(args.zero, args.precision),
+                                     "DeepSpeed config").read_text())
+    ds.setdefault("zero_optimization", {})["stage"] = args.zero
+    budget = args.gpu_memory * 1e9
+
+    def estimate(**change) -> dict[str, float]:
+        o = {"micro_batch": args.micro_batch, "zero": args.zero, "checkpointing": args.checkpointing, "ds": ds, **change}
+        return plan(config, number, o["micro_batch"], o["zero"], args.precision, args.gpus, o["checkpointing"], o["ds"])
+
+    rows = estimate()
+    total = sum(rows.values())
+    size = "x".join(map(str, config.image_size(number)))
+    print(f"unet{number} ({config.unet(number).preset}), {size}, micro-batch {args.micro_batch} per GPU, "
+          f"ZeRO-{args.zero}, {args.precision}, {args.gpus} GPU(s), checkpointing {'on' if args.checkpointing else 'off'}")
+    print(_table(rows))
+    verdict = "fits" if total <= budget else "does NOT fit"
+    print(f"{verdict} in {args.gpu_memory:g} GB per GPU ({100 * total / budget:.0f}% of it; the CUDA context and "
+          "fragmentation are not counted)")
+    if total <= budget:
+        return
+    options = []
+    if not args.checkpointing:
+        options.append(("activation checkpointing (unetN.checkpointing: true)", estimate(checkpointing=True)))
+    if args.zero < 3:
+        options.append(("ZeRO-3 (ds_configs/zero3_*.json)", estimate(zero=3, ds={**ds, "zero_optimization": {
+            **json.loads(find_config_file(default_ds(3, args.precision)).read_text())["zero_optimization"]}})))
+    offload = {**ds, "zero_optimization": {**ds["zero_optimization"], "offload_optimizer": {"device": "cpu"}}}
+    options.append(("optimizer offload to CPU (ds_configs/zero3_bf16_offload.json)", estimate(ds=offload)))
+    for mb in range(args.micro_batch - 1, 0, -1):
+        if sum(estimate(micro_batch=mb).values()) <= budget:
+            options.append((f"micro-batch {mb} (more gradient_accumulation_steps keep the global batch)",
+                            estimate(micro_batch=mb)))
+            break
+    print("what would fit instead:")
+    for what, r in options:
+        t = sum(r.values())
+        print(f"  {what}: {t / GIB:.1f} GiB ({'fits' if t <= budget else 'still too large'})")
+
+
+if __name__ == "__main__":
+    main()

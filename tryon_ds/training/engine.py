@@ -1,0 +1,114 @@
+"""The DeepSpeed engine of one UNet: built (partitioned from the start under ZeRO-3), stepped, and read.
+
+DeepSpeed returns a different optimizer wrapper per ZeRO stage and precision; what the trainer needs from
+them (the loss scale, the running out of it, the global gradient norm, the whole weights) is read here
+through one function each, so the training loop never depends on which wrapper it got.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..cascade import CascadeUNet
+from ..config import Config
+from ..errors import UserError
+from .ds_config import zero_stage
+from .ema import EMA
+
+
+def lr_factor(config: Config):
+    """Linear warm-up to the learning rate, then cosine decay to min_lr_ratio of it."""
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = min(1.0, (step - config.warmup_steps) / max(1, config.cosine_decay_max_steps - config.warmup_steps))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def build(config: Config, ds_config: dict, load_from: Path | None = None):
+    """UNet ``config.train_unet_number`` in a DeepSpeed engine with AdamW and the LR schedule, its EMA, and
+    the state of ``load_from`` if given. Returns (model, engine, scheduler, ema)."""
+    import deepspeed
+
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    # Under ZeRO-3 each layer is partitioned as soon as it is built, so no rank ever holds the whole model
+    # (the sr preset is 3.9 GB in fp32).
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(ds_config) == 3):
+        model = CascadeUNet(config, config.train_unet_number)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config)))
+    ema = EMA(engine, config.ema_decay) if config.use_ema else None
+    if load_from is not None:
+        loaded, _ = engine.load_checkpoint(str(load_from.parent), tag=load_from.name)
+        if loaded is None:
+            raise UserError(f"DeepSpeed could not load the checkpoint {load_from}")
+        from .checkpoint import load_ema
+
+        load_ema(load_from, ema)
+    return model, engine, scheduler, ema
+
+
+def loss_scale(engine) -> float | None:
+    """The current fp16 loss scale, whatever optimizer wrapper DeepSpeed returned (ZeRO-0's FP16_Optimizer
+    keeps it in ``loss_scale_config``, the ZeRO-1/2/3 optimizers as ``cur_scale``); None without one."""
+    optimizer = engine.optimizer
+    holder = getattr(optimizer, "loss_scale_config", optimizer)
+    scale = getattr(holder, "cur_scale", None)
+    return None if scale is None else float(scale)
+
+
+class LossScaleExhausted(Exception):
+    """fp16 overflowed at DeepSpeed's minimum loss scale: no step can be taken any more."""
+
+
+def step(engine) -> None:
+    """``engine.step()``; DeepSpeed's bare exception for a loss scale run down to its minimum becomes a
+    LossScaleExhausted (the step was an overflow, so the weights are those of the last good step)."""
+    try:
+        engine.step()
+    except Exception as err:
+        if "loss scale already at minimum" in str(err):
+            raise LossScaleExhausted(str(err)) from None
+        raise
+
+
+def grad_norm_ok(engine) -> torch.Tensor | bool:
+    """Whether the last step's global gradient norm is finite: a device tensor where DeepSpeed keeps one
+    (so no host sync here), else a bool; True where DeepSpeed does not compute the norm."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return True
+    if torch.is_tensor(norm):
+        return torch.isfinite(norm)
+    return math.isfinite(norm)
+
+
+@torch.no_grad()
+def raw_state_dict(engine, is_main: bool, bucket_numel: int = 1 << 26) -> dict | None:
+    """The whole model's current weights (fp32, CPU) on rank 0, None elsewhere. Under ZeRO-3 parameters
+    are gathered a bucket at a time, so no rank ever holds more than one bucket beyond its partition."""
+    import deepspeed
+
+    params = dict(engine.module.named_parameters())
+    if not any(hasattr(p, "ds_id") for p in params.values()):
+        return ({k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+                if is_main else None)
+    out, bucket, size = {}, [], 0
+    items = list(params.items())
+    for i, (name, p) in enumerate(items):
+        bucket.append((name, p))
+        size += p.ds_numel
+        if size >= bucket_numel or i == len(items) - 1:
+            with deepspeed.zero.GatheredParameters([q for _, q in bucket]):
+                if is_main:
+                    out.update({n: q.detach().float().cpu().clone() for n, q in bucket})
+            bucket, size = [], 0
+    if is_main:  # buffers are not partitioned
+        out.update({k: v.detach().float().cpu().clone() for k, v in engine.module.named_buffers()})
+    dist.barrier()
+    return out if is_main else None
