@@ -28,7 +28,7 @@ def trained(shards, tmp_path_factory):
     for unet in UNETS:
         r = run_tool(["tools/consolidate_checkpoint.py", str(root / "ckpt" / f"unet{unet}"), "--out", str(bundle)])
         assert r.returncode == 0, r.stderr
-        assert {1: "1,785,763 parameters", 2: "1,534,211 parameters"}[unet] in r.stdout
+        assert {1: "1,885,187 parameters", 2: "1,675,235 parameters"}[unet] in r.stdout
     return root, bundle
 
 
@@ -45,9 +45,9 @@ def test_bundle_gives_the_engines_outputs_for_raw_and_ema_weights(trained, unet)
     from tryon_ds.inference import TryOnPipeline
     for use_ema, key in ((False, "raw"), (True, "ema")):
         pipe = TryOnPipeline.from_pretrained(bundle, ema=use_ema)
-        x, t, cond, level = fixed_inputs(pipe.configs[unet], unet)
+        x, t, cond, levels = fixed_inputs(pipe.configs[unet], unet)
         with torch.no_grad():
-            got = pipe.unets[unet].unet(x, t, cond, lowres_noise_level=level)
+            got = pipe.unets[unet].unet(x, t, cond, levels)
         torch.testing.assert_close(got, engine[key], rtol=0, atol=1e-6)
     meta = json.loads((bundle / f"unet{unet}" / "config.json").read_text())
     assert meta["step"] == 4 and meta["unet_number"] == unet and meta["has_ema"]
@@ -129,3 +129,24 @@ def test_base_only_bundle_and_bad_bundles_fail_clearly(trained, tmp_path):
     (base_only / "unet1" / "ema.safetensors").unlink()
     r = run_tool(["tools/infer.py", "--checkpoint", str(base_only), "--shards", "x", "--num", "1"])
     assert r.returncode == 2 and "ema.safetensors is missing" in r.stderr
+
+
+def test_evaluate_reports_paired_metrics_fid_kid_and_tries_unpaired_on(trained, tmp_path):
+    """On a release's test split (a DressCode replica): the quality table over its paired samples, FID/KID
+    from a locally saved Inception (TorchScript; random weights run the plumbing), the unpaired samples
+    tried on for pictures only."""
+    from releases import write_dresscode
+    from tiny_inception import save
+    _, bundle = trained
+    write_dresscode(tmp_path / "dc", per_category=1, categories=("upper_body",))
+    assert run_tool(["tools/make_shards.py", str(tmp_path / "dc"), "--out", str(tmp_path / "s"), "--image-size",
+                     "64"]).returncode == 0
+    save(tmp_path / "inception.pt")
+    r = run_tool(["tools/evaluate.py", "--checkpoint", str(bundle), "--shards", str(tmp_path / "s" / "test-*.tar"),
+                  "--num", "2", "--unpaired", "2", "--steps", "2", "--inception_weights",
+                  str(tmp_path / "inception.pt"), "--json", str(tmp_path / "q.json")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "q.json").read_text())
+    assert report["pairs"] == 2  # the two paired test samples; the unpaired ones are not measured
+    assert report["fid_kid"].startswith("FID ") and "over 2 paired try-ons" in report["fid_kid"]
+    assert Image.open(tmp_path / "unpaired.png").size == (3 * 64, 2 * 64)

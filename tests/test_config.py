@@ -73,3 +73,18 @@ def test_malformed_json_names_the_file(tmp_path):
     bad.write_text(json.dumps({"batch_size": 4})[:-1])
     with pytest.raises(ConfigError, match="config.json' is not valid json"):
         read_config_file(bad)
+
+
+def test_tools_from_a_fresh_clone_without_dependencies_say_what_to_install(tmp_path):
+    """Before `pip install -e .` the tools find the package by themselves; without the dependencies (a bare
+    virtual environment) they say so in one line and exit 2, no traceback."""
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True)
+    bare = str(tmp_path / "bare" / "bin" / "python")
+    for tool in (["tools/model_info.py", "--preset", "tiny"], ["tools/make_shards.py", "--help"],
+                 ["tryon_ds/train.py", "--config", "configs/tiny.yaml"]):
+        r = subprocess.run([bare, *tool], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (tool, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "not installed; install tryon-ds first: pip install torch==2.13.0" in lines[0]

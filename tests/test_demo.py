@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import run_tool
-from tryon_ds.evaluation import QualityTable, garment_region, mean_colour_fill
+from tryon_ds.evaluation import QualityTable, garment_region, mean_colour_fill, tryon_candidates
 
 
 def test_demo_quick_runs_every_stage(tmp_path):
@@ -24,6 +24,9 @@ def test_demo_quick_runs_every_stage(tmp_path):
     assert quality["pairs"] == 4
     assert all(np.isfinite(v) for row in quality["rows"].values() for v in row.values())
     assert 0 < quality["region_pixels"] < 4 * 64 * 64
+    sr = quality["sr_alone"]
+    assert sr["pairs"] == 2 and set(sr["rows"]) == {"UNet 2 from the true low-res", "bilinear upsampling"}
+    assert "from bilinear upsampling of it" in r.stdout
     assert "quality table" in r.stdout and "garment region" in r.stdout and "FID/KID skipped" in r.stdout
 
 
@@ -36,7 +39,7 @@ def test_region_metrics_only_see_the_garment_region():
     result = target.clone()
     result[..., :2, :] = 1.0  # wrong outside the region, beyond the SSIM window (5 px) around it
     table = QualityTable()
-    table.add(result, batch)
+    table.add(tryon_candidates(result, batch), batch)
     ours = table.rows()["try-on (cascade)"]
     assert ours["psnr_region"] == pytest.approx(100.0) and ours["ssim_region"] > 0.99
     assert ours["psnr"] < 20 and table.region_pixels == 256

@@ -10,7 +10,7 @@ from conftest import Run, command, rank_processes
 
 @pytest.mark.parametrize("fault", ["dies", "hangs"])
 def test_a_dead_or_hung_rank_ends_the_job_non_zero(shards, tmp_path, fault):
-    run = Run(command(tmp_path, shards, steps=10_000, extra=["--set", "dist_timeout_s=20", "--set",
+    run = Run(command(tmp_path, shards, steps=10_000, extra=["--set", "dist_timeout_s=12", "--set",
                                                                "data.num_workers=2"]))
     metrics = tmp_path / "out" / "metrics_unet1.jsonl"
     run.wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2)

@@ -9,7 +9,7 @@ from conftest import ROOT
 
 def test_shard_keys_and_manifest_names_never_escape_the_output_folder(tmp_path):
     from tryon_ds.errors import UserError
-    from tryon_ds.data.shards import ShardOptions, write_shards
+    from tryon_ds.data.shards import FORMAT_VERSION, ShardOptions, write_shards
     from tryon_ds.tools.infer import safe_name
     assert safe_name("../../etc/passwd") == "_.._etc_passwd" and "/" not in safe_name("a/b\\c")
     out = tmp_path / "shards"
@@ -19,7 +19,7 @@ def test_shard_keys_and_manifest_names_never_escape_the_output_folder(tmp_path):
     from tryon_ds.data.sources import synthetic_samples
     opts = ShardOptions(image_size=(32, 32), layout="synthetic")
     manifest = json.loads((out / "manifest.json").read_text())
-    manifest["settings"] = {"format_version": 1, **dataclasses.asdict(opts), "image_size": [32, 32]}
+    manifest["settings"] = {"format_version": FORMAT_VERSION, **dataclasses.asdict(opts), "image_size": [32, 32]}
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="is not of the form train-NNNNNN.tar"):
         write_shards(out, synthetic_samples(2, 0, 64), opts, validate=False, log=lambda _: None)

@@ -46,18 +46,26 @@ def test_zero_matches_single_process_and_validation_loss_falls(zero_runs, refere
     assert len(val) == 3 and val[-1] < val[0], val
     assert (run_dir / "ckpt" / "unet1" / f"step{STEPS:08d}" / "COMPLETE").is_file()
     assert "2 rank(s) x micro-batch 4" in result.stdout
-    assert "unet1: 1.79M parameters" in result.stdout  # the whole model's, also once ZeRO-3 has partitioned it
+    assert "unet1: 1.89M parameters" in result.stdout  # the whole model's, also once ZeRO-3 has partitioned it
 
 
 def test_ema_under_zero3_equals_single_rank_ema(zero_runs, reference):
-    ema3 = load_file(str(zero_runs["cpu_zero3"][0] / "ckpt" / "unet1" / f"step{STEPS:08d}" / "ema.safetensors"))
-    ref = load_file(str(reference[0] / "ckpt" / "unet1" / f"step{STEPS:08d}" / "ema.safetensors"))
+    """The EMA kept partitioned on 2 ZeRO-3 ranks equals the single process's. The two runs' own weights
+    differ a little after 30 steps at lr 2e-3 (another summation order over ranks, up to ~7e-5 here); the
+    EMA, an average of those weights, must agree at least as closely as they do."""
+    step = f"step{STEPS:08d}"
+    ema3 = load_file(str(zero_runs["cpu_zero3"][0] / "ckpt" / "unet1" / step / "ema.safetensors"))
+    ref = load_file(str(reference[0] / "ckpt" / "unet1" / step / "ema.safetensors"))
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    weights3 = get_fp32_state_dict_from_zero_checkpoint(str(zero_runs["cpu_zero3"][0] / "ckpt" / "unet1"), tag=step)
+    # The ZeRO-0 reference keeps its weights in DeepSpeed's own (pickled) module file; this test's data.
+    weights = torch.load(reference[0] / "ckpt" / "unet1" / step / "mp_rank_00_model_states.pt",
+                         weights_only=False)["module"]
     assert ema3.keys() == ref.keys()
     for name, tensor in ref.items():
         assert ema3[name].shape == tensor.shape
-        # The raw weights of the two runs themselves differ by up to ~3e-5 after 30 steps at lr 2e-3 (another
-        # summation order over ranks); the EMA cannot agree more closely than the weights it averages.
-        torch.testing.assert_close(ema3[name], tensor, rtol=1e-4, atol=5e-5, msg=name)
+        apart = (weights3[name] - weights[name]).abs().max().item()
+        torch.testing.assert_close(ema3[name], tensor, rtol=1e-4, atol=max(1e-5, apart), msg=name)
 
 
 def test_kill_then_resume_auto_reproduces_losses_and_resumes_at_another_world_size(zero_runs, shards, tmp_path):

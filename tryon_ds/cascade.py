@@ -2,8 +2,13 @@
 
 UNet 1 (base) generates the try-on at ``base_image_size``. UNet 2 (super-resolution) generates it at
 ``sr_image_size`` from a low-resolution try-on: in training the ground truth downsampled to the base size,
-at inference UNet 1's output. Either way the low-res image is upsampled and noised to a level the UNet is
-told (noise-conditioning augmentation), so UNet 2 never needs UNet 1's checkpoint to train.
+at inference UNet 1's output, upsampled bilinearly either way. So UNet 2 never needs UNet 1's checkpoint
+to train.
+
+Noise-conditioning augmentation (the paper's): every conditioning image (the ca image and the garment, and
+UNet 2's low-res try-on) is noised to a level of its own, drawn from U[0, ``cond_noise.train_max``] in
+training and fixed per input at sampling (``diffusion.cond_noise``); the UNet is told each level. Real
+parsing and poses are noisy: the model must not trust the conditioning pixels blindly.
 
 ``forward(batch)`` is the training loss, so a DeepSpeed engine wraps the whole ``CascadeUNet``.
 """
@@ -27,29 +32,35 @@ class CascadeUNet(nn.Module):
         self.unet = ParallelUNet(config.unet(unet_number), lowres_cond=unet_number == 2, channels=config.channels)
         self.diffusion = GaussianDiffusion(config.timesteps[unet_number - 1], self.dcfg.schedule, self.dcfg.objective)
 
-    def _lowres_input(self, lowres: torch.Tensor, level: torch.Tensor, noise: torch.Tensor | None = None):
-        """Upsample the low-res try-on to this UNet's size and noise it to ``level`` (timesteps)."""
-        up = F.interpolate(lowres, size=self.image_size, mode="bilinear", align_corners=False, antialias=False)
-        noise = torch.randn_like(up) if noise is None else noise
-        return self.diffusion.q_sample(up, level, noise)
+    def conditioning(self, cond: dict, lowres: torch.Tensor | None, levels: dict[str, torch.Tensor],
+                     generator: torch.Generator | None = None) -> dict:
+        """The UNet's conditioning: COND_KEYS (and UNet 2's ``lowres``, upsampled to this UNet's size), each
+        noisy input noised to its level in ``levels`` ((B,) fractions of the timesteps; 0 leaves it as is)."""
+        out = {k: cond[k] for k in COND_KEYS}
+        if self.unet_number == 2:
+            out["lowres"] = F.interpolate(lowres, size=self.image_size, mode="bilinear", align_corners=False)
+        for name, level in levels.items():
+            image = out[name]
+            noise = torch.randn(image.shape, generator=generator, device=image.device, dtype=image.dtype)
+            t = (level * (self.diffusion.timesteps - 1)).round().long()
+            noised = self.diffusion.q_sample(image, t, noise)
+            out[name] = torch.where((level > 0).view(-1, 1, 1, 1), noised, image)
+        return out
 
     def forward(self, batch: dict) -> torch.Tensor:
         x0 = batch["person"]
         b = x0.shape[0]
-        cond = {k: batch[k] for k in COND_KEYS}
         t = torch.randint(0, self.diffusion.timesteps, (b,), device=x0.device)
         noise = torch.randn_like(x0)
         drop = torch.rand(b, device=x0.device) < self.dcfg.cond_drop_prob
-        level = None
-        if self.unet_number == 2:
-            max_level = int(self.dcfg.noise_aug_max * self.diffusion.timesteps)
-            level = torch.randint(0, max_level + 1, (b,), device=x0.device)
-            cond["lowres"] = self._lowres_input(batch["lowres"], level)
+        levels = {name: torch.rand(b, device=x0.device) * self.dcfg.cond_noise.train_max
+                  for name in self.unet.noisy_inputs}
+        cond = self.conditioning(batch, batch.get("lowres"), levels)
         # Diffusion arithmetic in fp32; the UNet runs in its own (possibly bf16/fp16) dtype.
         dtype = self.unet.person_in.weight.dtype
         cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
         x_t = self.diffusion.q_sample(x0, t, noise).to(dtype)
-        out = self.unet(x_t, t, cond, lowres_noise_level=level, drop_cond=drop)
+        out = self.unet(x_t, t, cond, levels, drop_cond=drop)
         return F.mse_loss(out.float(), self.diffusion.target(x0, t, noise).float())
 
     @torch.no_grad()
@@ -64,30 +75,28 @@ class CascadeUNet(nn.Module):
         guidance = d.guidance if guidance is None else guidance
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler {sampler!r}: expected 'ddpm' or 'ddim'")
+        if self.unet_number == 2 and lowres is None:
+            raise ValueError("UNet 2 (super-resolution) samples from a low-resolution try-on: pass lowres")
         ref = cond["ca"]
         b = ref.shape[0]
-        cond = {k: cond[k] for k in COND_KEYS}
-        level = None
-        if self.unet_number == 2:
-            if lowres is None:
-                raise ValueError("UNet 2 (super-resolution) samples from a low-resolution try-on: pass lowres")
-            level = torch.full((b,), int(d.noise_aug_sample * self.diffusion.timesteps), device=ref.device)
-            noise = torch.randn(lowres.shape[:2] + self.image_size, generator=generator, device=ref.device,
-                                dtype=ref.dtype)
-            cond["lowres"] = self._lowres_input(lowres, level, noise)
+        levels = {name: torch.full((b,), getattr(d.cond_noise, name), device=ref.device)
+                  for name in self.unet.noisy_inputs}
+        cond = self.conditioning(cond, lowres, levels, generator)
 
         def denoise(x, t):
             if guidance == 1.0:
-                return self.unet(x, t, cond, lowres_noise_level=level)
+                return self.unet(x, t, cond, levels)
             doubled = {k: torch.cat([v, v]) for k, v in cond.items()}
             drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(ref.device)
-            lvl = None if level is None else torch.cat([level, level])
-            out_c, out_u = self.unet(torch.cat([x, x]), torch.cat([t, t]), doubled, lowres_noise_level=lvl,
-                                     drop_cond=drop).chunk(2)
+            out_c, out_u = self.unet(torch.cat([x, x]), torch.cat([t, t]), doubled,
+                                     {k: torch.cat([v, v]) for k, v in levels.items()}, drop_cond=drop).chunk(2)
             return out_u + guidance * (out_c - out_u)
 
         shape = (b, ref.shape[1]) + self.image_size
+        start = None
+        if self.unet_number == 2:  # the clean upsampled low-res image, not its noise-augmented copy
+            start = (F.interpolate(lowres, size=self.image_size, mode="bilinear", align_corners=False), d.sr_start)
         return self.diffusion.sample(denoise, shape, steps, eta=1.0 if sampler == "ddpm" else 0.0,
                                      generator=generator,
                                      threshold=d.dynamic_threshold_percentile if d.dynamic_threshold else None,
-                                     device=ref.device, dtype=ref.dtype)
+                                     device=ref.device, dtype=ref.dtype, start=start)

@@ -10,8 +10,8 @@ import sys
 from .errors import UserError
 
 # Import names of the packages setup.cfg installs (checked before anything imports them).
-REQUIRED = ("torch", "deepspeed", "webdataset", "einops", "yaml", "PIL", "numpy", "safetensors", "tqdm",
-            "torchmetrics")
+REQUIRED = ("torch", "deepspeed", "webdataset", "braceexpand", "einops", "yaml", "PIL", "numpy", "safetensors",
+            "tqdm", "tensorboard", "wandb", "torchmetrics")
 INSTALL = "pip install torch==2.13.0 && pip install -e .   (from the repository root; see README.md)"
 
 

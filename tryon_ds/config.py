@@ -40,17 +40,15 @@ class UNetConfig:
     dim_mults: tuple[int, ...] = (1, 2, 2)
     # Residual blocks per level of the person-UNet; the garment-UNet uses the same counts.
     num_res_blocks: tuple[int, ...] = (1, 1, 1)
-    # Per level: whether the person-UNet attends (self + cross to the garment) at that level. The
-    # garment-UNet is only built as deep/high as the attention levels need.
+    # Per level: whether every person-UNet block there is followed by self-attention (with the pose tokens)
+    # and cross-attention to the garment (the paper: the two lowest resolutions of UNet 1, the lowest of
+    # UNet 2). The garment-UNet is built only as far as the attending blocks need.
     attn_levels: tuple[bool, ...] = (False, True, True)
     attn_heads: int = field(default=4, metadata=_range(ge=1))
     attn_dim_head: int = field(default=16, metadata=_range(ge=4))
-    ff_mult: int = field(default=2, metadata=_range(ge=1))
-    # Transformer blocks (self-attn, cross-attn, feed-forward) after each attending level's resblocks.
-    attn_depth: int = field(default=1, metadata=_range(ge=1))
-    mid_attn_depth: int = field(default=1, metadata=_range(ge=1))
+    # Width of the FiLM conditioning vector and of the pose tokens (one per keypoint).
     cond_dim: int = field(default=128, metadata=_range(ge=8))
-    pose_hidden: int = field(default=128, metadata=_range(ge=8))
+    pose_dim: int = field(default=64, metadata=_range(ge=8))
     num_keypoints: int = field(default=18, metadata=_range(ge=1))
     groups: int = field(default=8, metadata=_range(ge=1))
     dropout: float = field(default=0.0, metadata=_range(ge=0.0, le=1.0))
@@ -75,6 +73,21 @@ class UNetConfig:
             if (self.dim * m) % self.groups:
                 raise ConfigError(f"config key '{key}.groups': {self.groups} does not divide the level-{i} "
                                   f"width {self.dim * m} (dim x dim_mults[{i}])")
+        if self.pose_dim % self.attn_heads:
+            raise ConfigError(f"config key '{key}.pose_dim': {self.pose_dim} is not divisible by "
+                              f"'{key}.attn_heads' ({self.attn_heads}), which the pose pooling needs")
+
+
+@dataclass
+class CondNoiseConfig:
+    """Noise-conditioning augmentation: every conditioning image (the ca image and the garment; in UNet 2
+    also the low-res try-on) is noised to its own level, drawn from U[0, train_max] in training (the paper:
+    U[0, 1]) and fixed at sampling. Levels are fractions of the UNet's timesteps; the UNet is told each
+    level. The sampling levels were chosen by a search on the demo (BENCHMARKS.md): clean inputs won."""
+    train_max: float = field(default=1.0, metadata=_range(ge=0.0, le=1.0))
+    ca: float = field(default=0.0, metadata=_range(ge=0.0, le=1.0))
+    garment: float = field(default=0.0, metadata=_range(ge=0.0, le=1.0))
+    lowres: float = field(default=0.0, metadata=_range(ge=0.0, le=1.0))
 
 
 @dataclass
@@ -87,10 +100,10 @@ class DiffusionConfig:
     sample_steps: tuple[int, int] = (256, 128)
     dynamic_threshold: bool = True
     dynamic_threshold_percentile: float = field(default=0.95, metadata=_range(gt=0.0, le=1.0))
-    # UNet 2: the low-res input is noised to a random level in [0, noise_aug_max) during training and
-    # to the fixed level noise_aug_sample at sampling; both are fractions of UNet 2's timesteps.
-    noise_aug_max: float = field(default=0.5, metadata=_range(ge=0.0, le=1.0))
-    noise_aug_sample: float = field(default=0.2, metadata=_range(ge=0.0, le=1.0))
+    cond_noise: CondNoiseConfig = field(default_factory=CondNoiseConfig)
+    # UNet 2's sampling starts at this fraction of its timesteps from the upsampled low-res try-on noised
+    # there (SDEdit) rather than from pure noise (1.0, the paper's); the steps are spread over what is left.
+    sr_start: float = field(default=1.0, metadata=_range(gt=0.0, le=1.0))
 
 
 @dataclass
@@ -145,6 +158,8 @@ class Config:
     max_grad_norm: float = field(default=1.0, metadata=_range(ge=0.0))
     warmup_steps: int = field(default=1000, metadata=_range(ge=0))
     cosine_decay_max_steps: int = field(default=50000, metadata=_range(ge=1))
+    # After warm-up: cosine decay to min_lr_ratio over cosine_decay_max_steps, or constant (the paper).
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
     validation_freq: int = field(default=1000, metadata=_range(ge=1))
     checkpoint_freq: int = field(default=5000, metadata=_range(ge=1))
     log_freq: int = field(default=100, metadata=_range(ge=1))

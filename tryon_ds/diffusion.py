@@ -48,13 +48,14 @@ class GaussianDiffusion:
         self.timesteps, self.objective = timesteps, objective
         alphas_cumprod = torch.cumprod(1 - make_betas(schedule, timesteps), dim=0)
         self.alphas_cumprod = alphas_cumprod.float()
+        self.sqrt_ac = alphas_cumprod.sqrt().float()
+        self.sqrt_1m_ac = (1 - alphas_cumprod).sqrt().float()
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._host = (alphas_cumprod.sqrt().float(), (1 - alphas_cumprod).sqrt().float())
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(sqrt(alpha_bar), sqrt(1 - alpha_bar)) on ``device``."""
         if device not in self._tables:
-            self._tables[device] = tuple(v.to(device) for v in self._host)
+            self._tables[device] = (self.sqrt_ac.to(device), self.sqrt_1m_ac.to(device))
         return self._tables[device]
 
     def _coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,19 +78,27 @@ class GaussianDiffusion:
             return (x_t - b * out) / a, out
         return a * x_t - b * out, b * x_t + a * out
 
-    def sample_timesteps(self, steps: int) -> list[int]:
-        """``steps`` timesteps from T-1 down to 0, evenly spaced (fewer if T < steps)."""
-        ts = torch.linspace(self.timesteps - 1, 0, min(steps, self.timesteps)).round().long()
+    def sample_timesteps(self, steps: int, first: int | None = None) -> list[int]:
+        """``steps`` timesteps from ``first`` (default T-1) down to 0, evenly spaced (fewer if there are
+        fewer timesteps)."""
+        first = self.timesteps - 1 if first is None else first
+        ts = torch.linspace(first, 0, min(steps, first + 1)).round().long()
         return list(dict.fromkeys(ts.tolist()))
 
     @torch.no_grad()
     def sample(self, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape: tuple, steps: int,
                eta: float, generator: torch.Generator | None = None, threshold: float | None = 0.95,
-               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               start: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
         """denoise(x_t, t) -> model output. eta=1: DDPM, eta=0: DDIM. threshold: dynamic-thresholding
-        percentile, or None for a static clip to [-1, 1]."""
+        percentile, or None for a static clip to [-1, 1]. start: (a guess of x0, a fraction f) to begin
+        at timestep f*(T-1) from the guess noised there (SDEdit) instead of from pure noise at T-1."""
         x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-        ts = self.sample_timesteps(steps)
+        first = None
+        if start is not None and start[1] < 1.0:
+            first = round(start[1] * (self.timesteps - 1))
+            x = self.q_sample(start[0].to(dtype), torch.full((shape[0],), first, device=device), x)
+        ts = self.sample_timesteps(steps, first)
         for i, t_now in enumerate(ts):
             t = torch.full((shape[0],), t_now, device=device, dtype=torch.long)
             x0, _ = self.x0_and_eps(x, t, denoise(x, t))

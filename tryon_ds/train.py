@@ -277,7 +277,9 @@ def train(args: argparse.Namespace, config: Config, world: distributed.World, st
             if step % config.validation_freq == 0 or step == steps:
                 watchdog.kick()
                 validate(run, step, grid_batch, stop)
-            if (step % config.sample_freq == 0 or step == steps) and not stop.requested:
+            # A signal that came during validation (which it cut short) is agreed on now, not a window later.
+            stopping = stopping or stop.agreed(world.device)
+            if (step % config.sample_freq == 0 or step == steps) and not stopping:
                 watchdog.kick()
                 preview(run, step, grid_batch)
             if step % config.checkpoint_freq == 0 or step == steps or stopping:

@@ -28,13 +28,13 @@ config = build_config(state["config"])
 unet = state["unet_number"]
 _, engine, _, ema = ds_engine.build(config, build_ds_config(args.ds, config, world.size), ckpt)
 engine.eval()
-x, t, cond, level = fixed_inputs(config, unet)
+x, t, cond, levels = fixed_inputs(config, unet)
 with torch.no_grad():
-    raw = engine.module.unet(x, t, cond, lowres_noise_level=level)
+    raw = engine.module.unet(x, t, cond, levels)
     ema_weights = ema.full_state_dict()  # collective; the whole EMA on rank 0
 if world.is_main:
     plain = CascadeUNet(config, unet).eval()
     plain.load_state_dict(ema_weights)
     with torch.no_grad():
-        from_ema = plain.unet(x, t, cond, lowres_noise_level=level)
+        from_ema = plain.unet(x, t, cond, levels)
     save_file({"raw": raw.contiguous(), "ema": from_ema.contiguous()}, args.out)

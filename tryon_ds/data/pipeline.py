@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import signal
 from collections import Counter
 from pathlib import Path
@@ -117,12 +118,18 @@ def decode(raw: dict, num_keypoints: int) -> dict:
         sample[name], sample[f"{name}_valid"] = _pose(raw, f"{name}.npy", num_keypoints)
     if "mask.png" in raw:
         sample["mask"] = _image(raw, "mask.png")[:1]
+    # Whether the person wears this garment (a ground truth exists) or another's (a release's unpaired test).
+    try:
+        sample["pair"] = json.loads(raw["json"]).get("pair", "paired") if "json" in raw else "paired"
+    except (ValueError, AttributeError) as err:
+        raise BadSample(f"unreadable json ({type(err).__name__})") from None
     return sample
 
 
 def collate(samples: list[dict]) -> dict:
     keys = set.intersection(*(set(s) for s in samples))
-    return {k: [s[k] for s in samples] if k == "key" else torch.stack([s[k] for s in samples]) for k in keys}
+    return {k: torch.stack([s[k] for s in samples]) if torch.is_tensor(samples[0][k]) else [s[k] for s in samples]
+            for k in keys}
 
 
 WIRE_IMAGES = ("person", "ca", "garment", "lowres")

@@ -1,10 +1,15 @@
-"""Writing WebDataset shards: the sample format, the train/val split, the manifest and resumable writing.
+"""Writing WebDataset shards: the sample format, the splits, the manifest and resumable writing.
 
 A sample in a shard holds ``__key__`` and
     person.jpg, ca.jpg, garment.jpg    letterboxed to the shard's image size (aspect kept, padded)
     person_pose.npy, garment_pose.npy  (K, 3) float32: x, y normalised to that image in [0, 1], valid (0/1)
     mask.png                           optional: the region the ca image removed (synthetic data has it)
-    json                               key, source files, original sizes, whether the garment has a pose
+    json                               key, source files, original sizes, whether the garment has a pose, the
+                                       release's split, "paired"/"unpaired", DressCode's category
+
+Splits: a release's own test split becomes ``test-NNNNNN.tar`` (never train or val); validation is carved
+from its training split alone, by a hash of each key (``is_val``). The manifest records where each split
+came from, the paired and unpaired counts, and the keypoints clipped or dropped.
 
 Every shard is written to a temporary name and renamed when complete; ``manifest.json`` (written the same
 way after each shard) lists the finished shards with their sizes and SHA-256, so a re-run into the same
@@ -32,8 +37,14 @@ from ..errors import UserError
 from .preprocess import letterbox, normalise_pose
 from .sources import LoadedSample, SampleError, SourceSample, load_sample
 
-FORMAT_VERSION = 1
-SHARD_NAME = re.compile(r"^(train|val)-\d{6}\.tar$")
+FORMAT_VERSION = 2  # 2: a release's test split kept apart, samples marked paired/unpaired
+SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
+SPLITS = ("train", "val", "test")
+# Kinds of problem, to count why samples were left out: (what the message says, how the count names it).
+REASONS = (("missing counterpart", "missing file"), ("unreadable or truncated image", "unreadable image"),
+           ("of shape", "pose of the wrong shape"), ("NaN", "NaN in a pose"), ("unreadable pose", "unreadable pose"),
+           ("no person in the OpenPose", "no person in the pose file"), ("no joint", "no joint detected"),
+           ("differs from the person image", "ca image of another size"), ("columns", "malformed pairs line"))
 
 
 @dataclass(frozen=True)
@@ -89,14 +100,17 @@ def encode_sample(s: LoadedSample, opts: ShardOptions) -> dict:
     return sample
 
 
+def reason(problem: str) -> str:
+    return next((name for text, name in REASONS if text in problem), "other")
+
+
 # Worker functions take (sample, options) so that a process pool can run them.
 def _check(job):
     sample, opts = job
     try:
-        load_sample(sample, opts.num_keypoints)
-        return sample.key, []
+        return sample.key, [], load_sample(sample, opts.num_keypoints).meta.get("keypoints", {})
     except SampleError as err:
-        return sample.key, err.problems
+        return sample.key, err.problems, {}
 
 
 def _convert(job):
@@ -137,22 +151,37 @@ def _finished_shards(out: Path, manifest: dict, split: str) -> list[dict]:
 
 def write_shards(out: Path, samples: list[SourceSample], opts: ShardOptions, workers: int = 1,
                  skip_bad: bool = False, validate: bool = True, scan_problems: list[str] = (),
-                 log: Callable[[str], None] = print) -> dict:
-    """Check every sample, then write ``out/{train,val}-NNNNNN.tar`` and ``out/manifest.json``. Raises
-    UserError listing every problem (before anything is written) unless ``skip_bad``."""
+                 sources: dict[str, str] | None = None, log: Callable[[str], None] = print) -> dict:
+    """Check every sample, then write ``out/{train,val,test}-NNNNNN.tar`` and ``out/manifest.json``. Raises
+    UserError listing every problem (before anything is written) unless ``skip_bad``; with no usable sample
+    at all, always."""
     problems = {p: None for p in scan_problems}
     bad_keys: dict[str, list[str]] = {}
+    keypoints: dict[str, list[str]] = {"clipped": [], "dropped": []}
     if validate:
-        for i, (key, found) in enumerate(_parallel(_check, [(s, opts) for s in samples], workers), 1):
+        for i, (key, found, notes) in enumerate(_parallel(_check, [(s, opts) for s in samples], workers), 1):
             if found:
                 bad_keys[key] = found
+            for what, joints in notes.items():
+                keypoints[what].extend(joints)
             if i % 1000 == 0:
                 log(f"checked {i}/{len(samples)} samples")
     for key, found in bad_keys.items():
         problems.update({p: None for p in found})
+    good = [s for s in samples if s.key not in bad_keys]
+    counted = {}  # samples (and unmatched files) by why they were left out
+    for why in [reason(p) for p in scan_problems] + [r for found in bad_keys.values() for r in {reason(p) for p in found}]:
+        counted[why] = counted.get(why, 0) + 1
+    if not good:
+        raise UserError(f"no usable samples among {len(samples)} found: "
+                        + (", ".join(f"{n} x {r}" for r, n in counted.items()) or "the source holds none")
+                        + "".join(f"\n  {p}" for p in list(problems)[:20]))
     if problems and not skip_bad:
         raise UserError(f"{len(problems)} problem(s) in the input, nothing written (--skip-bad writes the "
                         "good samples and a report):\n  " + "\n  ".join(problems))
+    for what, joints in keypoints.items():
+        if joints:
+            log(f"keypoints {what}: {len(joints)}, e.g. {joints[0]}")
 
     out.mkdir(parents=True, exist_ok=True)
     settings = {"format_version": FORMAT_VERSION, **asdict(opts)}
@@ -163,11 +192,21 @@ def write_shards(out: Path, samples: list[SourceSample], opts: ShardOptions, wor
         changed = sorted(k for k in settings if previous.get("settings", {}).get(k) != settings[k])
         raise UserError(f"{out} holds shards made with other settings ({', '.join(changed)} differ); "
                         "write to another folder or delete that one")
-    good = [s for s in samples if s.key not in bad_keys]
-    splits = {"train": [s for s in good if not is_val(s.key, opts.val_fraction)],
-              "val": [s for s in good if is_val(s.key, opts.val_fraction)]}
+    train = [s for s in good if s.split == "train"]
+    splits = {"train": [s for s in train if not is_val(s.key, opts.val_fraction)],
+              "val": [s for s in train if is_val(s.key, opts.val_fraction)],
+              "test": [s for s in good if s.split == "test"]}
+    sources = sources or {"train": opts.source}
+    provenance = {"train": sources.get("train", ""),
+                  "val": f"{opts.val_fraction:g} of the training split ({sources.get('train', '')}), by key hash",
+                  "test": sources.get("test", "")}
     manifest = {"settings": settings, "complete": False, "shards": {}, "samples": {},
-                "skipped": {k: v for k, v in bad_keys.items()}, "scan_problems": list(scan_problems)}
+                "splits": {k: {"source": provenance[k],
+                               "pairs": {p: sum(s.pair == p for s in v) for p in ("paired", "unpaired")}}
+                           for k, v in splits.items()},
+                "keypoints": {k: len(v) for k, v in keypoints.items()},
+                "skipped": {k: v for k, v in bad_keys.items()}, "skipped_reasons": counted,
+                "scan_problems": list(scan_problems)}
     if skip_bad and problems:
         atomic.write_json(out / "skipped.json", {"problems": list(problems)})
         log(f"skipping {len(bad_keys)} bad sample(s) and {len(scan_problems)} unmatched file(s); "

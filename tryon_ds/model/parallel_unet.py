@@ -1,14 +1,17 @@
-"""Parallel-UNet (TryOnDiffusion, Zhu et al. 2023).
+"""Parallel-UNet (TryOnDiffusion, Zhu et al. 2023, Sec. 3 and Appendix A).
 
 Two UNets run side by side:
 - the person-UNet denoises ``z_t`` given the clothing-agnostic image (and, in UNet 2, the upsampled
   low-resolution try-on) concatenated on channels;
-- the garment-UNet encodes the segmented garment. At the person-UNet's attending (low-resolution) levels,
-  person features cross-attend to the garment features of the same level: the "implicit warping".
+- the garment-UNet encodes the segmented garment. At the attending resolutions (``attn_levels``: 32 and 16
+  px in the paper's 128 px UNet, 16 px in its 256 px one) **every** residual block of the person-UNet is
+  followed by self-attention, whose keys and values also hold one token per pose keypoint, then
+  cross-attention to the features of the matching block of the garment-UNet: the "implicit warping". The
+  garment-UNet stops after the last block whose features the person-UNet reads.
 
-Both are conditioned on the diffusion time, the person and garment poses (and, in UNet 2, the
-noise-augmentation level of the low-resolution input) through FiLM in every residual block; the two pose
-embeddings are also appended to every attention's key/value sequence.
+Both UNets are conditioned through FiLM in every residual block on one vector: the diffusion time, the noise
+level of each noise-augmented conditioning image (the ca image and the garment; in UNet 2 also the low-res
+try-on), and each pose pooled by attention.
 """
 from __future__ import annotations
 
@@ -22,12 +25,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import attention
-from .pose import PoseEncoder
+from .pose import AttentionPool, PoseTokens
 
 if TYPE_CHECKING:  # the config imports the presets of this package
     from ..config import UNetConfig
 
 COND_KEYS = ("ca", "garment", "person_pose", "person_pose_valid", "garment_pose", "garment_pose_valid")
+# The conditioning images that are noise-augmented, each to its own level, in UNet 1 and in UNet 2.
+NOISY_INPUTS = {1: ("ca", "garment"), 2: ("ca", "garment", "lowres")}
 
 
 class SinusoidalEmbedding(nn.Module):
@@ -94,7 +99,7 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention of ``x`` over ``context`` (itself for self-attention) plus the pose tokens."""
+    """Multi-head attention of ``x`` over ``context`` (default: ``x`` itself) and optional extra tokens."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, backend: str):
         super().__init__()
@@ -105,56 +110,54 @@ class Attention(nn.Module):
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.to_out = ZeroLinear(inner, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None, pose_tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                extra: torch.Tensor | None = None) -> torch.Tensor:
         h = self.norm(x)
-        context = h if context is None else context
-        kv = torch.cat([context, pose_tokens], dim=1)
+        kv = h if context is None else context
+        if extra is not None:
+            kv = torch.cat([kv, extra], dim=1)
         q = rearrange(self.to_q(h), "b n (h d) -> b h n d", h=self.heads)
         k, v = rearrange(self.to_kv(kv), "b m (two h d) -> two b h m d", two=2, h=self.heads)
         out = attention(q, k, v, self.backend)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
-class TransformerBlock(nn.Module):
-    """Self-attention, cross-attention to the garment features of the same level, feed-forward."""
+class WarpBlock(nn.Module):
+    """What follows a person-UNet residual block at an attending resolution: self-attention over the person
+    features and the pose tokens, then cross-attention to the matching garment-UNet block's features."""
 
-    def __init__(self, dim: int, cond_dim: int, cfg: UNetConfig):
+    def __init__(self, dim: int, cfg: UNetConfig):
         super().__init__()
-        self.pose_proj = nn.Linear(cond_dim, dim)
+        self.pose_proj = nn.Linear(cfg.pose_dim, dim)
         self.self_attn = Attention(dim, cfg.attn_heads, cfg.attn_dim_head, cfg.attention_backend)
         self.garment_norm = nn.LayerNorm(dim)
         self.cross_attn = Attention(dim, cfg.attn_heads, cfg.attn_dim_head, cfg.attention_backend)
-        self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * cfg.ff_mult), nn.GELU(),
-                                ZeroLinear(dim * cfg.ff_mult, dim))
 
     def forward(self, x: torch.Tensor, garment: torch.Tensor, pose_tokens: torch.Tensor) -> torch.Tensor:
         height = x.shape[2]
         x = rearrange(x, "b c h w -> b (h w) c")
-        garment = self.garment_norm(rearrange(garment, "b c h w -> b (h w) c"))
-        pose = self.pose_proj(pose_tokens)
-        x = x + self.self_attn(x, None, pose)
-        x = x + self.cross_attn(x, garment, pose)
-        x = x + self.ff(x)
+        x = x + self.self_attn(x, extra=self.pose_proj(pose_tokens))
+        x = x + self.cross_attn(x, self.garment_norm(rearrange(garment, "b c h w -> b (h w) c")))
         return rearrange(x, "b (h w) c -> b c h w", h=height)
 
 
-def downsample(ch: int) -> nn.Module:
-    return nn.Sequential(Rearrange("b c (h p1) (w p2) -> b (c p1 p2) h w", p1=2, p2=2), nn.Conv2d(4 * ch, ch, 1))
+def downsample(ch: int, out_ch: int) -> nn.Module:
+    return nn.Sequential(Rearrange("b c (h p1) (w p2) -> b (c p1 p2) h w", p1=2, p2=2), nn.Conv2d(4 * ch, out_ch, 1))
 
 
-def upsample(ch: int) -> nn.Module:
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1))
+def upsample(ch: int, out_ch: int) -> nn.Module:
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, out_ch, 3, padding=1))
 
 
 class _Level(nn.Module):
-    """One resolution of a UNet path: residual blocks, optional transformer blocks, optional resampling."""
+    """One resolution of a UNet path: residual blocks (each followed by a WarpBlock where the level
+    attends), then an optional resampling to the next level's width."""
 
-    def __init__(self, in_ch: int, ch: int, skip_ch: int, n_res: int, n_attn: int, resample: nn.Module | None,
+    def __init__(self, ch: int, skip_ch: int, n_res: int, attends: bool, resample: nn.Module | None,
                  cond_dim: int, cfg: UNetConfig):
         super().__init__()
-        self.res = nn.ModuleList(
-            ResBlock((in_ch if i == 0 else ch) + skip_ch, ch, cond_dim, cfg.groups, cfg.dropout) for i in range(n_res))
-        self.attn = nn.ModuleList(TransformerBlock(ch, cond_dim, cfg) for _ in range(n_attn))
+        self.res = nn.ModuleList(ResBlock(ch + skip_ch, ch, cond_dim, cfg.groups, cfg.dropout) for _ in range(n_res))
+        self.attn = nn.ModuleList(WarpBlock(ch, cfg) for _ in range(n_res)) if attends else None
         self.resample = resample
 
 
@@ -163,49 +166,42 @@ class ParallelUNet(nn.Module):
         super().__init__()
         self.cfg, self.lowres_cond = cfg, lowres_cond
         self.checkpointing = cfg.checkpointing
+        self.noisy_inputs = NOISY_INPUTS[2 if lowres_cond else 1]
         cond_dim = cfg.cond_dim
         widths = [cfg.dim * m for m in cfg.dim_mults]
         n_levels = len(widths)
-        attn = list(cfg.attn_levels)
-        depth = [cfg.attn_depth if a else 0 for a in attn]
-        top_attn = attn.index(True)  # highest-resolution attending level; the garment decoder stops there
+        attends = list(cfg.attn_levels)
+        top = attends.index(True)  # highest-resolution attending level: the garment decoder ends there
 
         self.time_embed = _Embedder(cond_dim)
-        self.noise_aug_embed = _Embedder(cond_dim) if lowres_cond else None
-        self.person_pose = PoseEncoder(cfg.num_keypoints, cfg.pose_hidden, cond_dim)
-        self.garment_pose = PoseEncoder(cfg.num_keypoints, cfg.pose_hidden, cond_dim)
+        self.noise_level_embed = nn.ModuleDict({k: _Embedder(cond_dim) for k in self.noisy_inputs})
+        self.pose_tokens = PoseTokens(cfg.num_keypoints, cfg.pose_dim)
+        self.pose_pool = nn.ModuleList(AttentionPool(cfg.pose_dim, cfg.attn_heads, cond_dim, cfg.attention_backend)
+                                       for _ in range(2))  # the person's pose, the garment wearer's
 
         in_ch = channels * (3 if lowres_cond else 2)  # z_t, ca image (, upsampled low-res try-on)
-        self.person_in = nn.Conv2d(in_ch, cfg.dim, 7, padding=3)
-        self.garment_in = nn.Conv2d(channels, cfg.dim, 7, padding=3)
+        self.person_in = nn.Conv2d(in_ch, widths[0], 7, padding=3)
+        self.garment_in = nn.Conv2d(channels, widths[0], 7, padding=3)
 
-        def encoder(with_attn: bool) -> nn.ModuleList:
-            prev, levels = cfg.dim, []
-            for i, w in enumerate(widths):
-                levels.append(_Level(prev, w, 0, cfg.num_res_blocks[i], depth[i] if with_attn else 0,
-                                     downsample(w) if i < n_levels - 1 else None, cond_dim, cfg))
-                prev = w
-            return nn.ModuleList(levels)
+        def path(person: bool):
+            """Levels down, the middle, levels up (the garment's cut after its top attending level)."""
+            down = nn.ModuleList(
+                _Level(w, 0, cfg.num_res_blocks[i], person and attends[i],
+                       downsample(w, widths[i + 1]) if i < n_levels - 1 else None, cond_dim, cfg)
+                for i, w in enumerate(widths))
+            mid = _Level(widths[-1], 0, 2, person and attends[-1], None, cond_dim, cfg)
+            last = 0 if person else top
+            up = nn.ModuleList(
+                _Level(widths[i], widths[i], cfg.num_res_blocks[i], person and attends[i],
+                       upsample(widths[i], widths[i - 1]) if i > last else None, cond_dim, cfg)
+                for i in reversed(range(last, n_levels)))
+            return down, mid, up
 
-        def decoder(with_attn: bool, stop: int) -> nn.ModuleList:
-            levels = []
-            for i in reversed(range(stop, n_levels)):
-                in_w = widths[min(i + 1, n_levels - 1)]
-                levels.append(_Level(in_w, widths[i], widths[i], cfg.num_res_blocks[i],
-                                     depth[i] if with_attn else 0, upsample(widths[i]) if i > stop else None,
-                                     cond_dim, cfg))
-            return nn.ModuleList(levels)
-
-        mid = widths[-1]
-        self.person_down = encoder(with_attn=True)
-        self.person_mid = _Level(mid, mid, 0, 2, cfg.mid_attn_depth, None, cond_dim, cfg)
-        self.person_up = decoder(with_attn=True, stop=0)
-        self.person_out = nn.Sequential(nn.GroupNorm(cfg.groups, cfg.dim), nn.SiLU(),
-                                        ZeroConv2d(cfg.dim, channels, 3, padding=1))
-        # The garment-UNet has no output image: only its features at the attending levels are used.
-        self.garment_down = encoder(with_attn=False)
-        self.garment_mid = _Level(mid, mid, 0, 1, 0, None, cond_dim, cfg)
-        self.garment_up = decoder(with_attn=False, stop=top_attn)
+        self.person_down, self.person_mid, self.person_up = path(person=True)
+        self.person_out = nn.Sequential(nn.GroupNorm(cfg.groups, widths[0]), nn.SiLU(),
+                                        ZeroConv2d(widths[0], channels, 3, padding=1))
+        # The garment-UNet has no output image: only its features at the attending blocks are used.
+        self.garment_down, self.garment_mid, self.garment_up = path(person=False)
 
     # ------------------------------------------------------------------ helpers
     def _call(self, block: nn.Module, *args):
@@ -213,63 +209,64 @@ class ParallelUNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def _conditioning(self, t, cond, lowres_noise_level):
-        emb_p = self.person_pose(cond["person_pose"], cond["person_pose_valid"])
-        emb_g = self.garment_pose(cond["garment_pose"], cond["garment_pose_valid"])
-        c = self.time_embed(t) + emb_p + emb_g
-        if self.lowres_cond:
-            c = c + self.noise_aug_embed(lowres_noise_level)
-        return c, torch.stack([emb_p, emb_g], dim=1)
+    def _conditioning(self, t, cond, noise_levels):
+        """The FiLM vector and the pose tokens."""
+        tokens = self.pose_tokens(cond["person_pose"], cond["person_pose_valid"], cond["garment_pose"],
+                                  cond["garment_pose_valid"])
+        k = self.cfg.num_keypoints
+        c = self.time_embed(t) + self.pose_pool[0](tokens[:, :k]) + self.pose_pool[1](tokens[:, k:])
+        for name in self.noisy_inputs:
+            # Levels are fractions in [0, 1]; the embedding's sinusoids want the timestep scale.
+            c = c + self.noise_level_embed[name](noise_levels[name] * 1000)
+        return c, tokens
 
-    def _walk(self, down: nn.ModuleList, mid: "_Level", up: nn.ModuleList, x: torch.Tensor, c: torch.Tensor,
-              visit: Callable[[tuple, "_Level", torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def _walk(self, down: nn.ModuleList, mid: _Level, up: nn.ModuleList, x: torch.Tensor, c: torch.Tensor,
+              visit: Callable[[tuple, _Level, int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """One UNet path, the same for the person and the garment: each level's residual blocks (the up
-        path's take the matching down block's output as a skip), then ``visit(place, level, x)``, which may
-        replace x, then the level's resampling. Places are ("down", level), ("mid",), ("up", level); the
-        middle level calls it after its first block. A decoder cut short (the garment's) ends early."""
+        path's take the matching down block's output as a skip), ``visit(place, level, j, x)`` after block j,
+        which may replace x, then the level's resampling. Places are ("down", level), ("mid",), ("up", level).
+        A decoder cut short (the garment's) ends early."""
         skips = []
         for i, level in enumerate(down):
-            for block in level.res:
-                x = self._call(block, x, c)
+            for j, block in enumerate(level.res):
+                x = visit(("down", i), level, j, self._call(block, x, c))
                 skips.append(x)
-            x = visit(("down", i), level, x)
             if level.resample is not None:
                 x = level.resample(x)
         for j, block in enumerate(mid.res):
-            x = self._call(block, x, c)
-            if j == 0:
-                x = visit(("mid",), mid, x)
-        for j, level in enumerate(up):
-            for block in level.res:
-                x = self._call(block, torch.cat([x, skips.pop()], dim=1), c)
-            x = visit(("up", len(down) - 1 - j), level, x)
+            x = visit(("mid",), mid, j, self._call(block, x, c))
+        for k, level in enumerate(up):
+            i = len(down) - 1 - k
+            for j, block in enumerate(level.res):
+                x = visit(("up", i), level, j, self._call(block, torch.cat([x, skips.pop()], dim=1), c))
             if level.resample is not None:
                 x = level.resample(x)
         return x
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, lowres_noise_level: torch.Tensor | None = None,
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, noise_levels: dict[str, torch.Tensor],
                 drop_cond: torch.Tensor | None = None) -> torch.Tensor:
         """x_t: (B, C, H, W) noisy image; t: (B,) integer timesteps; cond: the tensors named in COND_KEYS
-        (and ``lowres`` for UNet 2); drop_cond: (B,) bool, True where the try-on conditioning is replaced by
-        its null value (classifier-free guidance)."""
+        (and ``lowres`` for UNet 2), the conditioning images already noise-augmented to ``noise_levels``
+        ({name: (B,) fractions in [0, 1]} for each of NOISY_INPUTS); drop_cond: (B,) bool, True where the
+        try-on conditioning is replaced by its null value (classifier-free guidance)."""
         if drop_cond is not None:
             cond = drop_conditioning(cond, drop_cond)
         if self.cfg.channels_last:  # the convolutions propagate the layout from their inputs
             x_t = x_t.contiguous(memory_format=torch.channels_last)
             cond = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in cond.items()}
-        c, pose_tokens = self._conditioning(t, cond, lowres_noise_level)
+        c, pose_tokens = self._conditioning(t, cond, noise_levels)
 
         garment_feats = {}
 
-        def keep(place, level, x):  # the garment features the person stream attends to
-            garment_feats[place] = x
+        def keep(place, level, j, x):  # the garment features the person stream attends to
+            garment_feats[place + (j,)] = x
             return x
 
-        def attend(place, level, x):  # the implicit warping: attend to the garment at the same place
-            for block in level.attn:
-                x = self._call(block, x, garment_feats[place], pose_tokens)
-            return x
+        def attend(place, level, j, x):  # the implicit warping, after every block of an attending level
+            if level.attn is None:
+                return x
+            return self._call(level.attn[j], x, garment_feats[place + (j,)], pose_tokens)
 
         self._walk(self.garment_down, self.garment_mid, self.garment_up, self.garment_in(cond["garment"]), c, keep)
         inputs = [x_t, cond["ca"]] + ([cond["lowres"]] if self.lowres_cond else [])

@@ -2,6 +2,7 @@
 on the same synthetic samples, plus the conversion rate of make_shards.
 
     python tools/bench_data.py --samples 400 --batches 30
+    python tools/bench_data.py --convert-only --source-size 768x1024 --samples 100   # VITON-HD-sized sources
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..cli import exit_on_user_error
@@ -28,7 +30,7 @@ class FolderDataset(Dataset):
     """The obvious loader for the folders layout: open the files of one sample per __getitem__."""
 
     def __init__(self, root: Path, config, unet_number: int):
-        self.samples, _ = sources.scan_folders(root)
+        self.samples = sources.scan_folders(root).samples
         self.config, self.unet_number = config, unet_number
 
     def __len__(self):
@@ -47,6 +49,20 @@ class FolderDataset(Dataset):
         return unet_inputs(out, self.config, self.unet_number, random.Random(i))
 
 
+def _crop_width(root: Path, width: int) -> None:
+    """Cut a folders-layout tree of square images to ``width``, centred, keypoints moved along."""
+    for folder in ("person_images", "ca_images", "garment_images"):
+        for path in (root / folder).iterdir():
+            with Image.open(path) as img:
+                left = (img.width - width) // 2
+                img.crop((left, 0, left + width, img.height)).save(path, quality=95)
+    for folder in ("person_poses", "garment_poses"):
+        for path in (root / folder).glob("*.npy"):
+            pose = np.load(path)
+            pose[pose[:, 2] > 0, 0] -= left
+            np.save(path, pose)
+
+
 def rate(iterator, batches: int, batch_size: int) -> float:
     it = iter(iterator)
     next(it)  # start-up (workers, first shard) is not throughput
@@ -59,20 +75,26 @@ def rate(iterator, batches: int, batch_size: int) -> float:
 @exit_on_user_error
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=400)
-    p.add_argument("--batches", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=16)
+    for flag, default in (("--samples", 400), ("--batches", 30), ("--batch-size", 16)):
+        p.add_argument(flag, type=int, default=default)
+    p.add_argument("--source-size", default="256x256", help="WxH of the source images (VITON-HD's: 768x1024)")
+    p.add_argument("--convert-only", action="store_true", help="measure make_shards only")
     args = p.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="tryon-bench-"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; data under {root}")
-    export_folders(root / "folders", args.samples, size=256)
-    samples, _ = sources.scan_folders(root / "folders")
+    width, height = (int(v) for v in args.source_size.split("x"))
+    export_folders(root / "folders", args.samples, size=height)
+    if width != height:  # the people are centred: cut the sides to the source's aspect
+        _crop_width(root / "folders", width)
+    samples = sources.scan_folders(root / "folders").samples
     for workers in (1, 2):
         start = time.perf_counter()
         write_shards(root / f"shards{workers}", samples, ShardOptions(image_size=(256, 256), val_fraction=0.0),
                      workers=workers, log=lambda _: None)
-        print(f"make_shards, {workers} worker(s): {args.samples / (time.perf_counter() - start):.1f} samples/s "
-              "(check + convert + write)")
+        print(f"make_shards, {width}x{height} sources -> 256 px shards, {workers} worker(s): "
+              f"{args.samples / (time.perf_counter() - start):.1f} samples/s (check + convert + write)")
+    if args.convert_only:
+        return
     base = read_config_file(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
     print(" unet  size  workers  shards samples/s  folder samples/s  ratio")
     for unet in (1, 2):

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 CPU_CASES = [("tiny", 8), ("small", 4)]
 # "small": a CPU-sized Parallel-UNet between tiny and base, at the tiny config's 32/64 px.
 SMALL = {"preset": "tiny", "dim": 64, "num_res_blocks": [2, 2, 2], "attn_heads": 4, "attn_dim_head": 32,
-         "cond_dim": 256, "pose_hidden": 256}
+         "cond_dim": 256, "pose_dim": 128}
 # Dense bf16 (= fp16) tensor throughput by the vendors' datasheets, FLOP/s.
 PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
 

@@ -1,13 +1,13 @@
 """The main job end to end on the built-in small default (synthetic data, tiny preset, CPU, DeepSpeed):
 
-    synthetic shards -> base UNet (2 ranks, ZeRO-2) -> SR UNet (likewise) -> bundle -> cascade on held-out
-    validation pairs -> a PNG grid and the quality table.
+    synthetic shards -> UNet 1 (2 ranks, ZeRO-2) -> UNet 2 (likewise) -> bundle -> cascade on held-out
+    validation pairs -> a PNG grid, the quality table, and UNet 2 alone against bilinear upsampling.
 
 Every step runs the same command a cluster user runs (tools/make_shards.py, tryon_ds/train.py under the
 deepspeed launcher, tools/consolidate_checkpoint.py, tools/infer.py, tools/evaluate.py); each command is
 printed before it runs.
 
-    python tools/demo.py                # about 13 minutes on 2 CPU cores
+    python tools/demo.py                # about 12 minutes on 2 CPU cores
     python tools/demo.py --quick        # a few steps of everything, for a smoke test
 """
 from __future__ import annotations
@@ -45,21 +45,23 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="everything the demo writes goes here")
     p.add_argument("--samples", type=int, default=4000, help="synthetic samples")
-    p.add_argument("--base_steps", type=int, default=700)
-    p.add_argument("--sr_steps", type=int, default=500)
-    p.add_argument("--base_batch", type=int, default=8, help="micro-batch per rank, base UNet")
+    p.add_argument("--base_steps", type=int, default=900)
+    p.add_argument("--sr_steps", type=int, default=800)
+    p.add_argument("--base_batch", type=int, default=8, help="micro-batch per rank, UNet 1")
     # Twice the steps at half the batch trained the SR UNet better in the same time (BENCHMARKS.md).
-    p.add_argument("--sr_batch", type=int, default=4, help="micro-batch per rank, SR UNet")
+    p.add_argument("--sr_batch", type=int, default=4, help="micro-batch per rank, UNet 2")
     # Guidance 2 (the paper's) lost 0.5-0.6 dB of garment-region PSNR to guidance 1 with these tiny,
     # briefly trained UNets, for a little more SSIM (BENCHMARKS.md); sampling is also twice as fast.
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight for inference")
     p.add_argument("--eval_pairs", type=int, default=48)
+    p.add_argument("--sr_alone_pairs", type=int, default=24, help="pairs for UNet 2 alone vs bilinear upsampling")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--val_fraction", type=float, default=0.03)
     p.add_argument("--quick", action="store_true", help="a few steps of everything (the test suite's version)")
     args = p.parse_args(argv)
     if args.quick:
         args.samples, args.base_steps, args.sr_steps, args.eval_pairs, args.val_fraction = 120, 4, 3, 4, 0.15
+        args.sr_alone_pairs = 2
     out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     if out.exists():
         shutil.rmtree(out)
@@ -86,7 +88,7 @@ def main(argv=None) -> None:
           "--output_dir", str(out / "results"), *sampling])
     table = out / "quality.json"
     _run([py, "tools/evaluate.py", "--checkpoint", str(bundle), "--shards", val, "--num", str(args.eval_pairs),
-          "--json", str(table), *sampling])
+          "--sr-alone", str(args.sr_alone_pairs), "--json", str(table), *sampling])
 
     quality = json.loads(table.read_text())
     print(f"\nDone in {(time.perf_counter() - start) / 60:.1f} min (torch {torch.__version__}).")
@@ -97,7 +99,11 @@ def main(argv=None) -> None:
     print(format_table(quality["rows"], quality["pairs"], quality["region_pixels"]))
     m = quality["margins"]
     print(f"  inside the garment region the cascade beats the better baseline by {m['psnr_region']:+.2f} dB PSNR "
-          f"and {m['ssim_region']:+.3f} SSIM")
+          f"and {m['ssim_region']:+.3f} SSIM\n")
+    sr = quality["sr_alone"]
+    print(format_table(sr["rows"], sr["pairs"], sr["region_pixels"]))
+    print(f"  UNet 2 alone, given the true low-res image: {sr['margins']['psnr']:+.2f} dB PSNR and "
+          f"{sr['margins']['ssim']:+.3f} SSIM from bilinear upsampling of it (whole image)")
 
 
 if __name__ == "__main__":

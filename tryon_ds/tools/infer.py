@@ -28,14 +28,14 @@ from ..errors import UserError
 from ..inference import TryOnPipeline
 
 
-def _load_pair(args, num_keypoints: int):
+def _load_pair(args):
     problems: list[str] = []
     ca = read_image(Path(args.ca_image), problems)
     garment = read_image(Path(args.garment_image), problems)
-    person_pose = read_pose(Path(args.person_pose), num_keypoints, ca.size if ca else None, problems)
+    person_pose = read_pose(Path(args.person_pose), ca.size if ca else None, problems, {})
     garment_pose = None
     if args.garment_pose:
-        garment_pose = read_pose(Path(args.garment_pose), num_keypoints, garment.size if garment else None, problems)
+        garment_pose = read_pose(Path(args.garment_pose), garment.size if garment else None, problems, {})
     if problems:
         raise UserError("bad input:\n  " + "\n  ".join(problems))
     return ca, garment, person_pose, garment_pose
@@ -110,7 +110,7 @@ def main(argv=None) -> None:
     missing = [f"--{n}" for n in ("ca_image", "garment_image", "person_pose", "output") if not getattr(args, n)]
     if missing:
         raise UserError(f"give {', '.join(missing)} (or --shards for validation samples)")
-    ca, garment, person_pose, garment_pose = _load_pair(args, pipe.configs[1].unet(1).num_keypoints)
+    ca, garment, person_pose, garment_pose = _load_pair(args)
     result = pipe(ca, garment, person_pose, garment_pose, **options)
     atomic.save_image(result, Path(args.output))
     print(f"wrote {args.output} ({result.width}x{result.height})")

@@ -23,7 +23,7 @@ from ..cli import exit_on_user_error
 from ..config import Config, add_config_args, config_from_args, find_config_file, preset
 from ..errors import UserError
 from ..model import parameter_count
-from ..model.parallel_unet import ResBlock, TransformerBlock
+from ..model.parallel_unet import ResBlock, WarpBlock
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -90,8 +90,8 @@ def activations(config: Config, unet_number: int, micro_batch: int, precision: s
         if current[0] == id(module):
             current[0] = None
 
-    hooks = [m.register_forward_pre_hook(enter) for m in model.modules() if isinstance(m, (ResBlock, TransformerBlock))]
-    hooks += [m.register_forward_hook(leave) for m in model.modules() if isinstance(m, (ResBlock, TransformerBlock))]
+    hooks = [m.register_forward_pre_hook(enter) for m in model.modules() if isinstance(m, (ResBlock, WarpBlock))]
+    hooks += [m.register_forward_hook(leave) for m in model.modules() if isinstance(m, (ResBlock, WarpBlock))]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(batch)
     for h in hooks:
@@ -103,11 +103,13 @@ def activations(config: Config, unet_number: int, micro_batch: int, precision: s
 
 
 def plan(config: Config, unet_number: int, micro_batch: int, zero: int, precision: str, gpus: int,
-         checkpointing: bool, ds: dict) -> dict[str, float]:
+         checkpointing: bool, ds: dict, activation_bytes: float | None = None) -> dict[str, float]:
+    """Bytes per GPU by what holds them; ``activation_bytes`` when already traced."""
     with torch.device("meta"):
         n = parameter_count(CascadeUNet(config, unet_number))
     rows = model_states(n, zero, precision, gpus, ds)
-    rows["activations"] = activations(config, unet_number, micro_batch, precision, checkpointing)
+    rows["activations"] = (activations(config, unet_number, micro_batch, precision, checkpointing)
+                           if activation_bytes is None else activation_bytes)
     rows["DeepSpeed buffers"] = buffers(ds, precision)
     return rows
 
@@ -153,9 +155,15 @@ def main(argv=None) -> None:
     ds.setdefault("zero_optimization", {})["stage"] = args.zero
     budget = args.gpu_memory * 1e9
 
+    per_sample = {}  # activations grow with the micro-batch in proportion: trace once per checkpointing choice
+
     def estimate(**change) -> dict[str, float]:
         o = {"micro_batch": args.micro_batch, "zero": args.zero, "checkpointing": args.checkpointing, "ds": ds, **change}
-        return plan(config, number, o["micro_batch"], o["zero"], args.precision, args.gpus, o["checkpointing"], o["ds"])
+        if o["checkpointing"] not in per_sample:
+            per_sample[o["checkpointing"]] = activations(config, number, args.micro_batch, args.precision,
+                                                         o["checkpointing"]) / args.micro_batch
+        return plan(config, number, o["micro_batch"], o["zero"], args.precision, args.gpus, o["checkpointing"], o["ds"],
+                    per_sample[o["checkpointing"]] * o["micro_batch"])
 
     rows = estimate()
     total = sum(rows.values())

@@ -20,10 +20,13 @@ from .ema import EMA
 
 
 def lr_factor(config: Config):
-    """Linear warm-up to the learning rate, then cosine decay to min_lr_ratio of it."""
+    """Linear warm-up to the learning rate, then constant (``lr_schedule: constant``, the paper's) or cosine
+    decay to min_lr_ratio of it."""
     def factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
+        if config.lr_schedule == "constant":
+            return 1.0
         progress = min(1.0, (step - config.warmup_steps) / max(1, config.cosine_decay_max_steps - config.warmup_steps))
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor

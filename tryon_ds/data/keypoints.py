@@ -1,0 +1,106 @@
+"""Pose keypoints as the releases ship them, read into COCO-18 order: (18, 3) pixel x, y and a confidence,
+0 meaning not detected.
+
+Read as they come:
+- OpenPose JSON (``{"people": [{"pose_keypoints_2d": [...]}]}``) in COCO-18 (18 x 3) or BODY_25 (25 x 3,
+  mapped to COCO-18: MidHip and the feet dropped); VITON-HD ships BODY_25. No person (``"people": []``)
+  means no pose;
+- DressCode JSON (``{"keypoints": [[x, y, score, id], ...]}``, 18 joints) computed on a 384 x 512 copy of
+  each image, so rescaled to the image's own size; ``[-1, -1, 0, -1]`` is a joint not detected;
+- ``.npy`` arrays (18, 2), (18, 3) or (25, 3) in the pixels of their image.
+A joint not detected (confidence 0, coordinates -1, or (0, 0) without a confidence) is stored invalid,
+never as a point at (0, 0). A detected joint at most ``OUTSIDE_TOLERANCE`` of the image's size outside it
+is clipped onto its edge; one further out is marked invalid; both are counted. Messages name a joint as
+the source file numbers it ("RKnee, BODY_25 #10") with its coordinates and the image size.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..model.pose import COCO18_NAMES
+
+BODY25_NAMES = ("Nose", "Neck", "RShoulder", "RElbow", "RWrist", "LShoulder", "LElbow", "LWrist", "MidHip", "RHip",
+                "RKnee", "RAnkle", "LHip", "LKnee", "LAnkle", "REye", "LEye", "REar", "LEar", "LBigToe", "LSmallToe",
+                "LHeel", "RBigToe", "RSmallToe", "RHeel")
+BODY25_TO_COCO18 = tuple(BODY25_NAMES.index(name) for name in COCO18_NAMES)
+DRESSCODE_CANVAS = (384, 512)  # (W, H) of the copy DressCode's keypoints were computed on
+OUTSIDE_TOLERANCE = 0.05  # of the image's width/height: within it a joint is clipped, beyond it dropped
+
+
+class KeypointError(Exception):
+    """The file holds no usable pose: unreadable, of an unknown shape, NaN."""
+
+
+@dataclass
+class Pose:
+    points: np.ndarray | None  # (18, 3) x, y in the image's pixels, confidence (0: not detected); None: no person
+    clipped: list[str] = field(default_factory=list)  # joints slightly outside, moved onto the edge
+    dropped: list[str] = field(default_factory=list)  # joints far outside, stored invalid
+
+
+def _joint(index: int, scheme: str) -> str:
+    names = BODY25_NAMES if scheme == "BODY_25" else COCO18_NAMES
+    return f"{names[index] if index < len(names) else 'joint'}, {scheme} #{index}"
+
+
+def _raw(path: Path, size: tuple[int, int]) -> tuple[np.ndarray | None, str]:
+    """(K, 3) pixel x, y, confidence as the file has them, and its numbering scheme."""
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if "keypoints" in data:  # DressCode
+            a = np.asarray(data["keypoints"], dtype=np.float64)
+            if a.ndim != 2 or a.shape[1] != 4:
+                raise KeypointError(f"'keypoints' of shape {a.shape}, expected (18, 4): x, y, score, id")
+            undetected = (a[:, 0] < 0) | (a[:, 1] < 0)
+            pts = np.stack([a[:, 0] * size[0] / DRESSCODE_CANVAS[0], a[:, 1] * size[1] / DRESSCODE_CANVAS[1],
+                            np.where(undetected, 0.0, np.maximum(a[:, 2], 1e-3))], axis=1)
+            pts[undetected, :2] = 0
+            return pts, "COCO-18"
+        people = data.get("people")
+        if people is None:
+            raise KeypointError("neither 'people' (OpenPose) nor 'keypoints' (DressCode) in the JSON")
+        if not people:
+            return None, "COCO-18"
+        a = np.asarray(people[0]["pose_keypoints_2d"], dtype=np.float64).reshape(-1, 3)
+    else:
+        a = np.load(path, allow_pickle=False).astype(np.float64)
+    if a.ndim != 2 or (a.shape[0], a.shape[1]) not in ((18, 2), (18, 3), (25, 3)):
+        raise KeypointError(f"pose of shape {tuple(a.shape)}, expected (18, 2), (18, 3) or (25, 3) "
+                            "(x, y[, confidence]; COCO-18 or BODY_25)")
+    if a.shape[1] == 2:  # without confidences, OpenPose's (0, 0) marks a joint not detected
+        a = np.concatenate([a, (np.abs(a).sum(axis=1, keepdims=True) > 0).astype(np.float64)], axis=1)
+    return a, "BODY_25" if a.shape[0] == 25 else "COCO-18"
+
+
+def read_keypoints(path: Path, size: tuple[int, int]) -> Pose:
+    """The pose in ``path`` for an image of ``size`` (W, H), in COCO-18 order. Raises KeypointError."""
+    try:
+        raw, scheme = _raw(path, size)
+    except KeypointError:
+        raise
+    except Exception as err:
+        raise KeypointError(f"unreadable pose ({type(err).__name__}: {err})") from None
+    if raw is None:
+        return Pose(None)
+    if not np.isfinite(raw).all():
+        raise KeypointError("pose has NaN or infinite values")
+    w, h = size
+    detected = (raw[:, 2] > 0) & ~((raw[:, 0] == -1) & (raw[:, 1] == -1))
+    pose = Pose(np.zeros((len(raw), 3)))
+    for i in np.flatnonzero(detected):
+        x, y = raw[i, :2]
+        where = f"{_joint(i, scheme)} at ({x:.1f}, {y:.1f}) outside the {w}x{h} image"
+        if -OUTSIDE_TOLERANCE * w <= x <= (1 + OUTSIDE_TOLERANCE) * w and -OUTSIDE_TOLERANCE * h <= y <= (1 + OUTSIDE_TOLERANCE) * h:
+            if not (0 <= x <= w and 0 <= y <= h):
+                pose.clipped.append(where + ": clipped onto its edge")
+            pose.points[i] = (min(max(x, 0.0), w), min(max(y, 0.0), h), raw[i, 2])
+        else:
+            pose.dropped.append(where + ": stored as not detected")
+    if scheme == "BODY_25":
+        pose.points = pose.points[list(BODY25_TO_COCO18)]
+    pose.points = pose.points.astype(np.float32)
+    return pose
