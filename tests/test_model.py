@@ -131,6 +131,21 @@ def test_attention_backends_agree():
     torch.testing.assert_close(attention(q, k, v, "sdpa"), attention(q, k, v, "math"), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("unet", [1, 2])
+def test_the_whole_model_is_the_same_with_sdpa_and_math_attention(tiny_config, unet):
+    """Every attention of the model (self with pose tokens, cross to the garment, the pose pooling) through
+    PyTorch's fused kernel and through the textbook reference."""
+    outputs = []
+    for backend in ("sdpa", "math"):
+        cfg = dataclasses.replace(tiny_config, **{f"unet{unet}": dataclasses.replace(tiny_config.unet(unet),
+                                                                                    attention_backend=backend)})
+        torch.manual_seed(0)
+        model = _live(CascadeUNet(cfg, unet).eval(), std=0.05)
+        x, t, cond, levels = fixed_inputs(cfg, unet)
+        outputs.append(model.unet(x, t, cond, levels))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-4)
+
+
 def test_xformers_unavailable_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(attention_module, "_warned", set())
     q = torch.randn(1, 2, 8, 16)

@@ -104,3 +104,20 @@ def test_usr1_checkpoints_requeues_resumes_and_matches(slurm, shards, uninterrup
     got, ref = final_loss(tmp_path), final_loss(uninterrupted[0])
     assert max(got) == STEPS
     assert got[STEPS] == pytest.approx(ref[STEPS], abs=1e-6)
+
+
+def test_rendezvous_is_the_first_nodes_address_and_an_unresolvable_one_is_an_error(slurm):
+    """slurm/rendezvous.sh with the real scontrol: a node's NodeAddr (n1 -> 127.0.0.1) even when its name does
+    not resolve; a first node that resolves nowhere fails a multi-node job clearly, and a one-node job falls
+    back to 127.0.0.1."""
+    def host(nodelist, nodes):
+        return subprocess.run(["bash", "-c", "source slurm/rendezvous.sh && rendezvous_host"], cwd=ROOT,
+                              env={**slurm, "SLURM_JOB_NODELIST": nodelist, "SLURM_NNODES": str(nodes)},
+                              capture_output=True, text=True)
+    r = host("n[1-2]", 2)
+    assert r.returncode == 0 and r.stdout.strip() == "127.0.0.1", r.stderr
+    r = host("nowhere[1-2]", 2)
+    assert r.returncode == 1 and r.stdout == ""
+    assert "the first node of this 2-node allocation, nowhere1" in r.stderr and "does not resolve" in r.stderr
+    r = host("nowhere1", 1)
+    assert r.returncode == 0 and r.stdout.strip() == "127.0.0.1" and "single-node allocation" in r.stderr
