@@ -20,9 +20,8 @@ from safetensors.torch import load_file
 from . import atomic
 from .config import Config, build_config
 from .errors import UserError
-from .model import ParallelUNet
+from .model import DTYPES, ParallelUNet
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 UNET_PREFIX = "unet."  # the trainer's CascadeUNet holds the Parallel-UNet as .unet
 
 

@@ -32,13 +32,17 @@ class CascadeUNet(nn.Module):
         self.unet = ParallelUNet(config.unet(unet_number), lowres_cond=unet_number == 2, channels=config.channels)
         self.diffusion = GaussianDiffusion(config.timesteps[unet_number - 1], self.dcfg.schedule, self.dcfg.objective)
 
+    def upsample(self, lowres: torch.Tensor) -> torch.Tensor:
+        """UNet 2's low-res try-on at this UNet's size, as UNet 2 sees it (before noise augmentation)."""
+        return F.interpolate(lowres, size=self.image_size, mode="bilinear", align_corners=False)
+
     def conditioning(self, cond: dict, lowres: torch.Tensor | None, levels: dict[str, torch.Tensor],
                      generator: torch.Generator | None = None) -> dict:
         """The UNet's conditioning: COND_KEYS (and UNet 2's ``lowres``, upsampled to this UNet's size), each
         noisy input noised to its level in ``levels`` ((B,) fractions of the timesteps; 0 leaves it as is)."""
         out = {k: cond[k] for k in COND_KEYS}
         if self.unet_number == 2:
-            out["lowres"] = F.interpolate(lowres, size=self.image_size, mode="bilinear", align_corners=False)
+            out["lowres"] = self.upsample(lowres)
         for name, level in levels.items():
             image = out[name]
             noise = torch.randn(image.shape, generator=generator, device=image.device, dtype=image.dtype)
@@ -95,7 +99,7 @@ class CascadeUNet(nn.Module):
         shape = (b, ref.shape[1]) + self.image_size
         start = None
         if self.unet_number == 2:  # the clean upsampled low-res image, not its noise-augmented copy
-            start = (F.interpolate(lowres, size=self.image_size, mode="bilinear", align_corners=False), d.sr_start)
+            start = (self.upsample(lowres), d.sr_start)
         return self.diffusion.sample(denoise, shape, steps, eta=1.0 if sampler == "ddpm" else 0.0,
                                      generator=generator,
                                      threshold=d.dynamic_threshold_percentile if d.dynamic_threshold else None,

@@ -9,7 +9,9 @@ the result is cropped back to the ca image's aspect ratio.
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -18,6 +20,7 @@ from PIL import Image
 from .bundle import read_unet
 from .cascade import CascadeUNet
 from .config import Config
+from .data.pipeline import ValDataset, collate, resolve_shards
 from .data.preprocess import letterbox, normalise_pose, pose_tensors, to_image, to_tensor, unet_inputs
 from .errors import UserError
 from .model import COND_KEYS
@@ -70,6 +73,20 @@ class TryOnPipeline:
         conds = {n: {key: value[None] for key, value in unet_inputs(sample, config, n).items()}
                  for n, config in self.configs.items()}
         return conds, (scale, pad, ca.size)
+
+    def shard_batches(self, shards: str, batch_size: int, limit: int | None = None) -> Iterator[dict[int, dict]]:
+        """The samples of ``shards`` in order, as ``generate`` takes them: {unet number: the batch prepared
+        at that UNet's size}, ``batch_size`` samples at a time (``limit`` samples in all, if given)."""
+        urls = resolve_shards(shards, "validation")
+        iterators = {n: iter(ValDataset(urls, self.configs[n], n, 0, 1)) for n in self.unets}
+        done = 0
+        while limit is None or done < limit:
+            n = batch_size if limit is None else min(batch_size, limit - done)
+            samples = {number: list(itertools.islice(it, n)) for number, it in iterators.items()}
+            if not samples[1]:
+                return
+            done += len(samples[1])
+            yield {number: collate(batch) for number, batch in samples.items()}
 
     @torch.no_grad()
     def generate(self, conds: dict[int, dict], sampler: str | None = None, steps: tuple | None = None,

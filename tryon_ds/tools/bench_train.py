@@ -16,6 +16,7 @@ pipeline is measured by tools/bench_data.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -75,8 +76,7 @@ def _set_variant(engine, backend: str, channels_last: bool) -> None:
     for m in engine.module.modules():
         if isinstance(m, Attention):
             m.backend = backend
-    engine.module.unet.cfg = engine.module.unet.cfg.__class__(**{**engine.module.unet.cfg.__dict__,
-                                                                  "channels_last": channels_last})
+    engine.module.unet.cfg = dataclasses.replace(engine.module.unet.cfg, channels_last=channels_last)
 
 
 def worker(args) -> None:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from ..bundle import DTYPES, strip_prefix, write_unet
+from ..bundle import strip_prefix, write_unet
 from ..cli import exit_on_user_error
 from ..config import build_config
 from ..errors import UserError
+from ..model import DTYPES
 from ..training import checkpoint
 
 

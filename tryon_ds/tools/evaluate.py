@@ -14,7 +14,6 @@ import argparse
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .. import atomic
 from ..cli import exit_on_user_error
@@ -34,15 +33,9 @@ def _select(batch: dict, keep: list[bool]) -> dict:
 def evaluate(pipe: TryOnPipeline, shards: str, num: int, batch_size: int, options: dict, unpaired: int = 0):
     """The quality table over ``num`` paired samples, their try-ons and targets (for FID/KID), and the
     try-on grid rows of up to ``unpaired`` unpaired samples (no target exists for those: pictures only)."""
-    urls = resolve_shards(shards, "validation")
-    iterators = {n: iter(ValDataset(urls, pipe.configs[n], n, 0, 1)) for n in pipe.unets}
     last = pipe.last
     table, real, fake, pictures = QualityTable(), [], [], []
-    while table.count < num or len(pictures) < unpaired:
-        samples = {u: [x for _, x in zip(range(batch_size), it)] for u, it in iterators.items()}
-        if not samples[1]:
-            break
-        conds = {u: collate(batch) for u, batch in samples.items()}
+    for conds in pipe.shard_batches(shards, batch_size):
         result = pipe.generate(conds, **options)[last].cpu()
         pair = conds[last]["pair"]
         paired = [p == "paired" and table.count + sum(q == "paired" for q in pair[:i]) < num for i, p in enumerate(pair)]
@@ -56,6 +49,8 @@ def evaluate(pipe: TryOnPipeline, shards: str, num: int, batch_size: int, option
                 pictures.append([conds[last]["ca"][i], conds[last]["garment"][i], result[i]])
         print(f"evaluated {table.count}/{num} paired samples" + (f", {len(pictures)} unpaired" if unpaired else ""),
               flush=True)
+        if table.count >= num and len(pictures) >= unpaired:
+            break
     if table.count == 0:
         raise UserError(f"no paired sample (with a ground truth) could be read from {shards}")
     return table, real, fake, pictures
@@ -77,7 +72,7 @@ def evaluate_sr_alone(pipe: TryOnPipeline, shards: str, num: int, batch_size: in
         cond = {k: batch[k].to(pipe.device) for k in COND_KEYS}
         sr = pipe.unets[2].sample(cond, lowres=batch["lowres"].to(pipe.device), steps=steps, sampler=options["sampler"],
                                   guidance=options["guidance"], generator=generator).cpu()
-        bilinear = F.interpolate(batch["lowres"], size=sr.shape[-2:], mode="bilinear", align_corners=False)
+        bilinear = pipe.unets[2].upsample(batch["lowres"])  # what UNet 2 starts from
         table.add(dict(zip(SR_METHODS, (sr, bilinear))), batch)
     return table
 

@@ -21,7 +21,6 @@ from PIL import Image
 
 from .. import atomic
 from ..cli import exit_on_user_error
-from ..data.pipeline import ValDataset, collate, resolve_shards
 from ..data.preprocess import image_grid, to_image
 from ..data.sources import read_image, read_pose
 from ..errors import UserError
@@ -50,21 +49,14 @@ def safe_name(key: str) -> str:
 def run_shards(pipe: TryOnPipeline, args, options: dict) -> None:
     out_dir = Path(args.output_dir)
     last = pipe.last
-    urls = resolve_shards(args.shards, "validation")
-    iterators = {n: iter(ValDataset(urls, pipe.configs[n], n, 0, 1)) for n in pipe.unets}
     rows, done = [], 0
-    while done < args.num:
-        n = min(args.batch_size, args.num - done)
-        batch = {u: [x for _, x in zip(range(n), it)] for u, it in iterators.items()}
-        if not batch[1]:
-            break
-        conds = {u: collate(samples) for u, samples in batch.items()}
+    for conds in pipe.shard_batches(args.shards, args.batch_size, limit=args.num):
         results = pipe.generate(conds, **options)
         for i, key in enumerate(conds[last]["key"]):
             atomic.save_image(to_image(results[last][i]), out_dir / f"{safe_name(key)}.png")
         c = conds[last]
         rows.append(image_grid([c["ca"], c["garment"], results[last].cpu(), c["person"]]))
-        done += len(batch[1])
+        done += len(conds[last]["key"])
     if not rows:
         raise UserError(f"no sample could be read from {args.shards}")
     grid = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)))

@@ -22,11 +22,10 @@ from ..cascade import CascadeUNet
 from ..cli import exit_on_user_error
 from ..config import Config, add_config_args, config_from_args, find_config_file, preset
 from ..errors import UserError
-from ..model import parameter_count
+from ..model import DTYPES, parameter_count
 from ..model.parallel_unet import ResBlock, WarpBlock
 
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 GIB = 2 ** 30
 
 

@@ -10,9 +10,7 @@ import torch
 from ..cascade import CascadeUNet
 from ..config import Config
 from ..data.preprocess import image_grid
-from ..model import COND_KEYS
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from ..model import COND_KEYS, DTYPES
 
 
 class Previewer:
