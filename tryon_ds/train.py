@@ -301,7 +301,6 @@ def train(args: argparse.Namespace, config: Config, world: distributed.World, st
     finally:
         loader.close()
         log.close()
-    dist.barrier()
 
 
 @exit_on_user_error
@@ -315,6 +314,7 @@ def main(argv=None) -> None:
         train(args, config, world, stop)
     except UserError as err:
         lifecycle.fail(str(err), world.rank, world.size)
+    distributed.teardown()
 
 
 if __name__ == "__main__":

@@ -38,3 +38,4 @@ if world.is_main:
     with torch.no_grad():
         from_ema = plain.unet(x, t, cond, levels)
     save_file({"raw": raw.contiguous(), "ema": from_ema.contiguous()}, args.out)
+distributed.teardown()

@@ -99,3 +99,4 @@ for step in range(6):
 if world.is_main:
     report["exhaustion"] = {"scales": scales, "outcome": outcome, "final_scale": ds_engine.loss_scale(engine)}
     Path(args.out).write_text(json.dumps(report, indent=1))
+distributed.teardown()

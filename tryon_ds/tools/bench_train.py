@@ -152,6 +152,7 @@ def worker(args) -> None:
         results.append(r)
     if world.is_main:
         Path(args.out).write_text(json.dumps(results))
+    distributed.teardown()
 
 
 def launch(case: dict, ranks: int, steps: int, log_freq: int) -> list[dict]:

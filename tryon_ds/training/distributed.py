@@ -68,6 +68,16 @@ def setup(timeout_s: float = 1800) -> World:
     return world
 
 
+def teardown() -> None:
+    """End the process group once every rank is done with it (after a successful run only: a rank that
+    failed must not wait for the others). A process that exits with the group alive can die by SIGABRT
+    ("terminate called without an active exception") from gloo's threads after its work is done."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _unlink_shm_buffer(rank: int) -> None:
     """DeepSpeed's CPU all-reduce keeps a 69 MB buffer per rank in /dev/shm and never removes it, so every
     run leaked them (20 GB of RAM-backed files over one day of tests here). init_distributed has mapped every
