@@ -1,5 +1,5 @@
-# Shared by train_base.sh and train_sr.sh (sourced, not run). Launches tryon_ds/train.py with one task per
-# GPU through srun, and turns SLURM's warning signal into a checkpoint and a requeue.
+# Shared by train_base.sh, train_sr.sh and train_sr1024.sh (sourced, not run). Launches tryon_ds/train.py with
+# one task per GPU through srun, and turns SLURM's warning signal into a checkpoint and a requeue.
 #
 # Settings, each overridable from the environment (sbatch --export=ALL,CONFIG=...):
 #   CONFIG          training config                      (default: configs/config.json)
@@ -10,6 +10,7 @@
 #   NUM_WORKERS     data-loader workers per task          (default: --cpus-per-task minus 2, at least 1)
 #   PYTHON          the Python to run                    (default: python)
 #   TRYON_REPO      the repository                       (default: the folder sbatch was run from)
+#   TORCHINDUCTOR_CACHE_DIR  torch.compile's cache (unetN.compile) (default: $TRYON_REPO/.cache/inductor)
 set -euo pipefail
 
 REPO=${TRYON_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
@@ -28,6 +29,10 @@ export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
 NUM_WORKERS=${NUM_WORKERS:-$(( SRUN_CPUS_PER_TASK > 3 ? SRUN_CPUS_PER_TASK - 2 : 1 ))}
 # A failed or hung NCCL collective aborts the process (then srun --kill-on-bad-exit ends the job) instead
 # of leaving the other ranks waiting.
+# torch.compile's kernels on the shared filesystem, not in each node's /tmp: a requeued or later job, and
+# every node of this one after the first to finish a graph, loads them instead of compiling from cold.
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$REPO/.cache/inductor}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$TORCHINDUCTOR_CACHE_DIR/triton}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1} NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 
 args=(--config "$CONFIG" --deepspeed_config "$DS_CONFIG" --train_unet "$UNET" --resume auto

@@ -53,7 +53,7 @@ def command(run_dir, shards, ranks=2, ds="cpu_zero2", steps=STEPS, extra=()):
              "--set", f"output_dir={run_dir}/out", "--set", f"log_dir={run_dir}/logs", "--set", "log_freq=1",
              "--set", "validation_freq=10", "--set", "sample_freq=1000", "--set", "checkpoint_freq=10",
              "--set", "batch_size=4", "--set", "data.num_workers=0", "--set", "data.streams=2",
-             "--set", "diffusion.sample_steps=[4,4]", "--set", "warmup_steps=5", "--set", "learning_rate=2e-3",
+             "--set", "diffusion.sample_steps=[4,4,4]", "--set", "warmup_steps=5", "--set", "learning_rate=2e-3",
              *extra]
     if ranks == 1:
         return [sys.executable, *train]
@@ -61,10 +61,10 @@ def command(run_dir, shards, ranks=2, ds="cpu_zero2", steps=STEPS, extra=()):
             "--master_port", str(free_port()), *train]
 
 
-def run(cmd, timeout=300):
+def run(cmd, timeout=300, env=None):
     # One thread per process whatever the world size, so runs compared across world sizes sum alike.
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       env={**(env or os.environ), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
@@ -74,7 +74,8 @@ def losses(run_dir, unet=1):
     out = {}
     for line in (Path(run_dir) / "out" / f"metrics_unet{unet}.jsonl").read_text().splitlines():
         entry = json.loads(line)
-        out[entry["step"]] = entry["loss"]
+        if "train/loss" in entry:
+            out[entry["step"]] = entry["train/loss"]
     return out
 
 

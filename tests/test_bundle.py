@@ -1,8 +1,11 @@
-"""ZeRO checkpoint -> bundle -> inference: consolidation, equality with the engine, the cascade CLI."""
+"""ZeRO checkpoint -> bundle -> inference for the three-UNet cascade of configs/tiny.yaml (32 -> 64 -> 128 px,
+UNet 3 on 32 px crops), each UNet trained on 2 CPU ranks: consolidation, equality with the engine, the cascade
+from the guide's command line and from Python."""
 import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +14,19 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, command, free_port, run, run_tool
+from conftest import ROOT, command, free_port, make_synthetic_shards, run, run_tool
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from fixed_inputs import fixed_inputs  # noqa: E402
+from releases import write_dresscode  # noqa: E402
 
-UNETS = {1: "cpu_zero2", 2: "cpu_zero3"}  # the base UNet under ZeRO-2, the SR UNet under ZeRO-3
+UNETS = {1: "cpu_zero2", 2: "cpu_zero3", 3: "cpu_zero2"}  # ZeRO-2 and ZeRO-3 checkpoints, UNet 3 on crops
+SIZE = 128  # UNet 3's: the shards are written at the top UNet's size, the lower UNets resize from them
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_synthetic_shards(tmp_path_factory.mktemp("shards"), image_size=SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +38,11 @@ def trained(shards, tmp_path_factory):
     for unet in UNETS:
         r = run_tool(["tools/consolidate_checkpoint.py", str(root / "ckpt" / f"unet{unet}"), "--out", str(bundle)])
         assert r.returncode == 0, r.stderr
-        assert {1: "1,885,187 parameters", 2: "1,675,235 parameters"}[unet] in r.stdout
+        assert {1: "1,885,187 parameters", 2: "1,675,235 parameters", 3: "3,139,956 parameters"}[unet] in r.stdout
     return root, bundle
 
 
-@pytest.mark.parametrize("unet", [1, 2])
+@pytest.mark.parametrize("unet", [1, 2, 3])
 def test_bundle_gives_the_engines_outputs_for_raw_and_ema_weights(trained, unet):
     root, bundle = trained
     ckpt = root / "ckpt" / f"unet{unet}" / "step00000004"
@@ -76,26 +86,43 @@ def _val_pair(shards, tmp_path):
         paths[name].write_bytes(sample[f"{name}.jpg"])
     for name in ("person_pose", "garment_pose"):
         pose = np.load(io.BytesIO(sample[f"{name}.npy"]))
-        pose[:, :2] *= 64  # normalised -> pixels of the 64-px shard images
+        pose[:, :2] *= SIZE  # normalised -> pixels of the shard images
         paths[name] = tmp_path / f"{name}.npy"
         np.save(paths[name], pose)
     return paths
 
 
-def test_infer_cli_one_pair_is_deterministic_and_full_size(trained, shards, tmp_path):
+def test_three_stage_inference_from_the_guides_command_line_and_from_python_agree(trained, shards, tmp_path):
+    """The guide's one-pair command line runs UNets 1, 2 and 3 (one --steps number each) and is deterministic;
+    TryOnPipeline from Python gives the same picture, and every UNet's output at its own size."""
     _, bundle = trained
     pair = _val_pair(shards, tmp_path)
     outputs = []
     for i in range(2):
         out = tmp_path / f"result{i}.png"
-        r = run_tool(["tools/infer.py", "--checkpoint", str(bundle), "--ca_image", str(pair["ca"]),
-                      "--garment_image", str(pair["garment"]), "--person_pose", str(pair["person_pose"]),
-                      "--garment_pose", str(pair["garment_pose"]), "--output", str(out), "--steps", "3", "2",
-                      "--seed", "7", "--sampler", "ddim"])
+        r = run_tool(["tools/infer.py", "--checkpoint", str(bundle), "--config", "configs/tiny.yaml",
+                      "--ca_image", str(pair["ca"]), "--garment_image", str(pair["garment"]),
+                      "--person_pose", str(pair["person_pose"]), "--garment_pose", str(pair["garment_pose"]),
+                      "--output", str(out), "--steps", "3", "2", "2", "--seed", "7", "--sampler", "ddim"])
         assert r.returncode == 0, r.stderr
         outputs.append(np.asarray(Image.open(out)))
-    assert outputs[0].shape == (64, 64, 3)  # UNet 2's size, square input: no crop
+    assert outputs[0].shape == (SIZE, SIZE, 3)  # UNet 3's size, square input: no crop
     assert np.array_equal(outputs[0], outputs[1])
+
+    from tryon_ds.data.keypoints import read_keypoints
+    from tryon_ds.inference import TryOnPipeline
+    pipe = TryOnPipeline.from_pretrained(bundle)
+    assert list(pipe.unets) == [1, 2, 3] and pipe.output_size == (SIZE, SIZE)
+    ca, garment = Image.open(pair["ca"]), Image.open(pair["garment"])
+    poses = [read_keypoints(pair[k], (SIZE, SIZE)).points for k in ("person_pose", "garment_pose")]
+    image = pipe(ca, garment, *poses, steps=(3, 2, 2), seed=7, sampler="ddim")
+    assert np.array_equal(np.asarray(image), outputs[0])
+    conds, _ = pipe.prepare(ca, garment, *poses)
+    stages = pipe.generate(conds, steps=(2,), sampler="ddim")
+    assert {n: tuple(v.shape[-2:]) for n, v in stages.items()} == {1: (32, 32), 2: (64, 64), 3: (128, 128)}
+    r = run_tool(["tools/infer.py", "--checkpoint", str(bundle), "--shards", str(shards / "val-*.tar"),
+                  "--num", "1", "--steps", "3", "2", "--output_dir", str(tmp_path / "x")])
+    assert r.returncode == 2 and "--steps takes one number, or one per UNet of the bundle (3); got 2" in r.stderr
 
 
 def test_infer_cli_on_validation_shards_writes_results_and_grid(trained, shards, tmp_path):
@@ -104,8 +131,8 @@ def test_infer_cli_on_validation_shards_writes_results_and_grid(trained, shards,
                   "--batch_size", "2", "--output_dir", str(tmp_path), "--steps", "2", "--no-ema"])
     assert r.returncode == 0, r.stderr
     results = [p for p in tmp_path.glob("*.png") if p.name != "grid.png"]
-    assert len(results) == 3 and all(Image.open(p).size == (64, 64) for p in results)
-    assert Image.open(tmp_path / "grid.png").size == (4 * 64, 3 * 64)
+    assert len(results) == 3 and all(Image.open(p).size == (SIZE, SIZE) for p in results)
+    assert Image.open(tmp_path / "grid.png").size == (4 * SIZE, 3 * SIZE)
 
 
 def test_base_only_bundle_and_bad_bundles_fail_clearly(trained, tmp_path):
@@ -116,6 +143,18 @@ def test_base_only_bundle_and_bad_bundles_fail_clearly(trained, tmp_path):
     shutil.copytree(bundle / "unet1", base_only / "unet1")
     pipe = TryOnPipeline.from_pretrained(base_only)
     assert list(pipe.unets) == [1] and pipe.output_size == (32, 32)
+    two = tmp_path / "two"  # the guide's cascade: a bundle of UNets 1 and 2 works as before
+    for n in (1, 2):
+        shutil.copytree(bundle / f"unet{n}", two / f"unet{n}")
+    assert TryOnPipeline.from_pretrained(two).output_size == (64, 64)
+    mismatched = tmp_path / "mismatched"  # a UNet 3 that super-resolves another size than UNet 2 makes
+    shutil.copytree(two, mismatched)
+    shutil.copytree(bundle / "unet3", mismatched / "unet3")
+    meta = json.loads((mismatched / "unet2" / "config.json").read_text())
+    meta["config"]["sr_image_size"] = [32, 32]
+    (mismatched / "unet2" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"unet3 was trained on \[64, 64\] inputs but unet2 makes \[32, 32\] images"):
+        TryOnPipeline.from_pretrained(mismatched)
 
     with pytest.raises(UserError, match="does not exist"):
         TryOnPipeline.from_pretrained(tmp_path / "nowhere")
@@ -131,22 +170,137 @@ def test_base_only_bundle_and_bad_bundles_fail_clearly(trained, tmp_path):
     assert r.returncode == 2 and "ema.safetensors is missing" in r.stderr
 
 
-def test_evaluate_reports_paired_metrics_fid_kid_and_tries_unpaired_on(trained, tmp_path):
-    """On a release's test split (a DressCode replica): the quality table over its paired samples, FID/KID
-    from a locally saved Inception (TorchScript; random weights run the plumbing), the unpaired samples
-    tried on for pictures only."""
-    from releases import write_dresscode
+@pytest.fixture(scope="module")
+def dresscode_test(trained, tmp_path_factory):
+    """A DressCode replica's test split (paired and unpaired samples of two categories) as shards."""
+    root = tmp_path_factory.mktemp("dc")
+    write_dresscode(root / "dc", per_category=1, categories=("upper_body", "lower_body"))
+    assert run_tool(["tools/make_shards.py", str(root / "dc"), "--out", str(root / "s"), "--image-size",
+                     str(SIZE)]).returncode == 0
+    return root / "s" / "test-*.tar"
+
+
+def _evaluate(bundle, shards, out, ranks=1, extra=()):
+    cmd = ["tools/evaluate.py", "--checkpoint", str(bundle), "--shards", str(shards), "--steps", "2",
+           "--sampler", "dpmpp", "--batch_size", "3", "--eval-size", "64x64", "--json", str(out), *extra]
+    if ranks > 1:
+        cmd = ["-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port()), *cmd]
+    r = run_tool(cmd, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return json.loads(out.read_text()), r
+
+
+def test_evaluate_reports_the_fields_table_per_category_and_skips_what_has_no_weights(trained, dresscode_test, tmp_path):
+    """On DressCode's test split: paired SSIM/LPIPS/FID/KID and unpaired FID/KID, at the output size and at
+    64x64, per category and over all; FID/KID from a local Inception (a stand-in network: the plumbing),
+    LPIPS skipped with the file it needs; our garment-region table beside it; the same report at 2 ranks."""
     from tiny_inception import save
     _, bundle = trained
-    write_dresscode(tmp_path / "dc", per_category=1, categories=("upper_body",))
-    assert run_tool(["tools/make_shards.py", str(tmp_path / "dc"), "--out", str(tmp_path / "s"), "--image-size",
-                     "64"]).returncode == 0
     save(tmp_path / "inception.pt")
-    r = run_tool(["tools/evaluate.py", "--checkpoint", str(bundle), "--shards", str(tmp_path / "s" / "test-*.tar"),
-                  "--num", "2", "--unpaired", "2", "--steps", "2", "--inception_weights",
-                  str(tmp_path / "inception.pt"), "--json", str(tmp_path / "q.json")])
-    assert r.returncode == 0, r.stderr[-3000:]
-    report = json.loads((tmp_path / "q.json").read_text())
-    assert report["pairs"] == 2  # the two paired test samples; the unpaired ones are not measured
-    assert report["fid_kid"].startswith("FID ") and "over 2 paired try-ons" in report["fid_kid"]
-    assert Image.open(tmp_path / "unpaired.png").size == (3 * 64, 2 * 64)
+    weights = ["--inception_weights", str(tmp_path / "inception.pt")]
+    report, r = _evaluate(bundle, dresscode_test, tmp_path / "q.json", extra=weights)
+    field = report["field"]
+    assert set(field) == {"all", "lower_body", "upper_body"} and set(field["all"]) == {f"{SIZE}x{SIZE}", "64x64"}
+    for size, row in field["all"].items():
+        paired, unpaired = row["paired"], row["unpaired"]
+        assert paired["n"] == 4 and unpaired["n"] == 4
+        assert 0 < paired["ssim"] <= 1 and paired["psnr"] > 0 and paired["lpips"] is None
+        assert paired["fid"] is not None and unpaired["kid_x1000"] is not None
+    assert field["upper_body"]["64x64"]["paired"]["n"] == 2
+    assert any("LPIPS skipped: no alexnet-owt-7be5be79.pth given" in note for note in report["skipped"])
+    md = (tmp_path / "q.md").read_text()
+    assert "| upper_body | 64x64 | 2 |" in md and "LPIPS skipped" in md
+    assert report["pairs"] == 4 and "margins" in report  # the garment-region table, on the paired samples
+    assert Image.open(tmp_path / "q_unpaired.png").size == (3 * SIZE, 4 * SIZE)
+    assert not (tmp_path / "q.json.tryons").exists()  # the work folder goes once the report is written
+
+    two, _ = _evaluate(bundle, dresscode_test, tmp_path / "q2.json", ranks=2, extra=weights)
+    # Per rank the networks see other batches, whose float sums (convolutions, the Inception) differ in the
+    # last bits: a try-on pixel may round the other way.
+    assert _flat(two["field"]) == pytest.approx(_flat(report["field"]), rel=1e-3, abs=1e-3)
+    assert _flat(two["rows"]) == pytest.approx(_flat(report["rows"]), rel=1e-3, abs=1e-3)
+
+
+def _flat(tree, prefix=""):
+    """A nested report as {path: number}, for comparing with a tolerance."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}/{key}").items()}
+    if isinstance(tree, list):
+        return {k: v for i, sub in enumerate(tree) for k, v in _flat(sub, f"{prefix}/{i}").items()}
+    return {prefix: tree}
+
+
+def test_a_killed_evaluation_resumes_from_its_saved_try_ons(trained, dresscode_test, tmp_path):
+    """--save-images keeps one PNG per sample, named by its key; a run killed part-way leaves some, and the
+    run again with the same arguments reads them instead of sampling them, and reports what an
+    uninterrupted run does."""
+    import os
+    import signal
+    import subprocess
+    _, bundle = trained
+    whole, _ = _evaluate(bundle, dresscode_test, tmp_path / "whole.json", extra=["--save-images", str(tmp_path / "a")])
+    saved = sorted(p.name for p in (tmp_path / "a").glob("*.png"))
+    assert len(saved) == 8 and all(name.startswith("dc_") for name in saved)
+    images = tmp_path / "b"
+    cmd = [sys.executable, "tools/evaluate.py", "--checkpoint", str(bundle), "--shards", str(dresscode_test),
+           "--steps", "2", "--sampler", "dpmpp", "--batch_size", "1", "--eval-size", "64x64", "--json",
+           str(tmp_path / "b.json"), "--save-images", str(images)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list(images.glob("*.png"))) < 2:
+        assert proc.poll() is None and time.time() < deadline, "the evaluation ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = {p.name: p.stat().st_mtime_ns for p in images.glob("*.png")}
+    assert 2 <= len(kept) < 8 and not (tmp_path / "b.json").exists()
+    resumed, _ = _evaluate(bundle, dresscode_test, tmp_path / "b.json", extra=["--save-images", str(images)])
+    assert all(images.joinpath(name).stat().st_mtime_ns == mtime for name, mtime in kept.items())
+    assert resumed["field"] == whole["field"] and resumed["rows"] == whole["rows"]
+
+
+def test_the_python_api_reads_pictures_and_poses_as_make_shards_does(trained, shards, tmp_path):
+    """TryOnPipeline takes images as PIL, (H, W, 3) uint8 arrays or paths, and poses as files or in memory
+    (arrays, nested lists, OpenPose's flat list, BODY_25), through make_shards' own readers: the same pair
+    in any of these forms gives the same picture; a NaN on a detected joint and a pose of another shape are
+    errors naming the argument; a joint far outside the image is dropped as make_shards drops it; an RGBA
+    image is composited on white."""
+    from tryon_ds.data.keypoints import BODY25_TO_COCO18
+    from tryon_ds.errors import UserError
+    from tryon_ds.inference import TryOnPipeline
+    _, bundle = trained
+    pipe = TryOnPipeline.from_pretrained(bundle)
+    pair = _val_pair(shards, tmp_path)
+    ca, garment = Image.open(pair["ca"]).convert("RGB"), Image.open(pair["garment"]).convert("RGB")
+    coco = np.load(pair["person_pose"])
+    body25 = np.zeros((25, 3), np.float32)
+    body25[list(BODY25_TO_COCO18)] = coco
+    options = dict(steps=(1,), sampler="ddim", seed=3)
+
+    def run(*args):
+        return np.asarray(pipe(*args, **options))
+
+    reference = run(str(pair["ca"]), str(pair["garment"]), str(pair["person_pose"]))
+    for form in (coco, coco.tolist(), body25, body25.flatten().tolist(), {"people": [{"pose_keypoints_2d":
+                                                                                      body25.flatten().tolist()}]}):
+        assert np.array_equal(run(ca, np.asarray(garment), form), reference)
+    xy = coco[:, :2] * (coco[:, 2:] > 0)  # (18, 2): (0, 0) marks a joint not detected
+    assert np.array_equal(run(ca, garment, xy), reference)
+
+    bad = coco.copy()
+    bad[np.flatnonzero(coco[:, 2] > 0)[0], 0] = np.nan
+    with pytest.raises(UserError, match="person_pose: pose has NaN or infinite values"):
+        pipe(ca, garment, bad, **options)
+    with pytest.raises(UserError, match=r"garment_pose: pose of shape \(5, 3\), expected \(18, 2\), \(18, 3\)"):
+        pipe(ca, garment, coco, np.zeros((5, 3)), **options)
+    far, invalid = coco.copy(), coco.copy()
+    joint = np.flatnonzero(coco[:, 2] > 0)[-1]
+    far[joint, :2] = (ca.width * 3, ca.height * 3)
+    invalid[joint] = 0
+    assert np.array_equal(run(ca, garment, far), run(ca, garment, invalid))
+
+    top = ca.crop((0, 0, ca.width, ca.height // 2))
+    clear, on_white = Image.new("RGBA", ca.size, (0, 0, 0, 0)), Image.new("RGB", ca.size, (255, 255, 255))
+    clear.paste(top.convert("RGBA"), (0, 0))  # the lower half transparent (black underneath)
+    on_white.paste(top, (0, 0))
+    assert np.array_equal(run(clear, garment, coco), run(on_white, garment, coco))

@@ -39,7 +39,22 @@ def test_yaml_preset_with_overrides_and_extends(tmp_path):
     ({"batch_size": "eight"}, "config key 'batch_size': got 'eight' (str), expected an integer"),
     ({"batch_size": 0}, "config key 'batch_size': got 0, expected a value >= 1"),
     ({"use_ema": "yes"}, "config key 'use_ema'"),
-    ({"train_unet_number": 3}, "expected one of 1, 2"),
+    ({"train_unet_number": 3}, "config key 'train_unet_number': got 3, but the config defines no 'unet3' section"),
+    ({"train_unet_number": 0}, "config key 'train_unet_number': got 0, expected a value >= 1"),
+    ({"unet3": {"preset": "tiny-sr3", "image_size": [1024, 1024]}}, "config key 'timesteps': got [1000, 1000], "
+                                                                       "expected one entry per UNet of the cascade (3"),
+    ({"unet3": {"preset": "sr1024"}, "timesteps": [1000] * 3, "diffusion": {"sample_steps": [1, 1, 1]}},
+     "config key 'unet3.image_size': UNet 3 needs its [H, W] output size"),
+    ({"unet3": {"preset": "sr1024", "image_size": [1024, 768], "crop_size": [256, 200]}, "timesteps": [1000] * 3,
+      "diffusion": {"sample_steps": [1, 1, 1]}}, "config key 'unet3.crop_size': [256, 200] must be divisible by 16"),
+    ({"unet3": {"preset": "sr1024", "image_size": [1024, 768]}, "timesteps": [1000] * 3,
+      "diffusion": {"sample_steps": [1, 1, 1]}}, "config key 'unet3.image_size': [1024, 768] must be a multiple of "
+                                                 "'sr_image_size' [256, 256] with the same aspect ratio"),
+    ({"unet1": {"preset": "tiny-sr3"}}, "config key 'unet1.preset': 'tiny-sr3' is conditioned on a low-resolution "
+                                        "image alone"),
+    ({"unet2": {"preset": "sr", "image_size": [256, 256]}}, "config key 'unet2.image_size': UNet 2 takes its size "
+                                                            "from 'sr_image_size'"),
+    ({"unet2": {"preset": "sr", "crop_size": [64, 64]}}, "unknown config key 'unet2.crop_size'"),
     ({"base_image_size": [128]}, "expected a list of 2 integers"),
     ({"unet1": {"preset": "huge"}}, "config key 'unet1.preset': got 'huge'"),
     ({"diffusion": {"schedule": "sigmoid"}}, "config key 'diffusion.schedule'"),
@@ -52,10 +67,30 @@ def test_bad_config_names_key_value_and_expectation(data, message):
     assert message in str(err.value)
 
 
+def test_the_whole_cascade_configs_add_unet3_and_keep_the_guides_two_unets():
+    """configs/cascade1024.yaml adds the paper's third UNet to the guide's config.json, which stays two UNets;
+    the portrait one runs 128x96 -> 256x192 -> 1024x768. Sizes are [H, W] throughout."""
+    two = build_config(read_config_file(ROOT / "configs" / "config.json"))
+    assert two.unets == [1, 2] and two.unet3 is None
+    with pytest.raises(ConfigError, match="UNet 3 is not defined: the config has no 'unet3' section"):
+        two.unet(3)
+    cfg = build_config(read_config_file(ROOT / "configs" / "cascade1024.yaml"))
+    assert cfg.unets == [1, 2, 3] and type(cfg.unet3).__name__ == "EfficientUNetConfig"
+    assert [cfg.image_size(n) for n in cfg.unets] == [(128, 128), (256, 256), (1024, 1024)]
+    assert cfg.crop_size(3) == (256, 256) and cfg.crop_size(2) is None
+    assert cfg.unet3.num_res_blocks == (2, 4, 8, 8) and cfg.unet3.dim_mults == (1, 2, 4, 8)
+    portrait = build_config(read_config_file(ROOT / "configs" / "cascade1024x768.yaml"))
+    assert [portrait.image_size(n) for n in portrait.unets] == [(128, 96), (256, 192), (1024, 768)]
+    # The bundle round trip: a config's dict builds the same config, UNet 3's architecture included.
+    assert build_config(cfg.to_dict()) == cfg
+
+
 def test_cli_overrides_and_user_errors_exit_2_without_traceback(tmp_path):
     ok = run_tool(["tools/model_info.py", "--config", "configs/tiny.yaml", "--set", "unet1.dim=64"])
     assert ok.returncode == 0, ok.stderr
     assert "preset 'tiny'" in ok.stdout
+    ok = run_tool(["tools/model_info.py", "--preset", "sr1024"])
+    assert ok.returncode == 0 and "preset 'sr1024', unet3 (Efficient-UNet, super-resolution): 619,181,652" in ok.stdout
     for args, expected in [
         (["--config", "configs/config.json", "--learning_rate", "-1"], "config key 'learning_rate': got -1.0"),
         (["--config", "configs/config.json", "--train_unet", "3"], "config key 'train_unet_number'"),

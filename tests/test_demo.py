@@ -15,19 +15,27 @@ def test_demo_quick_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
     r = run_tool(["tools/demo.py", "--quick", "--out", str(out)], timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for unet in (1, 2):
+    for unet in (1, 2, 3):
         assert list((out / "checkpoints" / f"unet{unet}").glob("step*/COMPLETE"))
         assert (out / "bundle" / f"unet{unet}" / "ema.safetensors").is_file()
     grid = Image.open(out / "results" / "grid.png")
-    assert grid.size == (4 * 64, 8 * 64)
+    assert grid.size == (4 * 128, 8 * 128)  # the cascade's output: UNet 3's 128 px
     quality = json.loads((out / "quality.json").read_text())
     assert quality["pairs"] == 4
     assert all(np.isfinite(v) for row in quality["rows"].values() for v in row.values())
-    assert 0 < quality["region_pixels"] < 4 * 64 * 64
-    sr = quality["sr_alone"]
-    assert sr["pairs"] == 2 and set(sr["rows"]) == {"UNet 2 from the true low-res", "bilinear upsampling"}
-    assert "from bilinear upsampling of it" in r.stdout
-    assert "quality table" in r.stdout and "garment region" in r.stdout and "FID/KID skipped" in r.stdout
+    assert 0 < quality["region_pixels"] < 128 * 128
+    for n in (2, 3):
+        sr = quality["sr_alone"][f"unet{n}"]
+        assert sr["pairs"] == 2 and set(sr["rows"]) == {f"UNet {n} from the true low-res", "bilinear upsampling"}
+        assert f"UNet {n} alone, given the true low-res image" in r.stdout
+    assert "quality table" in r.stdout and "garment region" in r.stdout
+    # The field's table: SSIM and PSNR computed; FID/KID and LPIPS skipped, naming the files they need.
+    field = quality["field"]["all"]
+    assert set(field) == {"128x128", "64x64"} and 0 < field["64x64"]["paired"]["ssim"] <= 1
+    assert field["128x128"]["paired"]["fid"] is None and field["128x128"]["paired"]["lpips"] is None
+    assert "FID and KID skipped: no inception-2015-12-05.pt given" in r.stdout
+    assert "LPIPS skipped: no alexnet-owt-7be5be79.pth given" in r.stdout
+    assert "| all | 128x128 | 4 |" in r.stdout
 
 
 def test_region_metrics_only_see_the_garment_region():

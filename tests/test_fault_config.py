@@ -8,19 +8,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT, run_tool
-from tryon_ds.config import Config, build_config, deep_merge, read_config_file
+from tryon_ds.config import UNET_SECTIONS, Config, build_config, deep_merge, read_config_file
 from tryon_ds.errors import ConfigError
 
 
 def _leaf_keys(cls, prefix=""):
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
+        if f.name in UNET_SECTIONS:  # a UNet section's class is its preset's (configs/tiny.yaml's)
+            yield from _leaf_keys(type(TINY.unet(int(f.name[-1]))), f"{prefix}{f.name}.")
+        elif dataclasses.is_dataclass(hints[f.name]):
             yield from _leaf_keys(hints[f.name], f"{prefix}{f.name}.")
         elif f.name != "preset":
             yield f"{prefix}{f.name}", hints[f.name], f.metadata
 
 
+TINY = build_config(read_config_file(ROOT / "configs" / "tiny.yaml"))
 KEYS = list(_leaf_keys(Config))
 CHOICES = ("no", "fp16", "bf16", "cosine", "linear", "eps", "v", "ddpm", "ddim", "sdpa", "xformers", "math", "online",
            "offline", "disabled")
@@ -30,7 +33,7 @@ def _nested(key, value):
     out = node = {}
     parts = key.split(".")
     for part in parts[:-1]:
-        node = node.setdefault(part, {"preset": "tiny"} if part.startswith("unet") else {})
+        node = node.setdefault(part, {"preset": TINY.unet(int(part[-1])).preset} if part.startswith("unet") else {})
     node[parts[-1]] = value
     return out
 
@@ -88,3 +91,7 @@ def test_every_config_fault_exits_2_without_traceback(tmp_path):
                  ["--set", "diffusion.guidance=[1]"], ["--set", "unet2.attn_levels=[true]"]):
         r = run_tool(["tryon_ds/train.py", "--config", "configs/tiny.yaml", *args], timeout=120)
         assert r.returncode == 2 and "Traceback" not in r.stderr and "config key" in r.stderr, (args, r.stderr)
+    # The guide's two-UNet config has no UNet 3 to train: the error names the missing section.
+    r = run_tool(["tryon_ds/train.py", "--config", "configs/config.json", "--train_unet", "3"], timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "config key 'train_unet_number': got 3, but the config defines no 'unet3' section" in r.stderr

@@ -39,8 +39,9 @@ def _take(loader, n):
 
 def _config(shards, train_shards):
     base = read_config_file(ROOT / "configs" / "tiny.yaml")
-    return build_config(deep_merge(base, {"data_dir": str(shards),
-                                          "data": {"num_workers": 0, "train_shards": train_shards}}))
+    return build_config(deep_merge(base, {"data_dir": str(shards),  # pipe: specs retried without waiting
+                                          "data": {"num_workers": 0, "train_shards": train_shards,
+                                                   "shard_retry_wait_s": 0.0}}))
 
 
 def test_loader_skips_counts_and_names_bad_samples_and_shards(shards, tmp_path):

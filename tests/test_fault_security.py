@@ -1,6 +1,7 @@
 """Security: no pickle loading, and names from shards or manifests never escape the output folder."""
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -27,5 +28,8 @@ def test_shard_keys_and_manifest_names_never_escape_the_output_folder(tmp_path):
 
 def test_no_pickle_loading_in_the_package():
     sources = "".join(p.read_text() for p in (ROOT / "tryon_ds").rglob("*.py"))
-    for unsafe in ("torch.load(", "import pickle", "allow_pickle=True", "weights_only=False"):
+    for unsafe in ("import pickle", "allow_pickle=True", "weights_only=False"):
         assert unsafe not in sources, unsafe
+    # torch.load only as the tensors-only unpickler (the metrics' .pth weights)
+    calls = re.findall(r"torch\.load\(([^)]*)\)", sources)
+    assert calls and all("weights_only=True" in c for c in calls), calls

@@ -179,3 +179,76 @@ def test_activation_checkpointing_gives_same_loss_and_gradients(tiny_config):
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(grad, results[1][1][name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+# --------------------------------------------------------------------------- UNet 3: Imagen's Efficient-UNet
+def test_sr1024_has_the_shape_of_imagens_1024_px_model_on_meta():
+    """dim 128, mults 1/2/4/8, 2/4/8/8 residual blocks (imagen-pytorch's SRUnet1024), no attention."""
+    from tryon_ds.model import EfficientUNet
+    with torch.device("meta"):
+        model = EfficientUNet(preset("sr1024"))
+    assert [len(level.res) for level in model.down] == [2, 4, 8, 8]
+    assert [len(level.res) for level in reversed(model.up)] == [2, 4, 8, 8]
+    assert [level.res[0].block1[2].out_channels for level in model.down] == [128, 256, 512, 1024]
+    assert not any("attn" in name.lower() for name, _ in model.named_modules())
+    assert 0.5e9 < sum(p.numel() for p in model.parameters()) < 0.7e9
+
+
+def test_efficient_unet_downsamples_before_its_blocks_and_upsamples_after_them(tiny_config):
+    """Imagen's order: only the input block and the output block run at full resolution; the blocks of down
+    level i run at 1/2^(i+1) of it, those of up level i likewise, and the skips arrive scaled by 1/sqrt(2)."""
+    model = CascadeUNet(tiny_config, 3).unet
+    sizes, seen = {}, {}
+
+    def record(store, key, value):  # a hook that returns None leaves the module's inputs and outputs alone
+        store.setdefault(key, value)
+
+    for name, module in model.named_modules():
+        if type(module).__name__ == "ResBlock":
+            module.register_forward_hook(lambda m, args, out, name=name: record(sizes, name, out.shape[-1]))
+    x, t, cond, levels = fixed_inputs(tiny_config, 3)  # a training crop: 32 px
+    assert model(x, t, cond, levels).shape == x.shape == (2, 3, 32, 32)
+    assert sizes["block_in"] == sizes["block_out"] == 32
+    for i in range(3):
+        assert {v for k, v in sizes.items() if k.startswith(f"down.{i}.")} == {32 >> (i + 1)}
+        assert {v for k, v in sizes.items() if k.startswith(f"up.{2 - i}.")} == {32 >> (i + 1)}
+    # An up block's input is [x, skip / sqrt(2)]: its first convolution sees the skip scaled.
+    model.up[0].res[0].register_forward_pre_hook(lambda m, args: record(seen, "input", args[0]))
+    model.down[-1].res[-1].register_forward_hook(lambda m, args, out: record(seen, "skip", out))
+    model(x, t, cond, levels)
+    width = seen["skip"].shape[1]
+    torch.testing.assert_close(seen["input"][:, width:], seen["skip"] * 2 ** -0.5)
+
+
+def test_unet3_is_conditioned_on_the_low_res_image_alone_and_has_no_guidance(tiny_config):
+    """Every parameter learns; the low-res image and its stated noise level change the output; there is no
+    conditioning to drop, so sampling ignores the guidance weight (guidance 1 and 3 give the same images)."""
+    model = _live(CascadeUNet(tiny_config, 3))
+    assert model.unet.cond_keys == ("lowres",) and model.unet.guided == () and model.unet.noisy_inputs == ("lowres",)
+    batch = random_batch(tiny_config, 3, 2)
+    assert batch["person"].shape[-2:] == (32, 32)  # a crop of the 128 px target
+    model(batch).backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not dead, dead
+    model.eval()
+    x, t, cond, levels = fixed_inputs(tiny_config, 3)
+    before = model.unet(x, t, cond, levels)
+    assert not torch.allclose(model.unet(x, t, cond, {"lowres": levels["lowres"] + 0.3}), before)
+    assert not torch.allclose(model.unet(x, t, {"lowres": cond["lowres"].flip(-1)}, levels), before)
+    with pytest.raises(ValueError, match="no conditioning that classifier-free guidance drops"):
+        model.unet(x, t, cond, levels, drop_cond=torch.ones(2, dtype=torch.bool))
+    lowres = batch["lowres"]
+    samples = [model.sample({}, lowres=lowres, steps=2, sampler="ddim", guidance=g,
+                            generator=torch.Generator().manual_seed(0)) for g in (1.0, 3.0)]
+    assert samples[0].shape == (2, 3, 128, 128)  # trained on crops, sampled whole
+    torch.testing.assert_close(samples[0], samples[1], rtol=0, atol=0)
+
+
+def test_a_crop_of_the_upsampled_low_res_image_is_that_crop_of_the_whole(tiny_config):
+    model = CascadeUNet(tiny_config, 3)
+    lowres = torch.rand(3, 3, 64, 64)
+    crops = torch.tensor([[0, 0], [96, 17], [31, 96]])
+    whole = model.upsample(lowres)
+    got = model.upsample(lowres, crops)
+    for i, (top, left) in enumerate(crops.tolist()):
+        assert torch.equal(got[i], whole[i, :, top:top + 32, left:left + 32])

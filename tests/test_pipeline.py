@@ -1,4 +1,5 @@
 """The training/validation input pipeline over real tar shards."""
+import io
 import random
 
 import pytest
@@ -149,3 +150,74 @@ def test_shard_specs(shards, tmp_path):
     assert resolve_shards("pipe:cat x.tar", "train") == ["pipe:cat x.tar"]
     with pytest.raises(DataError, match="nothing-\\*.tar' matches no file"):
         resolve_shards(str(tmp_path / "nothing-*.tar"), "train")
+
+
+# --------------------------------------------------------------------------- UNet 3: crops of the top size
+@pytest.fixture(scope="module")
+def shards128(tmp_path_factory):
+    return make_synthetic_shards(tmp_path_factory.mktemp("shards128"), samples=40, shard_size=20, val_fraction=0.2,
+                                 image_size=128)
+
+
+def _upsampled_crops(cfg, batch):
+    from tryon_ds.cascade import CascadeUNet
+    return CascadeUNet(cfg, 3).upsample(batch["lowres"], batch["crop"])
+
+
+def test_unet3_trains_on_crops_whose_low_res_input_is_cut_at_the_same_place(shards128):
+    """A UNet 3 batch: a 32 px crop of the 128 px target, the whole 64 px low-res image, and where the crop
+    is; the same crop of the upsampled low-res image is the target, blurred (close), and cut elsewhere it is
+    not. Validation keeps whole images. Resumed streams repeat their crops."""
+    cfg = config_for(shards128, segment_batches=3)
+    batches = [to_device(b, torch.device("cpu")) for b in _take(TrainLoader(cfg, 3, rank=0, batch_size=4), 3)]
+    b = batches[0]
+    assert b["person"].shape == (4, 3, 32, 32) and b["lowres"].shape == (4, 3, 64, 64)
+    assert b["crop"].dtype == torch.int64 and ((b["crop"] >= 0) & (b["crop"] <= 96)).all()
+    assert "ca" not in b and "person_pose" not in b  # UNet 3 reads only its target
+    tops = torch.cat([x["crop"] for x in batches])
+    assert len({tuple(t) for t in tops.tolist()}) > 1  # random places
+    same = (_upsampled_crops(cfg, b) - b["person"]).abs().mean()
+    elsewhere = (_upsampled_crops(cfg, {**b, "crop": 96 - b["crop"]}) - b["person"]).abs().mean()
+    assert same < 0.05 and elsewhere > 2 * same, (same, elsewhere)
+    resumed = _take(TrainLoader(cfg, 3, rank=0, batch_size=4, start_step=2), 1)[0]
+    assert torch.equal(resumed["crop"], batches[2]["crop"].to(resumed["crop"].dtype))
+    val = next(iter(val_loader(cfg, 3, 0, 1, batch_size=2)))
+    assert val["person"].shape == (2, 3, 128, 128) and "crop" not in val
+
+
+def test_unet3_decodes_only_its_target_so_a_broken_conditioning_member_does_not_cost_it_the_sample(shards128, tmp_path):
+    """A sample whose ca image is corrupt is skipped by UNet 1, which reads it, and trained on by UNet 3."""
+    import io
+    import tarfile
+    src = sorted(shards128.glob("train-*.tar"))[0]
+    out = tmp_path / "broken.tar"
+    with tarfile.open(src) as tin, tarfile.open(out, "w") as tout:
+        for member in tin.getmembers():
+            data = tin.extractfile(member).read()
+            if member.name.endswith(".ca.jpg"):
+                data = b"not a jpeg"
+            member.size = len(data)
+            tout.addfile(member, io.BytesIO(data))
+    cfg = config_for(shards128, train_shards=[str(out)])
+    loader = TrainLoader(cfg, 3, rank=0, batch_size=4)
+    _take(loader, 2)
+    assert sum(loader.skipped().values()) == 0
+    loader = TrainLoader(cfg, 1, rank=0, batch_size=4)
+    with pytest.raises(DataError, match="unreadable ca.jpg"):
+        _take(loader, 2)
+
+
+def test_the_crops_low_res_image_is_the_tensor_paths_resize_of_the_target(shards128):
+    """UNet 3 reduces the target as a PIL image (no full-size tensor); the training tensors of UNet 2 and the
+    validation ones come from torch's antialiased bilinear resize: the two agree to uint8 rounding."""
+    import webdataset as wds
+    from PIL import Image
+    from tryon_ds.data.preprocess import crop_inputs, resize, to_tensor
+    cfg = config_for(shards128, hflip_prob=0.0)
+    raw = next(iter(wds.WebDataset(str(sorted(shards128.glob("train-*.tar"))[0]), shardshuffle=False)))
+    person = Image.open(io.BytesIO(raw["person.jpg"])).convert("RGB")
+    out = crop_inputs({"key": "k", "person": person}, cfg, 3, random.Random(0))
+    expected = resize(to_tensor(person), (64, 64)) * 2 - 1
+    assert (out["lowres"] - expected).abs().max() <= 2 / 255
+    top, left = out["crop"].tolist()
+    torch.testing.assert_close(out["person"], to_tensor(person)[:, top:top + 32, left:left + 32] * 2 - 1)

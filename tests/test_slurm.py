@@ -30,7 +30,7 @@ def submit(slurm, shards, run_dir, nodes, tasks_per_node, script="slurm/train_ba
            "OUTPUT_DIR": str(run_dir), "PYTHON": sys.executable,
            "EXTRA_ARGS": f"--max_steps {STEPS} --set log_freq=1 --set validation_freq=1000 --set sample_freq=1000 "
                          "--set checkpoint_freq=5 --set batch_size=4 --set data.num_workers=0 --set data.streams=2 "
-                         "--set diffusion.sample_steps=[2,2]"}
+                         "--set diffusion.sample_steps=[2,2,2]"}
     cmd = ["sbatch", "--parsable", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--cpus-per-task=1",
            "--gpus-per-node=0", "--partition=debug", "--time=15", f"--output={run_dir}/slurm-%j.out", script]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -56,7 +56,7 @@ def wait_done(slurm, job, timeout=400):
 
 def final_loss(run_dir):
     entries = [json.loads(line) for line in (run_dir / "metrics_unet1.jsonl").read_text().splitlines()]
-    return {e["step"]: e["loss"] for e in entries}
+    return {e["step"]: e["train/loss"] for e in entries if "train/loss" in e}
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +121,33 @@ def test_rendezvous_is_the_first_nodes_address_and_an_unresolvable_one_is_an_err
     assert "the first node of this 2-node allocation, nowhere1" in r.stderr and "does not resolve" in r.stderr
     r = host("nowhere1", 1)
     assert r.returncode == 0 and r.stdout.strip() == "127.0.0.1" and "single-node allocation" in r.stderr
+
+
+def test_make_shards_as_a_job_array_of_three_parts_equals_one_process(slurm, tmp_path):
+    """slurm/make_shards.sh over a DressCode replica as an array of 3 tasks on the two nodes, then --merge:
+    the same samples per split, and the same keys, as one process."""
+    sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+    from releases import write_dresscode
+    from test_shard_parts import keys_by_split
+    write_dresscode(tmp_path / "dc", per_category=4, missing=True)
+    args = [str(tmp_path / "dc"), "--image-size", "64", "--val-fraction", "0.3", "--shard-size", "3", "--skip-bad"]
+    r = subprocess.run([sys.executable, "tools/make_shards.py", *args, "--out", str(tmp_path / "one")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(["sbatch", "--parsable", "--array=0-2", "--cpus-per-task=1", "--partition=debug", "--time=10",
+                        f"--output={tmp_path}/shards-%A_%a.out", "slurm/make_shards.sh", *args,
+                        "--out", str(tmp_path / "parts")], cwd=ROOT, env={**slurm, "PYTHON": sys.executable},
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    for task in range(3):
+        state, _ = wait_done(slurm, f"{job}_{task}")
+        assert state == "COMPLETED", "".join(p.read_text() for p in tmp_path.glob("shards-*.out"))[-3000:]
+    assert sorted(p.name for p in (tmp_path / "parts").glob("manifest.part-*.json")) == [
+        f"manifest.part-{i:04d}.json" for i in range(3)]
+    r = subprocess.run([sys.executable, "tools/make_shards.py", "--merge", "--out", str(tmp_path / "parts")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "merged 3 parts" in r.stdout, r.stderr
+    one, parts = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "parts"))
+    assert parts["samples"] == one["samples"] and parts["skipped"] == one["skipped"]
+    assert keys_by_split(tmp_path / "parts") == keys_by_split(tmp_path / "one")

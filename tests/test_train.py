@@ -43,7 +43,14 @@ def test_zero_matches_single_process_and_validation_loss_falls(zero_runs, refere
     for step in range(1, 6):
         assert got[step] == pytest.approx(ref[step], rel=1e-4, abs=1e-5), step
     val = val_losses(result.stdout)
-    assert len(val) == 3 and val[-1] < val[0], val
+    # Below the untrained model's loss (step 1's); between validations 10 steps apart the change is within
+    # the noise of 16 validation samples at random timesteps.
+    assert len(val) == 3 and max(val) < got[1], (val, got[1])
+    # Every logged scalar reaches metrics_unet1.jsonl, validation's too, by TensorBoard's names.
+    entries = [json.loads(line) for line in (run_dir / "out" / "metrics_unet1.jsonl").read_text().splitlines()]
+    logged = {e["step"]: e["val/loss"] for e in entries if "val/loss" in e}
+    assert sorted(logged) == [10, 20, 30] and [round(v, 4) for v in logged.values()] == val
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s"} <= set(entries[0])
     assert (run_dir / "ckpt" / "unet1" / f"step{STEPS:08d}" / "COMPLETE").is_file()
     assert "2 rank(s) x micro-batch 4" in result.stdout
     assert "unet1: 1.89M parameters" in result.stdout  # the whole model's, also once ZeRO-3 has partitioned it

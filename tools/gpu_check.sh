@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The checks a cluster user cares about, on one GPU, within about 8 minutes:
-#   1. the training-step matrix (tools/bench_train.py --gpu): UNet 1 (base, micro-batch 16) and UNet 2
-#      (sr, micro-batch 8) x bf16/fp16 x ZeRO-2/3 x sdpa/xformers, STEPS steps each: it/s, samples/s, peak
-#      memory beside tools/plan_memory.py's estimate, MFU, finite losses;
+# The checks a cluster user cares about, on one GPU, within about 10 minutes:
+#   1. the training-step matrix (tools/bench_train.py --gpu): UNet 1 (base, micro-batch 16), UNet 2 (sr,
+#      micro-batch 8) and UNet 3 (sr1024 on 256 px crops, micro-batch 16) x bf16/fp16 x ZeRO-2/3 x
+#      sdpa/xformers, and each UNet compiled (unetN.compile) against eager under ZeRO-2, STEPS steps each:
+#      it/s, samples/s, peak memory beside tools/plan_memory.py's estimate, MFU, finite losses, and the
+#      warm-up time (a compiled case's includes compiling); the inductor cache under $RESULTS/inductor;
 #   2. the trainer itself (tryon_ds/train.py) in fp16 under ZeRO-2 and ZeRO-3, base preset, on synthetic
 #      shards, logging every 10 steps (the fp16 log path reads the loss scale).
 # Writes $RESULTS/gpu_check.json and $RESULTS/gpu_check.txt (and copies them to $OUT when that is set).
@@ -19,6 +21,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 STEPS=${STEPS:-60}
 RESULTS=${RESULTS:-runs/gpu_check}
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$(realpath -m "$RESULTS")/inductor}
 MODE=${1:-run}
 # What the GPU node's image lacks of this project's dependencies (its package list: torch, numpy, einops,
 # pillow, safetensors, tqdm, tensorboard, torchmetrics, pyyaml, msgpack, ninja, psutil, py-cpuinfo are there).

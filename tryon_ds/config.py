@@ -1,8 +1,10 @@
 """One typed configuration tree for the whole trainer.
 
 The top level holds the ``config.json`` keys of the original TryOnDiffusion training guide verbatim, so
-such a file loads as it is (``configs/config.json``); the sections below it (``unet1``, ``unet2``,
-``diffusion``, ``data``, ``logging``) hold the rest. A config is built once from a file plus command-line
+such a file loads as it is (``configs/config.json``); the sections below it (``unet1``, ``unet2``, an
+optional ``unet3``, ``diffusion``, ``data``, ``logging``) hold the rest. The cascade is as long as its UNet
+sections: UNet 1 makes the try-on, each later UNet super-resolves the one before it, and each section's
+preset decides its architecture (a Parallel-UNet or an Efficient-UNet). A config is built once from a file plus command-line
 overrides and validated before anything runs; every user error is a :class:`ConfigError` whose message
 names the key, the value and what is allowed.
 """
@@ -18,12 +20,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 
 from .errors import ConfigError
-from .model.presets import PRESETS
+from .model.presets import EFFICIENT_PRESETS, PRESETS
 
 
 def _range(ge=None, gt=None, le=None):
@@ -31,11 +33,28 @@ def _range(ge=None, gt=None, le=None):
 
 
 @dataclass
-class UNetConfig:
+class UNetRuntime:
+    """How a UNet runs, whatever its architecture (the keys of every unetN section beside its shape)."""
+    checkpointing: bool = False
+    # Run the convolutions on channels-last (NHWC) activations; tools/gpu_check.sh measures whether it pays.
+    channels_last: bool = False
+    # torch.compile the UNet (one graph; training, previews and inference), with torch.compile's mode.
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+
+
+@dataclass
+class UNetConfig(UNetRuntime):
     """Architecture of one Parallel-UNet. ``preset`` names the starting point (``model/presets.py``);
     any other key given beside it overrides that preset's value."""
 
+    ARCH: ClassVar[str] = "parallel"  # the model it builds (tryon_ds/model/__init__.py)
+    # What a sample must hold for this UNet beside its target (and a later UNet's low-res image).
+    INPUTS: ClassVar[tuple[str, ...]] = ("ca", "garment", "person_pose", "garment_pose")
+
     preset: str = "tiny"
+    # [H, W] of a third or later UNet; UNets 1 and 2 take the guide's base_image_size / sr_image_size.
+    image_size: Optional[tuple[int, int]] = None
     dim: int = field(default=32, metadata=_range(ge=8))
     dim_mults: tuple[int, ...] = (1, 2, 2)
     # Residual blocks per level of the person-UNet; the garment-UNet uses the same counts.
@@ -53,9 +72,11 @@ class UNetConfig:
     groups: int = field(default=8, metadata=_range(ge=1))
     dropout: float = field(default=0.0, metadata=_range(ge=0.0, le=1.0))
     attention_backend: Literal["sdpa", "xformers", "math"] = "sdpa"
-    checkpointing: bool = False
-    # Run the convolutions on channels-last (NHWC) activations; tools/gpu_check.sh measures whether it pays.
-    channels_last: bool = False
+
+    @property
+    def size_factor(self) -> int:
+        """What the image's sides must be divisible by: one halving between consecutive levels."""
+        return 2 ** (len(self.dim_mults) - 1)
 
     def validate(self, key: str) -> None:
         n = len(self.dim_mults)
@@ -79,9 +100,55 @@ class UNetConfig:
 
 
 @dataclass
+class EfficientUNetConfig(UNetRuntime):
+    """Architecture of one Efficient-UNet (Imagen's): a super-resolution UNet conditioned on the low-res
+    image alone, the paper's UNet 3. ``preset`` as for the Parallel-UNet."""
+
+    ARCH: ClassVar[str] = "efficient"
+    INPUTS: ClassVar[tuple[str, ...]] = ()
+
+    preset: str = "tiny-sr3"
+    # [H, W] of its output, e.g. [1024, 768]; required for a third or later UNet (UNets 1 and 2 take the
+    # guide's base_image_size / sr_image_size). Not in the presets: it is the data's size.
+    image_size: Optional[tuple[int, int]] = None
+    # Trained on random crops of this size ([H, W]) of the target and of its upsampled low-res image (Imagen:
+    # 256 px crops of 1024 px images), sampled on the whole image; null trains on whole images.
+    crop_size: Optional[tuple[int, int]] = None
+    dim: int = field(default=32, metadata=_range(ge=8))
+    dim_mults: tuple[int, ...] = (1, 2, 4)
+    # Residual blocks per level, each level downsampling before its blocks: more at the low resolutions.
+    num_res_blocks: tuple[int, ...] = (1, 2, 2)
+    cond_dim: int = field(default=128, metadata=_range(ge=8))
+    groups: int = field(default=8, metadata=_range(ge=1))
+    dropout: float = field(default=0.0, metadata=_range(ge=0.0, le=1.0))
+
+    @property
+    def size_factor(self) -> int:
+        return 2 ** len(self.dim_mults)  # every level downsamples, the first one included
+
+    def validate(self, key: str) -> None:
+        if len(self.num_res_blocks) != len(self.dim_mults):
+            raise ConfigError(f"config key '{key}.num_res_blocks': has {len(self.num_res_blocks)} entries, expected "
+                              f"one per level of '{key}.dim_mults' ({len(self.dim_mults)})")
+        for i, (m, n) in enumerate(zip(self.dim_mults, self.num_res_blocks)):
+            if m < 1 or n < 1:
+                raise ConfigError(f"config key '{key}': level {i} has dim_mults {m} and num_res_blocks {n}, "
+                                  "expected integers >= 1")
+        for width in [self.dim] + [self.dim * m for m in self.dim_mults]:
+            if width % self.groups:
+                raise ConfigError(f"config key '{key}.groups': {self.groups} does not divide the width {width}")
+
+
+UNET_SECTIONS = ("unet1", "unet2", "unet3")
+UNetSection = Union[UNetConfig, EfficientUNetConfig]
+# The guide's keys for the sizes of UNets 1 and 2; a later UNet names its own (``unetN.image_size``).
+GUIDE_SIZE_KEYS = {1: "base_image_size", 2: "sr_image_size"}
+
+
+@dataclass
 class CondNoiseConfig:
-    """Noise-conditioning augmentation: every conditioning image (the ca image and the garment; in UNet 2
-    also the low-res try-on) is noised to its own level, drawn from U[0, train_max] in training (the paper:
+    """Noise-conditioning augmentation: every conditioning image (the ca image and the garment; in a
+    super-resolution UNet also the low-res try-on) is noised to its own level, drawn from U[0, train_max] in training (the paper:
     U[0, 1]) and fixed at sampling. Levels are fractions of the UNet's timesteps; the UNet is told each
     level. The sampling levels were chosen by a search on the demo (BENCHMARKS.md): clean inputs won."""
     train_max: float = field(default=1.0, metadata=_range(ge=0.0, le=1.0))
@@ -96,13 +163,14 @@ class DiffusionConfig:
     objective: Literal["eps", "v"] = "v"
     cond_drop_prob: float = field(default=0.1, metadata=_range(ge=0.0, le=1.0))
     guidance: float = field(default=2.0, metadata=_range(ge=0.0))
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
-    sample_steps: tuple[int, int] = (256, 128)
+    sampler: Literal["ddpm", "ddim", "dpmpp"] = "ddpm"
+    sample_steps: tuple[int, ...] = (256, 128)  # one per UNet
     dynamic_threshold: bool = True
     dynamic_threshold_percentile: float = field(default=0.95, metadata=_range(gt=0.0, le=1.0))
     cond_noise: CondNoiseConfig = field(default_factory=CondNoiseConfig)
-    # UNet 2's sampling starts at this fraction of its timesteps from the upsampled low-res try-on noised
-    # there (SDEdit) rather than from pure noise (1.0, the paper's); the steps are spread over what is left.
+    # A super-resolution UNet's sampling starts at this fraction of its timesteps from the upsampled low-res
+    # try-on noised there (SDEdit) rather than from pure noise (1.0, the paper's); the steps are spread over
+    # what is left.
     sr_start: float = field(default=1.0, metadata=_range(gt=0.0, le=1.0))
 
 
@@ -112,6 +180,14 @@ class DataConfig:
     train_shards: list[str] = field(default_factory=list)
     val_shards: list[str] = field(default_factory=list)
     num_workers: int = field(default=2, metadata=_range(ge=0))
+    # Batches each loader worker keeps ready; more hides a store's latency (BENCHMARKS.md, "Shards from a store").
+    prefetch_factor: int = field(default=2, metadata=_range(ge=1))
+    # Shards from a store (http(s)://, pipe:; tryon_ds/data/remote.py): a read that brings no byte for this
+    # long fails; a failed shard is read again this many times (doubling waits from shard_retry_wait_s), going
+    # on after the samples already delivered, then skipped and counted.
+    shard_timeout_s: float = field(default=60.0, metadata=_range(gt=0.0))
+    shard_retries: int = field(default=3, metadata=_range(ge=0))
+    shard_retry_wait_s: float = field(default=1.0, metadata=_range(ge=0.0))
     shuffle_buffer: int = field(default=1000, metadata=_range(ge=1))
     # Training streams restart their shard draw and shuffle buffer every this many batches, which bounds
     # what a resumed run must skip to see the same batches (tryon_ds/data/pipeline.py).
@@ -148,7 +224,7 @@ class Config:
     log_dir: str = "./logs"
     base_image_size: tuple[int, int] = (128, 128)
     sr_image_size: tuple[int, int] = (256, 256)
-    timesteps: tuple[int, int] = (1000, 1000)
+    timesteps: tuple[int, ...] = (1000, 1000)  # one per UNet
     channels: int = field(default=3, metadata=_range(ge=1))
     # Per GPU (per rank): the micro-batch; a step sees batch_size x gradient_accumulation_steps x ranks.
     batch_size: int = field(default=4, metadata=_range(ge=1))
@@ -164,7 +240,7 @@ class Config:
     checkpoint_freq: int = field(default=5000, metadata=_range(ge=1))
     log_freq: int = field(default=100, metadata=_range(ge=1))
     sample_freq: int = field(default=2000, metadata=_range(ge=1))
-    train_unet_number: Literal[1, 2] = 1
+    train_unet_number: int = field(default=1, metadata=_range(ge=1))
     use_ema: bool = True
     # true picks bf16 where the DeepSpeed config does not say; "fp16"/"bf16"/"no" are explicit.
     mixed_precision: bool | Literal["no", "fp16", "bf16"] = True
@@ -179,51 +255,138 @@ class Config:
     # A collective that waits longer than this (a rank died or hangs) fails the run instead of hanging it.
     dist_timeout_s: float = field(default=1800.0, metadata=_range(gt=0.0))
     seed: int = 0
-    unet1: UNetConfig = field(default_factory=lambda: preset("base"))
-    unet2: UNetConfig = field(default_factory=lambda: preset("sr"))
+    unet1: UNetSection = field(default_factory=lambda: preset("base"))
+    unet2: UNetSection = field(default_factory=lambda: preset("sr"))
+    unet3: Optional[UNetSection] = None  # the paper's 256 -> 1024 px stage (configs/cascade1024.yaml)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    @property
+    def unets(self) -> list[int]:
+        """The UNets of the cascade, 1 .. N: as many as there are sections, with no gap."""
+        return [n for n, key in enumerate(UNET_SECTIONS, 1) if getattr(self, key) is not None]
+
+    def unet(self, unet_number: int) -> UNetSection:
+        if unet_number not in self.unets:
+            raise ConfigError(f"UNet {unet_number} is not defined: the config has no 'unet{unet_number}' section "
+                              f"(its cascade is {', '.join(f'unet{n}' for n in self.unets)}); add one, e.g. "
+                              "unet3: {preset: sr1024} as configs/cascade1024.yaml does")
+        return getattr(self, f"unet{unet_number}")
+
+    def image_size(self, unet_number: int) -> tuple[int, int]:
+        """[H, W] of UNet ``unet_number``'s output (and of its training images, crops aside)."""
+        if unet_number in GUIDE_SIZE_KEYS:
+            return getattr(self, GUIDE_SIZE_KEYS[unet_number])
+        return self.unet(unet_number).image_size
+
+    def size_key(self, unet_number: int) -> str:
+        return GUIDE_SIZE_KEYS.get(unet_number, f"unet{unet_number}.image_size")
+
+    @property
+    def num_keypoints(self) -> int:
+        """Keypoints per pose, which every UNet that reads poses agrees on (validated)."""
+        return next((self.unet(n).num_keypoints for n in self.unets if hasattr(self.unet(n), "num_keypoints")), 18)
+
+    def crop_size(self, unet_number: int) -> tuple[int, int] | None:
+        """[H, W] of the random crops UNet ``unet_number`` trains on, or None (whole images)."""
+        return getattr(self.unet(unet_number), "crop_size", None)
+
     def validate(self) -> None:
+        defined = [key for key in UNET_SECTIONS if getattr(self, key) is not None]
+        if defined != list(UNET_SECTIONS[:len(defined)]):
+            raise ConfigError(f"config sections {', '.join(defined)}: a cascade's UNets are numbered from 1 "
+                              "without a gap")
+        unets = self.unets
+        for key in ("timesteps", "diffusion.sample_steps"):
+            section, _, name = key.rpartition(".")
+            values = getattr(getattr(self, section) if section else self, name)
+            if len(values) != len(unets):
+                raise ConfigError(f"config key '{key}': got {list(values)}, expected one entry per UNet of the "
+                                  f"cascade ({len(unets)}: {', '.join(f'unet{n}' for n in unets)})")
         for key in ("base_image_size", "sr_image_size", "timesteps", "diffusion.sample_steps"):
             section, _, name = key.rpartition(".")
             values = getattr(getattr(self, section) if section else self, name)
             if any(v < 1 for v in values):
                 raise ConfigError(f"config key '{key}': got {list(values)}, expected positive integers")
-        for number, key in ((1, "base_image_size"), (2, "sr_image_size")):
-            unet = self.unet(number)
-            unet.validate(f"unet{number}")
-            factor = 2 ** (len(unet.dim_mults) - 1)
-            size = getattr(self, key)
-            if any(s % factor for s in size):
-                raise ConfigError(f"config key '{key}': {list(size)} is not divisible by {factor}, which "
-                                  f"unet{number}'s {len(unet.dim_mults)} levels need")
-        if any(s % b for s, b in zip(self.sr_image_size, self.base_image_size)):
-            raise ConfigError(f"config key 'sr_image_size': {list(self.sr_image_size)} must be a multiple of "
-                              f"'base_image_size' {list(self.base_image_size)}")
-        if self.unet1.num_keypoints != self.unet2.num_keypoints:
-            raise ConfigError("config keys 'unet1.num_keypoints' and 'unet2.num_keypoints' differ "
-                              f"({self.unet1.num_keypoints} vs {self.unet2.num_keypoints}); both read the "
-                              "same pose arrays")
+        if not (0 < self.train_unet_number <= len(unets)):
+            raise ConfigError(f"config key 'train_unet_number': got {self.train_unet_number}, but the config "
+                              f"defines no 'unet{self.train_unet_number}' section (its cascade is "
+                              f"{', '.join(f'unet{n}' for n in unets)}); add one, e.g. unet3: {{preset: sr1024}} "
+                              "as configs/cascade1024.yaml does")
+        for number in unets:
+            self._validate_unet(number)
+        poses = {f"unet{n}.num_keypoints": self.unet(n).num_keypoints for n in unets if hasattr(self.unet(n), "num_keypoints")}
+        if len(set(poses.values())) > 1:
+            raise ConfigError(f"config keys {', '.join(poses)} differ ({', '.join(map(str, poses.values()))}); "
+                              "all read the same pose arrays")
         if self.channels != 3:
             raise ConfigError(f"config key 'channels': got {self.channels}, only RGB (3) is supported")
 
-    def unet(self, unet_number: int) -> UNetConfig:
-        """UNet 1 (base) or UNet 2 (super-resolution) of the cascade."""
-        return self.unet1 if unet_number == 1 else self.unet2
-
-    def image_size(self, unet_number: int) -> tuple[int, int]:
-        return self.base_image_size if unet_number == 1 else self.sr_image_size
-
+    def _validate_unet(self, number: int) -> None:
+        key, unet = f"unet{number}", self.unet(number)
+        unet.validate(key)
+        if number == 1 and not unet.INPUTS:
+            raise ConfigError(f"config key 'unet1.preset': {unet.preset!r} is conditioned on a low-resolution image "
+                              "alone, so it can only super-resolve (UNet 2 or later); UNet 1 needs a Parallel-UNet")
+        if number in GUIDE_SIZE_KEYS and unet.image_size is not None:
+            raise ConfigError(f"config key '{key}.image_size': UNet {number} takes its size from "
+                              f"'{GUIDE_SIZE_KEYS[number]}'; leave it out")
+        size, size_key = self.image_size(number), self.size_key(number)
+        if size is None:
+            raise ConfigError(f"config key '{size_key}': UNet {number} needs its [H, W] output size, e.g. [1024, 768]")
+        if any(s < 1 for s in size):
+            raise ConfigError(f"config key '{size_key}': got {list(size)}, expected positive integers")
+        factor = unet.size_factor
+        if any(s % factor for s in size):
+            raise ConfigError(f"config key '{size_key}': {list(size)} is not divisible by {factor}, which "
+                              f"{key}'s {len(unet.dim_mults)} levels need")
+        crop = self.crop_size(number)
+        if crop is not None:
+            if any(c % factor for c in crop) or any(c < 1 or c > s for c, s in zip(crop, size)):
+                raise ConfigError(f"config key '{key}.crop_size': {list(crop)} must be divisible by {factor} and "
+                                  f"within the image ({size_key} {list(size)})")
+        if number > 1:
+            low, low_key = self.image_size(number - 1), self.size_key(number - 1)
+            if any(s % b for s, b in zip(size, low)) or size[0] * low[1] != size[1] * low[0]:
+                raise ConfigError(f"config key '{size_key}': {list(size)} must be a multiple of '{low_key}' "
+                                  f"{list(low)} with the same aspect ratio: UNet {number} super-resolves UNet "
+                                  f"{number - 1}'s output")
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def with_unet(self, number: int, unet: UNetSection, size: tuple[int, int] | None = None) -> "Config":
+        """This config with UNet ``number`` replaced by ``unet`` (a cascade grown to it if need be: timesteps and
+        sample steps repeat their last entry), at ``size`` [H, W] if given, each lower UNet at half the size of
+        the one above; for the planner and the benchmarks, which name a preset rather than a cascade."""
+        changes: dict[str, Any] = {}
+        if size is not None:
+            for k in range(number, 0, -1):
+                scaled = (size[0] >> (number - k), size[1] >> (number - k))
+                if k in GUIDE_SIZE_KEYS:
+                    changes[GUIDE_SIZE_KEYS[k]] = scaled
+                elif k == number:
+                    unet = dataclasses.replace(unet, image_size=scaled)
+                else:
+                    changes[f"unet{k}"] = dataclasses.replace(self.unet(k), image_size=scaled)
+        changes[f"unet{number}"] = unet
+        grown = max(len(self.unets), number)
 
-def preset(name: str) -> UNetConfig:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
-    return UNetConfig(preset=name, **PRESETS[name])
+        def extend(values):
+            return tuple(values[:grown]) + (values[-1],) * (grown - len(values))
+        config = dataclasses.replace(self, **changes, timesteps=extend(self.timesteps),
+                                     diffusion=dataclasses.replace(self.diffusion,
+                                                                   sample_steps=extend(self.diffusion.sample_steps)))
+        config.validate()
+        return config
+
+
+def preset(name: str) -> UNetSection:
+    """The UNet config of a named preset: a Parallel-UNet or an Efficient-UNet by the preset's family."""
+    for cls, presets in ((UNetConfig, PRESETS), (EfficientUNetConfig, EFFICIENT_PRESETS)):
+        if name in presets:
+            return cls(preset=name, **presets[name])
+    raise ConfigError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS) + sorted(EFFICIENT_PRESETS)}")
 
 
 # --------------------------------------------------------------------------- typed building
@@ -334,22 +497,27 @@ def _unknown_key(key: str, valid: list[str]) -> ConfigError:
 def _build(cls, data: Any, prefix: str):
     if not isinstance(data, dict):
         raise ConfigError(f"config key '{prefix or '<top level>'}': got {data!r}, expected a mapping of keys")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
     data = dict(data)
-    if cls is UNetConfig:
+    if cls is UNetSection:  # the preset decides the section's architecture
         name = data.pop("preset", "tiny")
-        if not isinstance(name, str) or name not in PRESETS:
-            raise ConfigError(f"config key '{prefix}.preset': got {name!r}, expected one of {sorted(PRESETS)}")
+        if not isinstance(name, str) or (name not in PRESETS and name not in EFFICIENT_PRESETS):
+            raise ConfigError(f"config key '{prefix}.preset': got {name!r}, expected one of "
+                              f"{sorted(PRESETS) + sorted(EFFICIENT_PRESETS)}")
         base = preset(name)
+        cls = type(base)
     else:
         base = cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in fields:
             raise _unknown_key(full, list(fields))
         tp = hints[key]
+        if key in UNET_SECTIONS and cls is Config:
+            values[key] = None if value is None and key not in UNET_SECTIONS[:2] else _build(UNetSection, value, full)
+            continue
         if dataclasses.is_dataclass(tp):
             values[key] = _build(tp, value, full)
             continue
@@ -441,7 +609,7 @@ def parse_override(text: str) -> dict:
 GUIDE_FLAGS = {"train_unet": ("train_unet_number", int), "batch_size": ("batch_size", int),
               "learning_rate": ("learning_rate", float), "num_epochs": ("num_epochs", int),
               "max_steps": ("max_steps", int)}
-FLAG_HELP = {"train_unet": " (1 = base, 2 = super-resolution)",
+FLAG_HELP = {"train_unet": " (1 = base, 2 = super-resolution, 3 = the 1024 px stage when unet3 is defined)",
              "batch_size": " (per GPU: the micro-batch; a step sees batch_size x accumulation x ranks)"}
 
 

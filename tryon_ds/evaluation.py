@@ -1,23 +1,40 @@
-"""Try-on quality on held-out pairs: PSNR and SSIM against the target, over the whole image and inside the
-garment region (the region the ca image removed), for the cascade and for two baselines on the same pairs:
+"""Try-on quality on a test split, two ways.
+
+**The field's protocol** (VITON-HD / DressCode papers, LaDI-VTON's ``val_metrics.py``, CatVTON's ``eval.py``):
+on the paired samples (each person in their own garment: a ground truth exists) SSIM, LPIPS, FID and KID; on
+the unpaired ones (another person's garment) FID and KID against the test set's real images; at the cascade's
+output size and at the sizes the field reports, per DressCode category and over all. Each metric as its
+reference computes it (tryon_ds/metrics.py). :class:`FieldMetrics` measures one rank's samples and keeps
+per-sample values and Inception features, so that ranks send features, not images, and :func:`summarise`
+gives the same table however the test set was split.
+
+**Ours, in the garment region**: PSNR and SSIM against the target, over the whole image and inside the
+region the ca image removed, for the cascade and two baselines on the same pairs:
 - ``ca image``: the clothing-agnostic image itself;
 - ``ca + mean colour``: the ca image with the garment region filled with the garment's mean colour.
-And UNet 2 alone: given the true low-res target, against plain bilinear upsampling of it.
+And each super-resolution UNet alone: given the true low-res target, against bilinear upsampling of it.
 The region is the sample's ``mask`` (synthetic and DressCode shards carry it), else the pixels where the ca
-image differs from the target. Only paired samples (the person in their own garment) have a target; the
-unpaired ones of a test split are tried on for pictures, not measured. FID/KID (torchmetrics) run only with
-a local Inception file; nothing is ever downloaded.
+image differs from the target.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+from . import metrics
+
 METHODS = ("try-on (cascade)", "ca image", "ca + mean colour")
-SR_METHODS = ("UNet 2 from the true low-res", "bilinear upsampling")
+
+
+def sr_methods(unet_number: int) -> tuple[str, str]:
+    """The rows of a super-resolution UNet alone against what it starts from."""
+    return f"UNet {unet_number} from the true low-res", "bilinear upsampling"
 
 
 def garment_region(batch: dict) -> torch.Tensor:
@@ -56,27 +73,51 @@ def tryon_candidates(result: torch.Tensor, batch: dict) -> dict[str, torch.Tenso
 
 @dataclass
 class QualityTable:
-    """PSNR and SSIM per method, whole image and garment region, averaged over the pairs added."""
-    sums: dict = field(default_factory=dict)
-    count: int = 0
-    region_pixels: int = 0
+    """PSNR and SSIM per method, whole image and garment region, per pair (by key), averaged in key order: the
+    table is the same however the pairs were batched or split across ranks."""
+    values: dict = field(default_factory=dict)  # key -> {method: [psnr, ssim, psnr_region, ssim_region]}
+    pixels: dict = field(default_factory=dict)  # key -> pixels of its garment region
 
     def add(self, candidates: dict[str, torch.Tensor], batch: dict) -> None:
         """candidates: {method: images}, images in [-1, 1] at the size of the batch's target."""
         region = garment_region(batch)
         whole = torch.ones_like(region)
         target = (batch["person"] + 1) / 2
+        keys = batch.get("key") or [f"#{len(self.values) + i:06d}" for i in range(len(target))]
+        per_method = {}
         for name, image in candidates.items():
             image = (image.float().clamp(-1, 1) + 1) / 2
-            values = torch.stack([psnr(image, target, whole), ssim(image, target, whole),
-                                  psnr(image, target, region), ssim(image, target, region)], dim=1)
-            self.sums[name] = self.sums.get(name, torch.zeros(4, dtype=torch.float64)) + values.double().sum(dim=0)
-        self.count += target.shape[0]
-        self.region_pixels += int(region.sum())
+            per_method[name] = torch.stack([psnr(image, target, whole), ssim(image, target, whole),
+                                            psnr(image, target, region), ssim(image, target, region)], dim=1)
+        for i, key in enumerate(keys):
+            self.values[key] = {name: v[i].double().tolist() for name, v in per_method.items()}
+            self.pixels[key] = int(region[i].sum())
+
+    def merge(self, other: "QualityTable") -> None:
+        self.values.update(other.values)
+        self.pixels.update(other.pixels)
+
+    @property
+    def count(self) -> int:
+        return len(self.values)
+
+    @property
+    def region_pixels(self) -> int:
+        return sum(self.pixels[k] for k in sorted(self.pixels))
 
     def rows(self) -> dict[str, dict[str, float]]:
-        keys = ("psnr", "ssim", "psnr_region", "ssim_region")
-        return {m: dict(zip(keys, (s / max(self.count, 1)).tolist())) for m, s in self.sums.items()}
+        names = ("psnr", "ssim", "psnr_region", "ssim_region")
+        keys = sorted(self.values)
+        if not keys:
+            return {}
+        methods = list(self.values[keys[0]])
+        out = {}
+        for method in methods:
+            sums = [0.0] * 4
+            for key in keys:
+                sums = [a + b for a, b in zip(sums, self.values[key][method])]
+            out[method] = {n: v / len(keys) for n, v in zip(names, sums)}
+        return out
 
     def format(self) -> str:
         return format_table(self.rows(), self.count, self.region_pixels)
@@ -99,42 +140,138 @@ def format_table(rows: dict, pairs: int, region_pixels: int) -> str:
     return "\n".join(lines)
 
 
-class TorchScriptInception(torch.nn.Module):
-    """The FID Inception-v3 saved as TorchScript, as StyleGAN2-ADA's and clean-fid's metrics ship it
-    (``inception-2015-12-05.pt``: uint8 images of any size in, 2048 pool features out with
-    ``return_features=True``). A TorchScript file loads without unpickling Python objects, and without
-    torchvision, which torchmetrics' own Inception needs."""
-
-    def __init__(self, path: str):
-        super().__init__()
-        self.net = torch.jit.load(path, map_location="cpu").eval()
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images, return_features=True)
-
-
-def fid_kid(weights_path: str | None, real: list[torch.Tensor], fake: list[torch.Tensor]) -> str:
-    """FID and KID (torchmetrics) of the paired try-ons against their targets, images in [-1, 1]."""
-    if not weights_path:
-        return "FID/KID skipped: no --inception_weights given (a local Inception file; this tool never downloads)"
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
-
-    real_u8 = [((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8) for x in real]
-    fake_u8 = [((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8) for x in fake]
-    n = sum(x.shape[0] for x in real_u8)
-    inception = TorchScriptInception(weights_path)
-    fid = FrechetInceptionDistance(feature=inception)
-    kid = KernelInceptionDistance(feature=inception, subset_size=min(50, n))
-    for metric in (fid, kid):
-        for x in real_u8:
-            metric.update(x, real=True)
-        for x in fake_u8:
-            metric.update(x, real=False)
-    kid_mean, kid_std = kid.compute()
-    return (f"FID {fid.compute().item():.2f}, KID {kid_mean.item() * 1000:.2f} +- {kid_std.item() * 1000:.2f} "
-            f"(x1e-3) over {n} paired try-ons")
-
-
 def finite(rows: dict) -> bool:
     return all(math.isfinite(v) for r in rows.values() for v in r.values())
+
+
+# --------------------------------------------------------------------------- the field's protocol
+def size_name(size: tuple[int, int]) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+class Quota:
+    """Which test samples an evaluation takes: the first ``paired`` paired and ``unpaired`` unpaired ones in
+    the shards' order (None: all). Applied to the raw samples before any decoding, by every rank alike."""
+
+    def __init__(self, paired: int | None = None, unpaired: int | None = None):
+        self.left = {"paired": paired, "unpaired": unpaired}
+
+    def __call__(self, raw: dict) -> bool:
+        try:
+            pair = json.loads(raw["json"]).get("pair", "paired") if "json" in raw else "paired"
+        except (ValueError, AttributeError):
+            return False  # an unreadable sample: the decoder would skip it on every rank alike
+        left = self.left.get(pair, 0)
+        if left is None:
+            return True
+        if left <= 0:
+            return False
+        self.left[pair] = left - 1
+        return True
+
+    def done(self) -> bool:
+        return all(v is not None and v <= 0 for v in self.left.values())
+
+
+class FieldMetrics:
+    """The field's metrics for one rank's try-ons, per sample: SSIM, LPIPS and PSNR of paired samples, and
+    the Inception features of every try-on and of every paired target, at each size. Networks whose weight
+    files are absent are left out, and ``notes`` says which metrics that skips and what file they need."""
+
+    def __init__(self, sizes: list[tuple[int, int]], weights: dict[str, Path | None], device: torch.device):
+        self.sizes, self.device = sizes, device
+        self.notes = []
+        self.inception = self.lpips = None
+        if weights.get("inception"):
+            self.inception = metrics.InceptionFeatures(weights["inception"], device)
+        else:
+            self.notes.append(metrics.missing_note("inception"))
+        if weights.get("alexnet") and weights.get("lpips"):
+            self.lpips = metrics.LPIPS.from_files(weights["alexnet"], weights["lpips"], device)
+        else:
+            self.notes.append(metrics.missing_note("alexnet" if not weights.get("alexnet") else "lpips"))
+        self.records: dict[str, dict] = {}
+
+    def add(self, keys: list[str], pairs: list[str], categories: list[str], tryons: torch.Tensor,
+            targets: torch.Tensor) -> None:
+        """uint8 (B, 3, H, W) try-ons and the shards' person images (the targets, for paired samples)."""
+        paired = torch.tensor([p == "paired" for p in pairs])
+        for key, pair, category in zip(keys, pairs, categories):
+            self.records[key] = {"pair": pair, "category": category, "sizes": {}}
+        for size in self.sizes:
+            fake, real = metrics.resize_to(tryons, size), metrics.resize_to(targets[paired], size)
+            values, real_features = {}, None
+            if paired.any():
+                mine, theirs = metrics.to_unit(fake[paired]), metrics.to_unit(real)
+                values = {"ssim": metrics.ssim(mine, theirs), "psnr": psnr(mine, theirs, torch.ones_like(theirs[:, :1]))}
+                if self.lpips is not None:
+                    values["lpips"] = self.lpips((mine * 2 - 1).to(self.device), (theirs * 2 - 1).to(self.device)).cpu()
+                if self.inception is not None:
+                    real_features = self.inception(real).float().numpy()
+            fake_features = self.inception(fake).float().numpy() if self.inception is not None else None
+            j = 0
+            for i, key in enumerate(keys):
+                entry = {}
+                if fake_features is not None:
+                    entry["fake"] = fake_features[i]
+                if paired[i]:
+                    entry.update({name: float(v[j]) for name, v in values.items()})
+                    if real_features is not None:
+                        entry["real"] = real_features[j]
+                    j += 1
+                self.records[key]["sizes"][size_name(size)] = entry
+
+
+def _mean(records: list[dict], size: str, name: str) -> float | None:
+    values = [r["sizes"][size][name] for r in records if name in r["sizes"][size]]
+    return sum(values) / len(values) if values else None
+
+
+def _distances(real: list[np.ndarray], fake: list[np.ndarray], seed: int) -> dict:
+    if len(real) < 2 or len(fake) < 2:
+        return {"fid": None, "kid_x1000": None}
+    real_t, fake_t = torch.from_numpy(np.stack(real)), torch.from_numpy(np.stack(fake))
+    return {"fid": metrics.frechet_distance(real_t, fake_t),
+            "kid_x1000": 1000 * metrics.kernel_distance(real_t, fake_t, seed=seed)}
+
+
+def summarise(records: dict[str, dict], sizes: list[str], seed: int = 0) -> dict:
+    """{group: {size: {"paired": {...}, "unpaired": {...}}}}, groups "all" and each DressCode category present.
+    Paired: SSIM, LPIPS, PSNR, FID and KID of the try-ons against their targets; unpaired: FID and KID of the
+    try-ons against the group's real test images (its paired targets, each test person once). Values are taken
+    in key order and rounded to 4 decimals, so the report does not depend on how the samples were split."""
+    ordered = [records[k] for k in sorted(records)]
+    categories = sorted({r["category"] for r in ordered if r["category"]})
+    out = {}
+    for group in ["all", *categories]:
+        members = [r for r in ordered if group == "all" or r["category"] == group]
+        paired = [r for r in members if r["pair"] == "paired"]
+        unpaired = [r for r in members if r["pair"] == "unpaired"]
+        out[group] = {}
+        for size in sizes:
+            real = [r["sizes"][size]["real"] for r in paired if "real" in r["sizes"][size]]
+            row = {"paired": {"n": len(paired), **{m: _mean(paired, size, m) for m in ("ssim", "lpips", "psnr")},
+                              **_distances(real, [r["sizes"][size]["fake"] for r in paired
+                                                  if "fake" in r["sizes"][size]], seed)},
+                   "unpaired": {"n": len(unpaired),
+                                **_distances(real, [r["sizes"][size]["fake"] for r in unpaired
+                                                    if "fake" in r["sizes"][size]], seed)}}
+            out[group][size] = {kind: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in values.items()}
+                                for kind, values in row.items()}
+    return out
+
+
+def markdown(report: dict, notes: list[str]) -> str:
+    """The field's table as Markdown: a row per group and size."""
+    def cell(v, digits):
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    lines = ["| group | size | paired n | SSIM ↑ | LPIPS ↓ | FID ↓ | KID x1000 ↓ | unpaired n | FID ↓ | KID x1000 ↓ |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for group, by_size in report.items():
+        for size, row in by_size.items():
+            p, u = row["paired"], row["unpaired"]
+            lines.append(f"| {group} | {size} | {p['n']} | {cell(p['ssim'], 4)} | {cell(p['lpips'], 4)} | "
+                         f"{cell(p['fid'], 2)} | {cell(p['kid_x1000'], 2)} | {u['n']} | {cell(u['fid'], 2)} | "
+                         f"{cell(u['kid_x1000'], 2)} |")
+    return "\n".join(lines + [""] + [f"- {note}" for note in notes])

@@ -1,4 +1,5 @@
-"""Running the cascade: UNet 1 (base) at 128, then UNet 2 (super-resolution) at 256 conditioned on its output.
+"""Running the cascade: UNet 1 at its size, then every later UNet of the bundle super-resolving the one before
+(the default cascade: 128 -> 256; with UNet 3: -> 1024).
 
     pipe = TryOnPipeline.from_pretrained("bundle/")                 # EMA weights, fp32, CPU
     image = pipe(ca_image, garment_image, person_pose, garment_pose, seed=0)   # PIL in, PIL out
@@ -9,9 +10,10 @@ the result is cropped back to the ca image's aspect ratio.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -20,10 +22,22 @@ from PIL import Image
 from .bundle import read_unet
 from .cascade import CascadeUNet
 from .config import Config
-from .data.pipeline import ValDataset, collate, resolve_shards
-from .data.preprocess import letterbox, normalise_pose, pose_tensors, to_image, to_tensor, unet_inputs
+from .data.pipeline import EVERYTHING, ValDataset, collate, resolve_shards
+from .data.preprocess import letterbox, normalise_pose, pose_tensors, to_image, unet_inputs
+from .data.sources import read_image, read_pose
 from .errors import UserError
-from .model import COND_KEYS
+from .seeding import seed_for
+
+
+class _First:
+    """Takes the first ``n`` samples."""
+
+    def __init__(self, n: int):
+        self.left = n
+
+    def __call__(self, raw: dict) -> bool:
+        self.left -= 1
+        return self.left >= 0
 
 
 class TryOnPipeline:
@@ -31,7 +45,10 @@ class TryOnPipeline:
         self.unets, self.configs, self.device = unets, configs, device
 
     @classmethod
-    def from_pretrained(cls, bundle: str | Path, device: str | torch.device = "cpu", ema: bool = True) -> "TryOnPipeline":
+    def from_pretrained(cls, bundle: str | Path, device: str | torch.device = "cpu", ema: bool = True,
+                        compile: bool | None = None) -> "TryOnPipeline":
+        """Every UNet the bundle holds, unet1/ up to the first one missing; ``compile`` True or False compiles
+        every UNet or none (in its config's mode), None as each was trained."""
         bundle = Path(bundle)
         if not bundle.is_dir():
             raise UserError(f"bundle folder {bundle} does not exist")
@@ -39,16 +56,21 @@ class TryOnPipeline:
             raise UserError(f"{bundle} has no unet1/: consolidate the base UNet's checkpoint into it first")
         device = torch.device(device)
         unets, configs = {}, {}
-        for number in (1, 2):
-            if number == 2 and not (bundle / "unet2").is_dir():
+        for number in itertools.count(1):
+            if not (bundle / f"unet{number}").is_dir():
                 break
             config, weights, _ = read_unet(bundle, number, ema)
+            if number > 1:  # it must super-resolve what the UNet before it makes
+                want, made = tuple(config.image_size(number - 1)), tuple(configs[number - 1].image_size(number - 1))
+                if want != made:
+                    raise UserError(f"{bundle}: unet{number} was trained on {list(want)} inputs but unet{number - 1} "
+                                    f"makes {list(made)} images")
+            if compile is not None:
+                config = config.with_unet(number, dataclasses.replace(config.unet(number), compile=compile))
             model = CascadeUNet(config, number)
             model.unet.load_state_dict({k: v.float() for k, v in weights.items()})
+            model.compile_unet()
             unets[number], configs[number] = model.to(device).eval(), config
-        if 2 in configs and tuple(configs[2].base_image_size) != tuple(configs[1].base_image_size):
-            raise UserError(f"{bundle}: unet2 was trained on {list(configs[2].base_image_size)} inputs but unet1 "
-                            f"makes {list(configs[1].base_image_size)} images")
         return cls(unets, configs, device)
 
     @property
@@ -59,49 +81,88 @@ class TryOnPipeline:
     def output_size(self) -> tuple[int, int]:
         return tuple(self.configs[self.last].image_size(self.last))
 
+    def steps_per_unet(self, steps: list[int] | tuple[int, ...] | None) -> tuple[int, ...] | None:
+        """Sampling steps: one number for every UNet, or one per UNet of the bundle (None: each config's)."""
+        if steps is None or len(steps) == len(self.unets):
+            return None if steps is None else tuple(steps)
+        if len(steps) == 1:
+            return tuple(steps) * len(self.unets)
+        raise UserError(f"--steps takes one number, or one per UNet of the bundle ({len(self.unets)}); got {len(steps)}")
+
     def prepare(self, ca: Image.Image, garment: Image.Image, person_pose: np.ndarray,
                 garment_pose: np.ndarray | None) -> tuple[dict[int, dict], tuple]:
         """Each UNet's conditioning (a batch of one), and how to crop the result back to the ca image. Poses
         are (K, 3) pixel (x, y, confidence) of their own image; ``garment_pose`` None for a flat garment."""
         size = self.output_size
-        k = self.configs[self.last].unet(self.last).num_keypoints
+        k = self.configs[self.last].num_keypoints
         ca_l, scale, pad = letterbox(ca.convert("RGB"), size)
         g_l, g_scale, g_pad = letterbox(garment.convert("RGB"), size)
-        sample = {"ca": to_tensor(ca_l), "garment": to_tensor(g_l)}
+        sample = {"ca": ca_l, "garment": g_l}
         for name, pose, s, p in (("person_pose", person_pose, scale, pad), ("garment_pose", garment_pose, g_scale, g_pad)):
             sample[name], sample[f"{name}_valid"] = pose_tensors(normalise_pose(pose, s, p, size, k))
         conds = {n: {key: value[None] for key, value in unet_inputs(sample, config, n).items()}
                  for n, config in self.configs.items()}
         return conds, (scale, pad, ca.size)
 
-    def shard_batches(self, shards: str, batch_size: int, limit: int | None = None) -> Iterator[dict[int, dict]]:
+    def shard_batches(self, shards: str, batch_size: int, limit: int | None = None,
+                      select: Callable[[dict], bool] | None = None, rank: int = 0,
+                      world_size: int = 1) -> Iterator[dict[int, dict]]:
         """The samples of ``shards`` in order, as ``generate`` takes them: {unet number: the batch prepared
-        at that UNet's size}, ``batch_size`` samples at a time (``limit`` samples in all, if given)."""
+        at that UNet's size}, ``batch_size`` samples at a time; the first ``limit`` samples, or those
+        ``select`` (a predicate on the raw sample, called in the shards' order) takes; this rank's share of
+        them. Each sample is decoded once for all the UNets."""
         urls = resolve_shards(shards, "validation")
-        iterators = {n: iter(ValDataset(urls, self.configs[n], n, 0, 1)) for n in self.unets}
-        done = 0
-        while limit is None or done < limit:
-            n = batch_size if limit is None else min(batch_size, limit - done)
-            samples = {number: list(itertools.islice(it, n)) for number, it in iterators.items()}
-            if not samples[1]:
-                return
-            done += len(samples[1])
-            yield {number: collate(batch) for number, batch in samples.items()}
+
+        def prepare(sample: dict) -> dict[int, dict]:
+            return {n: unet_inputs(sample, config, n) for n, config in self.configs.items()}
+
+        if limit is not None:
+            select = _First(limit)
+        samples = iter(ValDataset(urls, self.configs[self.last].num_keypoints, EVERYTHING, prepare, rank, world_size,
+                                  size=self.output_size, select=select, data=self.configs[self.last].data))
+        while batch := list(itertools.islice(samples, batch_size)):
+            yield {number: collate([s[number] for s in batch]) for number in self.unets}
+
+    def generators(self, keys: list[str], seed: int) -> list[torch.Generator]:
+        """One generator per sample, seeded by its key: its noise does not depend on its batch or rank."""
+        return [torch.Generator(self.device).manual_seed(seed_for(seed, key)) for key in keys]
 
     @torch.no_grad()
     def generate(self, conds: dict[int, dict], sampler: str | None = None, steps: tuple | None = None,
-                 guidance: float | None = None, seed: int = 0) -> dict[int, torch.Tensor]:
-        """Samples in [-1, 1] from every UNet of the bundle: {1: base output, 2: super-resolved output}."""
-        generator = torch.Generator(self.device).manual_seed(seed)
+                 guidance: float | None = None, seed: int = 0, keys: list[str] | None = None) -> dict[int, torch.Tensor]:
+        """Samples in [-1, 1] from every UNet of the bundle, {unet number: its output}, each later UNet
+        super-resolving the output of the one before. ``steps``: one number for all, or one per UNet. With
+        ``keys``, each sample's noise is seeded by its key (the same try-on in any batch), else by ``seed``."""
+        steps = self.steps_per_unet(steps)
+        generator = (self.generators(keys, seed) if keys is not None
+                     else torch.Generator(self.device).manual_seed(seed))
         out, lowres = {}, None
         for number, model in self.unets.items():
-            cond = {k: conds[number][k].to(self.device) for k in COND_KEYS}
+            cond = {k: conds[number][k].to(self.device) for k in model.unet.cond_keys if k != "lowres"}
             out[number] = lowres = model.sample(cond, lowres=lowres, steps=steps[number - 1] if steps else None,
                                                 sampler=sampler, guidance=guidance, generator=generator)
         return out
 
-    def __call__(self, ca: Image.Image, garment: Image.Image, person_pose: np.ndarray,
-                 garment_pose: np.ndarray | None = None, **kwargs) -> Image.Image:
+    def __call__(self, ca, garment, person_pose, garment_pose=None, **kwargs) -> Image.Image:
+        """The try-on of one pair, cropped back to the ca image's aspect. ``ca`` and ``garment``: PIL images,
+        (H, W, 3) uint8 arrays or paths (transparency composited on white); poses in the pixels of their image:
+        files (.npy, OpenPose or DressCode JSON) or the poses themselves (arrays or nested lists (18|25, 2|3),
+        OpenPose's flat list, a parsed JSON dict); ``garment_pose`` None for a flat garment. Read by the
+        readers and checks make_shards uses, with its messages; ``kwargs`` go to ``generate``."""
+        problems, counted = [], {}
+
+        def name(source, argument):
+            return str(source) if isinstance(source, (str, Path)) else argument
+
+        ca = read_image(ca, problems, name(ca, "ca_image"))
+        garment = read_image(garment, problems, name(garment, "garment_image"))
+        person_pose = read_pose(person_pose, ca.size if ca else None, problems, counted,
+                                name(person_pose, "person_pose"))
+        if garment_pose is not None:
+            garment_pose = read_pose(garment_pose, garment.size if garment else None, problems, counted,
+                                     name(garment_pose, "garment_pose"))
+        if problems:
+            raise UserError("bad input:\n  " + "\n  ".join(problems))
         conds, (scale, pad, (w, h)) = self.prepare(ca, garment, person_pose, garment_pose)
         result = to_image(self.generate(conds, **kwargs)[self.last][0])
         return result.crop((pad[0], pad[1], pad[0] + round(w * scale), pad[1] + round(h * scale)))

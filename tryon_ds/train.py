@@ -4,11 +4,12 @@
     deepspeed --num_gpus 2 tryon_ds/train.py --deepspeed_config ds_configs/cpu_zero2.json --config configs/tiny.yaml
     torchrun --nproc_per_node 8 tryon_ds/train.py ...      srun python tryon_ds/train.py ...      python tryon_ds/train.py ...
 
-Each optimizer step: for every micro-batch, the UNet's diffusion loss (random timestep, noise, and
-classifier-free conditioning dropout; UNet 2 also noise-augments its low-res input), backward, and
-DeepSpeed's step, which applies AdamW with clipping at the accumulation boundary; then the EMA. Every
-``validation_freq`` steps the validation loss, every ``sample_freq`` a sample grid from the EMA weights,
-every ``checkpoint_freq`` a checkpoint. SIGTERM or SIGUSR1 finishes the step, saves and exits 0.
+Each optimizer step: for every micro-batch, the UNet's diffusion loss (random timestep, noise, classifier-free
+conditioning dropout where the UNet has conditioning to drop, and noise-conditioning augmentation of its
+conditioning images; a super-resolution UNet's low-res input among them), backward, and DeepSpeed's step,
+which applies AdamW with clipping at the accumulation boundary; then the EMA. Every ``validation_freq`` steps
+the validation loss, every ``sample_freq`` a sample grid from the EMA weights, every ``checkpoint_freq`` a
+checkpoint. SIGTERM or SIGUSR1 finishes the step, saves and exits 0.
 
 The loop never waits for the GPU between steps on its own account: losses and the finiteness of each step
 stay on the device and reach the host every ``min(log_freq, max_bad_steps)`` steps, where the stop signal
@@ -17,7 +18,7 @@ is checked too.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import math
 import signal
 import sys
@@ -44,16 +45,18 @@ import torch.distributed as dist
 
 from tryon_ds.cli import exit_on_user_error
 from tryon_ds.config import Config, add_config_args, config_from_args, find_config_file
-from tryon_ds.data.pipeline import TrainLoader, shard_urls, shutdown_workers, to_device, val_loader
-from tryon_ds.data.shards import read_manifest
+from tryon_ds.data.pipeline import (RETRIED, TrainLoader, shard_urls, shutdown_workers, store_trouble, to_device,
+                                    val_loader)
+from tryon_ds.data.shards import check_shard_size, read_manifest
 from tryon_ds.errors import UserError
-from tryon_ds.model import parameter_count
+from tryon_ds.model import compiled_graphs, parameter_count
 from tryon_ds.seeding import seed_for
 from tryon_ds.training import checkpoint, distributed, engine as ds_engine, lifecycle
 from tryon_ds.training.ds_config import build_ds_config, precision, zero_stage
 from tryon_ds.training.ema import EMA
 from tryon_ds.training.logger import NullLogger, RunLogger
 from tryon_ds.training.previews import Previewer
+from tryon_ds.training.run_lock import RunLock
 
 # DeepSpeed's ZeRO calls a torch collective that torch 2.13 marks deprecated, once per rank and step.
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor. is deprecated", category=FutureWarning)
@@ -168,13 +171,14 @@ def validate(run: Run, step: int, fallback: dict, stop: lifecycle.StopRequest) -
         run.log.message(f"step {step}: validation loss {value:.4f}")
 
 
-def preview(run: Run, step: int, batch: dict) -> None:
+def preview(run: Run, step: int) -> None:
     """A sample grid from the EMA weights (the raw ones without an EMA), gathered to and drawn on rank 0."""
     weights = run.ema.full_state_dict() if run.ema is not None else ds_engine.raw_state_dict(run.engine,
                                                                                               run.world.is_main)
     if run.world.is_main:
-        path = run.log.images(step, run.previewer.render(weights, batch))
-        run.log.message(f"step {step}: samples (ca | garment | {'EMA ' if run.ema else ''}sample | target) in {path} "
+        path = run.log.images(step, run.previewer.render(weights), run.previewer.columns())
+        columns = run.previewer.columns().replace("sample", "EMA sample" if run.ema else "sample")
+        run.log.message(f"step {step}: samples ({columns}) in {path} "
                         f"({run.previewer.seconds:.1f} s, {run.config.logging.preview_steps} DDIM steps)")
 
 
@@ -199,6 +203,7 @@ def train(args: argparse.Namespace, config: Config, world: distributed.World, st
     global_batch = config.batch_size * accum * world.size
     steps = total_steps(config, global_batch)
     shard_urls(config, "train")  # a missing data path is an error now, not in a loader worker later
+    check_shard_size(config, unet)
     root = checkpoint.unet_dir(config.checkpoint_dir, unet)
     ensure_writable({"checkpoint_dir": root, "output_dir": Path(config.output_dir), "log_dir": Path(config.log_dir)})
     resume = checkpoint.plan_resume(root, args.resume, world, ds_config)
@@ -210,11 +215,10 @@ def train(args: argparse.Namespace, config: Config, world: distributed.World, st
     log.message(f"unet{unet}: {parameter_count(model) / 1e6:.2f}M parameters, ZeRO-{zero}, {precision(ds_config)}, "
                 f"{world.size} rank(s) x micro-batch {config.batch_size} x accumulation {accum} = {global_batch} "
                 f"per step; steps {resume.step} -> {steps}; {resume.describe()}")
-    metrics = Path(config.output_dir) / f"metrics_unet{unet}.jsonl"
     loader = TrainLoader(config, unet, world.rank, config.batch_size, world.size, accum, resume.step)
     watchdog = lifecycle.Watchdog(config.dist_timeout_s, world.rank, world.size)
     try:
-        batches, grid_batch = iter(loader), None
+        batches, stand_in = iter(loader), None
         sync_every = min(config.log_freq, config.max_bad_steps)
         window = StepWindow(sync_every, world.device)
         window.first = step = resume.step
@@ -246,7 +250,7 @@ def train(args: argparse.Namespace, config: Config, world: distributed.World, st
             window.record(loss_sum / accum, applied)
             skipped_run = 0 if applied else skipped_run + 1
             step += 1
-            grid_batch = grid_batch or dict(batch)
+            stand_in = stand_in or dict(batch)  # what validation runs on a rank that ran out of batches
             if not (step % sync_every == 0 or step == steps or skipped_run >= config.max_bad_steps):
                 continue
 
@@ -270,18 +274,19 @@ def train(args: argparse.Namespace, config: Config, world: distributed.World, st
                 mean = sum(log_losses) / len(log_losses) if log_losses else math.nan
                 scale = ds_engine.loss_scale(engine) if engine.fp16_enabled() else None
                 log.step(step, mean, lr, engine.get_global_grad_norm(), scale, global_batch)
-                if world.is_main:
-                    with open(metrics, "a") as f:
-                        f.write(json.dumps({"step": step, "loss": mean, "lr": lr}) + "\n")
+                if model.compile_mode is not None:  # rank 0's count; growing in steady state means recompiles
+                    log.scalars(step, {"compile/graphs": compiled_graphs()})
+                if trouble := store_trouble(loader.skipped()):  # rank 0's loader: retries, shards given up on
+                    log.scalars(step, trouble)
                 log_losses = []
             if step % config.validation_freq == 0 or step == steps:
                 watchdog.kick()
-                validate(run, step, grid_batch, stop)
+                validate(run, step, stand_in, stop)
             # A signal that came during validation (which it cut short) is agreed on now, not a window later.
             stopping = stopping or stop.agreed(world.device)
             if (step % config.sample_freq == 0 or step == steps) and not stopping:
                 watchdog.kick()
-                preview(run, step, grid_batch)
+                preview(run, step)
             if step % config.checkpoint_freq == 0 or step == steps or stopping:
                 watchdog.kick()
                 save(run, step)
@@ -296,7 +301,12 @@ def train(args: argparse.Namespace, config: Config, world: distributed.World, st
         for counts in skipped:
             for reason, n in counts.items():
                 total[reason] = total.get(reason, 0) + n
-        log.message(f"data: {sum(total.values())} sample(s) skipped" + "".join(f"\n  {n} x {r}" for r, n in total.items()))
+        retried = {r: n for r, n in total.items() if r.startswith(RETRIED)}
+        skipped = {r: n for r, n in total.items() if r not in retried}
+        log.message(f"data: {sum(skipped.values())} sample(s) skipped"
+                    + "".join(f"\n  {n} x {r}" for r, n in skipped.items())
+                    + (f"; {sum(retried.values())} shard read(s) retried" if retried else "")
+                    + "".join(f"\n  {n} x {r}" for r, n in retried.items()))
         log.message(f"done: unet{unet} at step {step}, last checkpoint at step {last_saved} in {root}")
     finally:
         loader.close()
@@ -311,7 +321,11 @@ def main(argv=None) -> None:
     stop = lifecycle.StopRequest(already=bool(_signalled))
     world = distributed.setup(config.dist_timeout_s)
     try:
-        train(args, config, world, stop)
+        # Rank 0 holds the UNet's checkpoint folder for the run; its refusal ends every rank (lifecycle.fail).
+        lock = (RunLock(checkpoint.unet_dir(config.checkpoint_dir, config.train_unet_number))
+                if world.is_main else contextlib.nullcontext())
+        with lock:
+            train(args, config, world, stop)
     except UserError as err:
         lifecycle.fail(str(err), world.rank, world.size)
     distributed.teardown()

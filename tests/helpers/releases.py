@@ -35,10 +35,13 @@ def person_and_labels(k: np.ndarray, garment_label: int, rng: random.Random, atr
     w, h = SIZE
     labels = Image.new("L", SIZE, 0)
     d = ImageDraw.Draw(labels)
-    arm, leg, head, hair = (14, 15), (12, 13), 11 if atr else 13, 2
+    arm, leg, head, hair = (14, 15), (12, 13) if atr else (16, 17), 11 if atr else 13, 2
     width = int(w * 0.07)
     for (a, b), lab in zip(LIMBS["legs"], (leg[1], leg[1], leg[0], leg[0])):
         d.line([tuple(k[a]), tuple(k[b])], fill=lab, width=width)
+    for ankle, shoe in zip((10, 13), (10, 9) if atr else (19, 18)):  # right shoe, left shoe
+        d.ellipse([k[ankle][0] - width, k[ankle][1] - width / 2, k[ankle][0] + width, k[ankle][1] + width / 2],
+                  fill=shoe)
     if garment_label in (6, 7):  # pants / dress over the legs' upper part
         d.polygon([tuple(k[i]) for i in (8, 11, 12, 9)], fill=garment_label)
     torso = [tuple(k[i]) for i in (2, 5, 11, 8)]
@@ -134,9 +137,13 @@ def write_viton_hd(root: Path, older: bool = False, train=("00000_00", "00001_00
 DRESSCODE_GARMENT = {"upper_body": 4, "lower_body": 6, "dresses": 7}
 
 
-def write_dresscode(root: Path, per_category: int = 3, categories=tuple(DRESSCODE_GARMENT)) -> dict:
+def write_dresscode(root: Path, per_category: int = 3, categories=tuple(DRESSCODE_GARMENT),
+                    top_level: bool = False, missing: bool = False) -> dict:
+    """A DressCode replica. ``top_level``: the pairs files at the top, with the release's category column (a
+    number), instead of in each category folder. ``missing``: each category's training pairs name one more
+    person, whose files are not there, as lines of the real files do."""
     rng = random.Random(11)
-    truth, ids = {}, 0
+    truth, ids, lines = {}, 0, {}
     for category in categories:
         base = root / category
         for d in ("images", "keypoints", "label_maps", "skeletons", "dense"):
@@ -160,7 +167,55 @@ def write_dresscode(root: Path, per_category: int = 3, categories=tuple(DRESSCOD
             truth[(category, stem)] = {"keypoints": kp, "labels": np.asarray(labels)}
             stems.append(stem)
         train, test = stems[:-2], stems[-2:]
-        (base / "train_pairs.txt").write_text("".join(f"{s}_0.jpg {s}_1.jpg\n" for s in train))
-        (base / "test_pairs_paired.txt").write_text("".join(f"{s}_0.jpg {s}_1.jpg\n" for s in test))
-        (base / "test_pairs_unpaired.txt").write_text(f"{test[0]}_0.jpg {test[1]}_1.jpg\n{test[1]}_0.jpg {test[0]}_1.jpg\n")
+        absent = [f"9{ids:05d}_0.jpg 9{ids:05d}_1.jpg"] if missing else []
+        lines[category] = {"train_pairs.txt": [f"{s}_0.jpg {s}_1.jpg" for s in train] + absent,
+                           "test_pairs_paired.txt": [f"{s}_0.jpg {s}_1.jpg" for s in test],
+                           "test_pairs_unpaired.txt": [f"{test[0]}_0.jpg {test[1]}_1.jpg",
+                                                       f"{test[1]}_0.jpg {test[0]}_1.jpg"]}
+    for name in ("train_pairs.txt", "test_pairs_paired.txt", "test_pairs_unpaired.txt"):
+        if top_level:
+            (root / name).write_text("".join(f"{line} {list(DRESSCODE_GARMENT).index(c)}\n"
+                                             for c in lines for line in lines[c][name]))
+        else:
+            for category in lines:
+                (root / category / name).write_text("".join(f"{line}\n" for line in lines[category][name]))
     return truth
+
+
+def write_parsed(root: Path, label_set: str = "atr", pose_style: str = "body25", people: int = 6,
+                 pairs: bool = False) -> dict:
+    """Your own photos run through a human parser and a pose estimator (the ``parsed`` layout): people in upper
+    garments, their label maps in ``label_set`` (ATR or LIP numbers, LIP's with shoes 18/19), their poses as
+    OpenPose JSON (``body25``: ``NAME_keypoints.json`` with 75 numbers) or DWPose's OpenPose-style COCO-18
+    (``coco18``: ``NAME.json`` with 54 numbers). The last garment photo is worn by someone: with its own map
+    and pose. ``pairs``: a pairs.txt naming each category, plus one line pairing a person with another's garment."""
+    rng = random.Random(5)
+    atr = label_set == "atr"
+    for d in ("person_images", "person_parse", "person_poses", "garment_images", "garment_parse", "garment_poses"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    truth = {}
+    stems = [f"look.{i}" if i == 1 else f"me_{i:02d}" for i in range(people)]  # one dotted name, as photos have
+    for i, stem in enumerate(stems):
+        k = _pose(rng)
+        person, labels = person_and_labels(k, 4 if atr else 5, rng, atr=atr)
+        person.save(root / "person_images" / f"{stem}.jpg", quality=95)
+        labels.save(root / "person_parse" / f"{stem}.png")
+        if pose_style == "body25":
+            (root / "person_poses" / f"{stem}_keypoints.json").write_text(openpose_json(_body25(k)))
+        else:
+            flat = [float(v) for x, y in k for v in (round(x, 2), round(y, 2), 0.9)]
+            (root / "person_poses" / f"{stem}.json").write_text(json.dumps({"people": [{"pose_keypoints_2d": flat}]}))
+        truth[stem] = {"keypoints": k, "labels": np.asarray(labels)}
+        if i < people - 1:
+            garment_image(tuple(rng.randint(30, 230) for _ in range(3))).save(root / "garment_images" / f"{stem}.jpg")
+        else:  # a garment photo worn by a second person
+            wk = _pose(rng)
+            worn, worn_labels = person_and_labels(wk, 4 if atr else 5, rng, atr=atr)
+            worn.save(root / "garment_images" / f"{stem}.jpg", quality=95)
+            worn_labels.save(root / "garment_parse" / f"{stem}.png")
+            (root / "garment_poses" / f"{stem}_keypoints.json").write_text(openpose_json(_body25(wk)))
+            truth[stem].update(worn_labels=np.asarray(worn_labels), wearer=wk)
+    if pairs:
+        lines = [f"{s}.jpg {s}.jpg upper_body" for s in stems] + [f"{stems[0]}.jpg {stems[2]}.jpg upper_body"]
+        (root / "pairs.txt").write_text("\n".join(lines) + "\n")
+    return {"stems": stems, "truth": truth}

@@ -1,14 +1,17 @@
-"""Clothing-agnostic person images for releases that do not ship one, built as the try-on literature does:
+"""Clothing-agnostic person images for data that do not ship one, built as the try-on literature does:
 the garment's region and the limbs it covers, dilated, filled grey, the head and the rest kept.
 
-DressCode (ATR labels in ``label_maps/NNNNNN_4.png``), per category:
-- ``upper_body``: upper clothes (4) and both arms (14, 15), plus the torso quadrilateral of the shoulders
-  and hips when those keypoints are detected (so a short top does not reveal its hem line);
-- ``lower_body``: skirt (5), pants (6), belt (8) and both legs (12, 13);
-- ``dresses``: dress (7), skirt (5), belt (8), arms and legs, plus the torso quadrilateral.
-The region is dilated by 1/40 of the image height, then the head (11), hair (2), hat (1) and sunglasses (3)
-are kept, and for ``upper_body`` the lower garments (5, 6) as well, for ``lower_body`` the upper clothes
-(4): what the garment does not cover stays the person's.
+One rule, DressCode's, written over groups of labels (``RULES``), read through the label set of the human
+parser that made the map (``LABEL_SETS``: ATR's 18 labels, DressCode's and SCHP-ATR's; LIP's and CIHP's 20,
+SCHP-LIP's and CIHP-PGN's), per garment category:
+- ``upper_body``: the upper clothes and both arms, plus the torso quadrilateral of the shoulders and hips
+  when those keypoints are detected (so a short top does not reveal its hem line);
+- ``lower_body``: skirt, pants, belt and both legs;
+- ``dresses``: dress, skirt, belt, arms and legs, plus the torso quadrilateral.
+The region is dilated by 1/40 of the image height, then the head (face or head, hair, hat, sunglasses) is
+kept, and for ``upper_body`` the lower garments as well, for ``lower_body`` the upper clothes: what the
+garment does not cover stays the person's. In ATR's numbers (DressCode's ``label_maps``): upper clothes 4,
+arms 14/15, skirt 5, pants 6, belt 8, legs 12/13, dress 7, head 11, hair 2, hat 1, sunglasses 3.
 
 VITON-HD's older layout (``image-parse/`` with LIP labels, no ``agnostic-v3.2/``): VITON-HD's own recipe
 from its ``datasets.py``: the arms and torso drawn grey from the keypoints, then the head (LIP 4, 13) and
@@ -17,19 +20,30 @@ the lower body (9, 12, 16-19) pasted back.
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 GREY = (128, 128, 128)
-ATR = {"background": 0, "hat": 1, "hair": 2, "sunglasses": 3, "upper_clothes": 4, "skirt": 5, "pants": 6, "dress": 7,
-       "belt": 8, "left_shoe": 9, "right_shoe": 10, "head": 11, "left_leg": 12, "right_leg": 13, "left_arm": 14,
-       "right_arm": 15, "bag": 16, "scarf": 17}
-ARMS, LEGS = (14, 15), (12, 13)
-DRESSCODE_RULES = {  # category: (labels removed, whether the torso quadrilateral goes too, labels kept)
-    "upper_body": ((4, *ARMS), True, (1, 2, 3, 11, 5, 6)),
-    "lower_body": ((5, 6, 8, *LEGS), False, (1, 2, 3, 11, 4)),
-    "dresses": ((7, 5, 8, *ARMS, *LEGS), True, (1, 2, 3, 11)),
+# Groups of each parser's labels. LIP and CIHP share the numbering but for 10 (LIP jumpsuits, CIHP torso skin):
+# both go with a dress or an upper garment alike, so one table serves both.
+LABEL_SETS = {
+    "atr": {"head": (1, 2, 3, 11), "upper": (4,), "skirt": (5,), "pants": (6,), "dress": (7,), "belt": (8,),
+            "arms": (14, 15), "legs": (12, 13)},
+    "lip": {"head": (1, 2, 4, 13), "upper": (5, 7, 10), "skirt": (12,), "pants": (9,), "dress": (6, 10), "belt": (),
+            "arms": (14, 15), "legs": (16, 17)},
 }
-CATEGORIES = tuple(DRESSCODE_RULES)
+LABEL_COUNTS = {"atr": 18, "lip": 20}
+RULES = {  # category: (groups removed, whether the torso quadrilateral goes too, groups kept)
+    "upper_body": (("upper", "arms"), True, ("head", "skirt", "pants")),
+    "lower_body": (("skirt", "pants", "belt", "legs"), False, ("head", "upper")),
+    "dresses": (("dress", "skirt", "belt", "arms", "legs"), True, ("head",)),
+}
+CATEGORIES = tuple(RULES)
+# What the garment itself is, per category: what is cut out of a photo of it being worn.
+GARMENT = {"upper_body": ("upper",), "lower_body": ("skirt", "pants"), "dresses": ("dress",)}
+
+
+def labels_of(label_set: str, groups: tuple[str, ...]) -> tuple[int, ...]:
+    return tuple(label for group in groups for label in LABEL_SETS[label_set][group])
 
 
 def _labels(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
@@ -46,19 +60,42 @@ def _torso(keypoints: np.ndarray | None, size: tuple[int, int]) -> Image.Image:
     return mask
 
 
-def dresscode_agnostic(person: Image.Image, labels: Image.Image, category: str,
-                       keypoints: np.ndarray | None) -> tuple[Image.Image, Image.Image]:
-    """(agnostic image, the mask of what was greyed out) for a DressCode person image of ``category``."""
-    removed, torso, kept = DRESSCODE_RULES[category]
+def dilate(mask: np.ndarray, k: int) -> np.ndarray:
+    """A bool mask dilated by a k x k square (k odd): exactly PIL's ``ImageFilter.MaxFilter(k)`` on it, in time
+    independent of k: a pixel is set when its window's sum in the zero-padded integral image is not zero
+    (the padding cannot raise a maximum, so it equals PIL's edge-copying border)."""
+    r = k // 2
+    padded = np.zeros((mask.shape[0] + 2 * r + 1, mask.shape[1] + 2 * r + 1), np.int32)
+    padded[r + 1:r + 1 + mask.shape[0], r + 1:r + 1 + mask.shape[1]] = mask
+    integral = padded.cumsum(0).cumsum(1)
+    h, w = mask.shape
+    window = integral[k:k + h, k:k + w] - integral[:h, k:k + w] - integral[k:k + h, :w] + integral[:h, :w]
+    return window > 0
+
+
+def parsed_agnostic(person: Image.Image, labels: Image.Image, category: str, keypoints: np.ndarray | None,
+                    label_set: str = "atr", photo_height: int | None = None) -> tuple[Image.Image, Image.Image]:
+    """(agnostic image, the mask of what was greyed out) for a person image of ``category`` and its label map
+    in ``label_set`` (DressCode's: ATR). ``photo_height``: the height of the photo ``person`` was scaled down
+    from, whose 1/40 the dilation is (scaled with it)."""
+    removed, torso, kept = RULES[category]
     lab = _labels(labels, person.size)
-    region = Image.fromarray((np.isin(lab, removed) * 255).astype(np.uint8))
+    region = np.isin(lab, labels_of(label_set, removed))
     if torso:
-        region = Image.fromarray(np.maximum(np.asarray(region), np.asarray(_torso(keypoints, person.size))))
-    k = max(3, person.height // 40) | 1
-    region = np.asarray(region.filter(ImageFilter.MaxFilter(k))) > 0
-    region &= ~np.isin(lab, kept)
+        region |= np.asarray(_torso(keypoints, person.size)) > 0
+    photo_height = photo_height or person.height
+    radius = (max(3, photo_height // 40) | 1) // 2
+    region = dilate(region, 2 * max(1, round(radius * person.height / photo_height)) + 1)
+    region &= ~np.isin(lab, labels_of(label_set, kept))
     mask = Image.fromarray((region * 255).astype(np.uint8))
     return Image.composite(Image.new("RGB", person.size, GREY), person.convert("RGB"), mask), mask
+
+
+def cut_out(photo: Image.Image, labels: Image.Image, category: str, label_set: str) -> Image.Image:
+    """The garment of ``category`` from a photo of someone wearing it, on white (what training pads with)."""
+    garment = np.isin(_labels(labels, photo.size), labels_of(label_set, GARMENT[category]))
+    keep = Image.fromarray((garment * 255).astype(np.uint8))
+    return Image.composite(photo.convert("RGB"), Image.new("RGB", photo.size, (255, 255, 255)), keep)
 
 
 def viton_agnostic(person: Image.Image, parse: Image.Image, keypoints: np.ndarray) -> Image.Image:

@@ -6,8 +6,13 @@ Read as they come:
   mapped to COCO-18: MidHip and the feet dropped); VITON-HD ships BODY_25. No person (``"people": []``)
   means no pose;
 - DressCode JSON (``{"keypoints": [[x, y, score, id], ...]}``, 18 joints) computed on a 384 x 512 copy of
-  each image, so rescaled to the image's own size; ``[-1, -1, 0, -1]`` is a joint not detected;
-- ``.npy`` arrays (18, 2), (18, 3) or (25, 3) in the pixels of their image.
+  each image, so rescaled to the image's own size; ``[-1, -1, 0, -1]`` is a joint not detected. DressCode's
+  photos crop the head off, and its files write the joints the crop cut off (nose, eyes, ears) at y = 0 with
+  a score; DressCode's own loader (aimagelab/dress-code, ``data/dataset.py``) uses a joint only when x > 1
+  and y > 1, and so do we: such joints are stored invalid and counted with the dropped ones;
+- ``.npy`` arrays (18, 2), (18, 3) or (25, 3) in the pixels of their image;
+- the same in memory (arrays, nested lists, OpenPose's flat list of 54 or 75 numbers, a parsed JSON dict), as
+  the Python API takes them.
 A joint not detected (confidence 0, coordinates -1, or (0, 0) without a confidence) is stored invalid,
 never as a point at (0, 0). A detected joint at most ``OUTSIDE_TOLERANCE`` of the image's size outside it
 is clipped onto its edge; one further out is marked invalid; both are counted. Messages name a joint as
@@ -47,39 +52,59 @@ def _joint(index: int, scheme: str) -> str:
     return f"{names[index] if index < len(names) else 'joint'}, {scheme} #{index}"
 
 
-def _raw(path: Path, size: tuple[int, int]) -> tuple[np.ndarray | None, str]:
-    """(K, 3) pixel x, y, confidence as the file has them, and its numbering scheme."""
-    if path.suffix == ".json":
-        data = json.loads(path.read_text())
+def _load(source) -> object:
+    """What a pose source holds: a file's parsed JSON or array, or the in-memory pose itself."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.suffix == ".json":
+            return json.loads(path.read_text())
+        return np.load(path, allow_pickle=False)
+    return source
+
+
+def _raw(data, size: tuple[int, int]) -> tuple[np.ndarray | None, str, list[str]]:
+    """(K, 3) pixel x, y, confidence as the source has them, its numbering scheme, and the joints its format
+    marks as cut off (stored as not detected, and said so)."""
+    if isinstance(data, dict):
         if "keypoints" in data:  # DressCode
             a = np.asarray(data["keypoints"], dtype=np.float64)
             if a.ndim != 2 or a.shape[1] != 4:
                 raise KeypointError(f"'keypoints' of shape {a.shape}, expected (18, 4): x, y, score, id")
             undetected = (a[:, 0] < 0) | (a[:, 1] < 0)
+            # DressCode's loader's rule (x > 1 and y > 1 on its canvas): joints the head crop cut off sit at y = 0.
+            cut = ~undetected & ((a[:, 0] <= 1) | (a[:, 1] <= 1))
+            notes = [f"{_joint(i, 'COCO-18')} at ({a[i, 0]:.1f}, {a[i, 1]:.1f}) on the edge of DressCode's "
+                     "384x512 canvas, where its files put the joints the crop cut off: stored as not detected"
+                     for i in np.flatnonzero(cut)]
+            undetected |= cut
             pts = np.stack([a[:, 0] * size[0] / DRESSCODE_CANVAS[0], a[:, 1] * size[1] / DRESSCODE_CANVAS[1],
                             np.where(undetected, 0.0, np.maximum(a[:, 2], 1e-3))], axis=1)
             pts[undetected, :2] = 0
-            return pts, "COCO-18"
+            return pts, "COCO-18", notes
         people = data.get("people")
         if people is None:
             raise KeypointError("neither 'people' (OpenPose) nor 'keypoints' (DressCode) in the JSON")
         if not people:
-            return None, "COCO-18"
-        a = np.asarray(people[0]["pose_keypoints_2d"], dtype=np.float64).reshape(-1, 3)
-    else:
-        a = np.load(path, allow_pickle=False).astype(np.float64)
+            return None, "COCO-18", []
+        data = people[0]["pose_keypoints_2d"]
+    a = np.asarray(data, dtype=np.float64)
+    if a.ndim == 1 and len(a) in (54, 75):  # OpenPose's flat x, y, confidence list
+        a = a.reshape(-1, 3)
     if a.ndim != 2 or (a.shape[0], a.shape[1]) not in ((18, 2), (18, 3), (25, 3)):
         raise KeypointError(f"pose of shape {tuple(a.shape)}, expected (18, 2), (18, 3) or (25, 3) "
-                            "(x, y[, confidence]; COCO-18 or BODY_25)")
+                            "(x, y[, confidence]; COCO-18 or BODY_25), or OpenPose's flat list of 54 or 75 numbers")
     if a.shape[1] == 2:  # without confidences, OpenPose's (0, 0) marks a joint not detected
         a = np.concatenate([a, (np.abs(a).sum(axis=1, keepdims=True) > 0).astype(np.float64)], axis=1)
-    return a, "BODY_25" if a.shape[0] == 25 else "COCO-18"
+    return a, "BODY_25" if a.shape[0] == 25 else "COCO-18", []
 
 
-def read_keypoints(path: Path, size: tuple[int, int]) -> Pose:
-    """The pose in ``path`` for an image of ``size`` (W, H), in COCO-18 order. Raises KeypointError."""
+def read_keypoints(source, size: tuple[int, int]) -> Pose:
+    """The pose ``source`` holds, for an image of ``size`` (W, H), in COCO-18 order: a file (.npy, OpenPose or
+    DressCode JSON) or the pose itself (an array or nested list, OpenPose's flat list, a parsed JSON dict), in
+    the pixels of its image. The same reading, checks and messages for shards, the CLI and the Python API.
+    Raises KeypointError."""
     try:
-        raw, scheme = _raw(path, size)
+        raw, scheme, cut = _raw(_load(source), size)
     except KeypointError:
         raise
     except Exception as err:
@@ -90,7 +115,7 @@ def read_keypoints(path: Path, size: tuple[int, int]) -> Pose:
         raise KeypointError("pose has NaN or infinite values")
     w, h = size
     detected = (raw[:, 2] > 0) & ~((raw[:, 0] == -1) & (raw[:, 1] == -1))
-    pose = Pose(np.zeros((len(raw), 3)))
+    pose = Pose(np.zeros((len(raw), 3)), dropped=list(cut))
     for i in np.flatnonzero(detected):
         x, y = raw[i, :2]
         where = f"{_joint(i, scheme)} at ({x:.1f}, {y:.1f}) outside the {w}x{h} image"

@@ -3,9 +3,10 @@ pipeline and inference prepare it the same way:
 
 1. ``letterbox`` to the shard size (aspect kept, white padding) and ``normalise_pose`` to that image:
    tools/make_shards.py stores this; inference does the same to its inputs at the last UNet's size;
-2. ``to_tensor``: RGB in [0, 1], (3, H, W);
-3. ``unet_inputs``: resized to one UNet's size (augmented there when training), scaled to [-1, 1];
-   UNet 2 also gets ``lowres``, the target at UNet 1's size.
+2. ``unet_inputs``: the PIL images as tensors (``to_tensor``), resized to one UNet's size (augmented there
+   when training), scaled to [-1, 1]; a super-resolution UNet also gets ``lowres``, the target at the
+   previous UNet's size. A UNet trained on crops takes, in training, a random crop of its target, cut from
+   the PIL image before anything becomes a tensor (``crop_inputs``).
 ``to_image`` and ``image_grid`` turn [-1, 1] tensors back into pictures.
 """
 from __future__ import annotations
@@ -67,24 +68,49 @@ def resize(img: torch.Tensor, size) -> torch.Tensor:
 
 
 def unet_inputs(sample: dict, config, unet_number: int, rng: random.Random | None = None) -> dict:
-    """One sample (images in [0, 1]) -> UNet ``unet_number``'s inputs: resized to its size, augmented there
-    when ``rng`` is given (training), images in [-1, 1]; UNet 2 also gets ``lowres``, the target at UNet 1's
-    size. Images absent from ``sample`` (inference has no target) are left out."""
+    """One sample (PIL images) -> UNet ``unet_number``'s inputs: resized to its size, augmented there when
+    ``rng`` is given (training), images in [-1, 1]; a super-resolution UNet also gets ``lowres``, the target
+    at the previous UNet's size. Images absent from ``sample`` (inference has no target) are left out."""
+    if rng is not None and config.crop_size(unet_number) is not None:
+        return crop_inputs(sample, config, unet_number, rng)
     out = dict(sample)
     size = config.image_size(unet_number)
     present = [name for name in IMAGES if name in sample]
     for name in present:
-        out[name] = resize(sample[name], size)
+        out[name] = resize(to_tensor(sample[name]), size)
     if rng is not None:
         d = config.data
         out.pop("mask", None)
         out = augment(out, rng, d.hflip_prob, d.rotation_degrees, d.color_jitter)
-    if unet_number == 2 and "person" in out:
-        out["lowres"] = resize(out["person"], config.base_image_size) * 2 - 1
+    if unet_number > 1 and "person" in out:
+        out["lowres"] = resize(out["person"], config.image_size(unet_number - 1)) * 2 - 1
     for name in present:
         out[name] = out[name] * 2 - 1
     if "mask" in out:
-        out["mask"] = (resize(out["mask"], size) > 0.5).float()
+        out["mask"] = (resize(to_tensor(out["mask"])[:1], size) > 0.5).float()
+    return out
+
+
+def crop_inputs(sample: dict, config, unet_number: int, rng: random.Random) -> dict:
+    """Training inputs of a super-resolution UNet trained on crops (``unetN.crop_size``; Imagen's 1024 px
+    model: 256 px crops): a random crop of the target at the UNet's size, the whole low-res image (the target
+    at the previous UNet's size), and the crop's place (``crop``: top, left), where the UNet cuts the same
+    crop from its upsampled low-res input. Only the target is read; it is flipped (``data.hflip_prob``) and
+    cropped as a PIL image, so only the crop and the small low-res image become tensors. The low-res image is
+    PIL's antialiased bilinear reduction, which the tensor path's ``resize`` matches (tests/test_pipeline.py)."""
+    h, w = config.image_size(unet_number)
+    person = sample["person"]
+    if person.size != (w, h):
+        person = person.resize((w, h), Image.BICUBIC)
+    if rng.random() < config.data.hflip_prob:
+        person = person.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    low_h, low_w = config.image_size(unet_number - 1)
+    crop_h, crop_w = config.crop_size(unet_number)
+    top, left = rng.randint(0, h - crop_h), rng.randint(0, w - crop_w)
+    out = {k: v for k, v in sample.items() if k not in IMAGES and k != "mask"}
+    out["person"] = to_tensor(person.crop((left, top, left + crop_w, top + crop_h))) * 2 - 1
+    out["lowres"] = to_tensor(person.resize((low_w, low_h), Image.BILINEAR)) * 2 - 1
+    out["crop"] = torch.tensor([top, left])
     return out
 
 

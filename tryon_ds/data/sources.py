@@ -40,7 +40,12 @@ FOLDER_DIRS = {"person": "person_images", "ca": "ca_images", "garment": "garment
 # VITON-HD folder names, the release's and (second) the older ones VITON-HD's own datasets.py reads.
 VITON_DIRS = {"person": ("image",), "garment": ("cloth",), "person_pose": ("openpose_json", "openpose-json"),
               "ca": ("agnostic-v3.2",), "parse": ("image-parse-v3", "image-parse")}
-LAYOUTS = ("folders", "viton-hd", "dresscode")
+LAYOUTS = ("folders", "viton-hd", "dresscode", "parsed")
+# The parsed layout: your own photos with a human parser's label maps and a pose estimator's JSON.
+PARSED_DIRS = {"person": "person_images", "garment": "garment_images", "labels": "person_parse",
+               "person_pose": "person_poses"}
+PARSED_OPTIONAL = {"garment_labels": "garment_parse", "garment_pose": "garment_poses"}
+POSE_SUFFIXES = ("_keypoints.json", ".json", ".npy")  # OpenPose names its files NAME_keypoints.json
 
 
 class SampleError(Exception):
@@ -55,7 +60,8 @@ class SourceSample:
     files: dict[str, Path] = field(default_factory=dict)  # role -> path; absent garment_pose = none
     split: str = "train"      # the release's split: "train" or "test"
     pair: str = "paired"      # "paired": the person wears the garment (a ground truth); "unpaired": another's
-    category: str = ""        # DressCode's upper_body / lower_body / dresses
+    category: str = ""        # upper_body / lower_body / dresses (DressCode's, or the parsed layout's)
+    label_set: str = "atr"    # the parser's labels of ``labels`` / ``garment_labels`` (agnostic.LABEL_SETS)
     synthetic_index: int | None = None
     synthetic_seed: int = 0
     synthetic_size: int = 256
@@ -187,24 +193,35 @@ def scan_viton_hd(root: Path) -> Scan:
     return Scan(samples, problems, list(dict.fromkeys(notes)), sources)
 
 
-def _dresscode_rows(root: Path, category: str, split: str, order: str, problems: list[str],
-                    notes: list[str]) -> list[list[str]] | None:
-    """Pairs of a category and split: its own file, else the top-level file's lines of that category."""
+def _dresscode_rows(root: Path, categories: list[str], split: str, order: str, problems: list[str],
+                    notes: list[str]) -> dict[str, list[list[str]]]:
+    """Pairs of each category for a split: its own file, else the lines of that category in the top-level file
+    (read once), whose third column names the category or numbers it: then the folder holding the person
+    image says which. A numbered line whose person image is in no category folder is a problem, as a missing
+    file of a per-category line is."""
     name = "train_pairs.txt" if split == "train" else f"test_pairs_{order}.txt"
-    own = root / category / name
-    if own.is_file():
-        return _pairs(own, (2,), problems, notes)
-    top = root / name
-    if not top.is_file():
-        return None
-    rows = []
-    for person, cloth, *cat in _pairs(top, (2, 3), problems, notes):
-        if cat and cat[0] in agnostic.CATEGORIES:
-            if cat[0] == category:
-                rows.append([person, cloth])
-        elif (root / category / "images" / person).is_file():  # a numeric column: the file says where it is
-            rows.append([person, cloth])
-    return rows
+    top, top_rows, out = root / name, None, {}
+    for category in categories:
+        own = root / category / name
+        if own.is_file():
+            out[category] = _pairs(own, (2,), problems, notes)
+            continue
+        if not top.is_file():
+            continue
+        if top_rows is None:
+            top_rows = []
+            for person, cloth, *cat in _pairs(top, (2, 3), problems, notes):
+                if cat and cat[0] in agnostic.CATEGORIES:
+                    top_rows.append((cat[0], person, cloth))
+                    continue
+                home = next((c for c in agnostic.CATEGORIES if (root / c / "images" / person).is_file()), None)
+                if home is None:
+                    problems.append(f"{top}: {person} {cloth}: missing counterpart "
+                                    f"{root}/{{{','.join(agnostic.CATEGORIES)}}}/images/{person}")
+                    continue
+                top_rows.append((home, person, cloth))
+        out[category] = [[person, cloth] for c, person, cloth in top_rows if c == category]
+    return out
 
 
 def scan_dresscode(root: Path, categories: tuple[str, ...] = agnostic.CATEGORIES) -> Scan:
@@ -212,16 +229,15 @@ def scan_dresscode(root: Path, categories: tuple[str, ...] = agnostic.CATEGORIES
     present = [c for c in categories if (root / c / "images").is_dir()]
     if not present:
         raise UserError(f"{root}: no DressCode category folder with images/ among {', '.join(categories)}")
+    rows = {(split, order): _dresscode_rows(root, present, split, order, problems, notes)
+            for split, order in (("train", "paired"), ("test", "paired"), ("test", "unpaired"))}
     for category in present:
         base = root / category
         for needed in ("keypoints", "label_maps"):
             if not (base / needed).is_dir():
                 raise UserError(f"{base}: no {needed}/ folder, which DressCode's {category} needs")
         for split, order in (("train", "paired"), ("test", "paired"), ("test", "unpaired")):
-            rows = _dresscode_rows(root, category, split, order, problems, notes)
-            if rows is None:
-                continue
-            for person, cloth in rows:
+            for person, cloth in rows[split, order].get(category, []):
                 stem = person.split("_")[0]
                 pair = "paired" if cloth.split("_")[0] == stem else "unpaired"
                 if split == "train" and pair == "unpaired":
@@ -245,6 +261,85 @@ def scan_dresscode(root: Path, categories: tuple[str, ...] = agnostic.CATEGORIES
     return Scan(samples, problems, notes, sources)
 
 
+def _poses_by_stem(folder: Path) -> dict[str, Path]:
+    found = {}
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        for suffix in POSE_SUFFIXES:
+            if path.name.endswith(suffix):
+                found.setdefault(path.name[:-len(suffix)], path)
+                break
+    return found
+
+
+def detect_label_set(maps: list[Path]) -> str:
+    """A parser's label set from the values its maps use: any label above 17 means LIP/CIHP's 20 (ATR has 18).
+    Maps using only 0..17 could be either: then the user must say which."""
+    top = 0
+    for path in maps[:64]:
+        with Image.open(path) as img:
+            top = max(top, int(np.asarray(img if img.mode in ("L", "P") else img.convert("L")).max()))
+    if top >= max(agnostic.LABEL_COUNTS.values()):
+        raise UserError(f"label maps under {maps[0].parent} use label {top}: no parser's set that this tool knows "
+                        f"has it ({', '.join(f'{k}: 0..{n - 1}' for k, n in agnostic.LABEL_COUNTS.items())})")
+    if top >= agnostic.LABEL_COUNTS["atr"]:
+        return "lip"
+    raise UserError(f"cannot tell the label set of the maps under {maps[0].parent} from their values (none above "
+                    f"{top}: ATR's 18 labels and LIP/CIHP's 20 both fit): give --label-set atr or --label-set lip")
+
+
+def scan_parsed(root: Path, category: str | None = None, label_set: str | None = None) -> Scan:
+    """Your own photos: ``person_images/``, ``garment_images/``, the human parser's label maps of the people
+    (``person_parse/``, ATR or LIP/CIHP labels) and the pose estimator's JSON (``person_poses/``: OpenPose or
+    DWPose style, ``NAME.json`` or ``NAME_keypoints.json``, or .npy), matched by stem. A garment photo that is
+    itself worn may have its own map and pose (``garment_parse/``, ``garment_poses/``): it is then cut out of
+    it, and its pose is the wearer's. ``pairs.txt`` (``person garment [category]`` a line, names or stems)
+    pairs them, else each person is paired with the garment of the same stem; the category comes from its
+    third column, else from ``category``. A person in their own garment trains; in another's, it is an
+    unpaired test sample."""
+    missing = [d for d in PARSED_DIRS.values() if not (root / d).is_dir()]
+    if missing:
+        raise UserError(f"{root}: not the parsed layout, missing folder(s) {', '.join(missing)} (expected "
+                        f"{', '.join(PARSED_DIRS.values())}; optional {', '.join(PARSED_OPTIONAL.values())}, pairs.txt)")
+    people, garments = _images_by_stem(root / PARSED_DIRS["person"]), _images_by_stem(root / PARSED_DIRS["garment"])
+    maps = {p.stem: p for p in sorted((root / PARSED_DIRS["labels"]).glob("*.png"))}
+    garment_maps = {p.stem: p for p in sorted((root / PARSED_OPTIONAL["garment_labels"]).glob("*.png"))}
+    poses, garment_poses = (_poses_by_stem(root / PARSED_DIRS["person_pose"]),
+                            _poses_by_stem(root / PARSED_OPTIONAL["garment_pose"]))
+    if not maps:
+        raise UserError(f"{root / PARSED_DIRS['labels']}: no label map (.png) in it")
+    label_set = label_set or detect_label_set(sorted(maps.values()) + sorted(garment_maps.values()))
+    problems, notes = [], [f"label maps read as {label_set.upper()} labels"]
+    pairs = root / "pairs.txt"
+    if pairs.is_file():
+        rows = [(Path(p).stem, Path(g).stem, *c) for p, g, *c in _pairs(pairs, (2, 3), problems, notes)]
+    else:
+        rows = [(stem, stem) for stem in people]
+    samples = []
+    for person, garment, *cat in rows:
+        kind = cat[0] if cat else category
+        if kind not in agnostic.CATEGORIES:
+            problems.append(f"{person} {garment}: garment category {kind!r}, expected one of "
+                            f"{', '.join(agnostic.CATEGORIES)} (a third column in pairs.txt, or --category)")
+            continue
+        pair = "paired" if person == garment else "unpaired"
+        key = person if pair == "paired" else f"{person}__{garment}"
+        files = {"person": people.get(person), "garment": garments.get(garment), "labels": maps.get(person),
+                 "person_pose": poses.get(person)}
+        absent = [f"{root / PARSED_DIRS[role]}/{person if role != 'garment' else garment}.*"
+                  for role, path in files.items() if path is None]
+        if absent:
+            problems.append(f"{key}: missing counterpart " + ", ".join(absent))
+            continue
+        if garment in garment_maps:  # a worn garment: cut out with its own map; its wearer's pose
+            files["garment_labels"] = garment_maps[garment]
+            if garment in garment_poses:
+                files["garment_pose"] = garment_poses[garment]
+        samples.append(SourceSample(key, files, split="train" if pair == "paired" else "test", pair=pair,
+                                    category=kind, label_set=label_set))
+    return Scan(samples, problems, notes, sources={"train": f"{root} (the parsed layout)",
+                                                   "test": f"{pairs} lines naming another person's garment"})
+
+
 def synthetic_samples(n: int, seed: int, size: int) -> list[SourceSample]:
     return [SourceSample(f"synth_{i:07d}", synthetic_index=i, synthetic_seed=seed, synthetic_size=size)
             for i in range(n)]
@@ -258,44 +353,100 @@ def detect_layout(root: Path) -> tuple[str, str]:
     splits = [s for s in ("train", "test") if (root / f"{s}_pairs.txt").is_file()]
     if splits:
         return "viton-hd", f"{' and '.join(s + '_pairs.txt' for s in splits)} without DressCode's category folders"
+    if (root / PARSED_DIRS["labels"]).is_dir():
+        return "parsed", f"{PARSED_DIRS['labels']}/ (a human parser's label maps)"
     if (root / FOLDER_DIRS["person"]).is_dir():
         return "folders", f"{FOLDER_DIRS['person']}/"
-    raise UserError(f"{root}: no known layout found: expected person_images/ (folders), train_pairs.txt or "
-                    "test_pairs.txt with train/ and test/ (VITON-HD), or dresses/ lower_body/ upper_body/ "
-                    "(DressCode); or give --layout")
+    raise UserError(f"{root}: no known layout found: expected person_images/ (folders; with person_parse/: "
+                    "parsed), train_pairs.txt or test_pairs.txt with train/ and test/ (VITON-HD), or dresses/ "
+                    "lower_body/ upper_body/ (DressCode); or give --layout")
 
 
 # --------------------------------------------------------------------------- loading
-def read_image(path: Path, problems: list[str]) -> Image.Image | None:
+def _open(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        img.load()  # decodes fully: a truncated file fails here, not later in training
+        return img.copy()
+
+
+def read_labels(path: Path, problems: list[str]) -> Image.Image | None:
+    """A label map, its values kept (a palette image's indices, not its colours); None after noting a problem."""
     try:
-        with Image.open(path) as img:
-            img.load()  # decodes fully: a truncated file fails here, not later in training
-            return img.copy() if img.mode in ("L", "P") else img.convert("RGB")  # label maps keep their values
+        img = _open(path)
     except Exception as err:  # PIL raises many types for bad files
         problems.append(f"{path}: unreadable or truncated image ({type(err).__name__}: {err})")
         return None
+    return img if img.mode in ("L", "P") else img.convert("L")
 
 
-def read_pose(path: Path, size: tuple[int, int] | None, problems: list[str], meta: dict) -> np.ndarray | None:
-    """The pose for an image of ``size`` (W, H), or None after noting a problem; clipped and dropped joints
-    are counted in ``meta``."""
+def read_image(source, problems: list[str], name: str | None = None) -> Image.Image | None:
+    """A photo as RGB from a file, a PIL image or an (H, W, 3|4) uint8 array, a transparent one composited on
+    white (what letterboxing pads with); None after noting a problem under ``name`` (default: the file)."""
+    name = name or str(source)
+    try:
+        if isinstance(source, np.ndarray):
+            if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] not in (3, 4):
+                problems.append(f"{name}: an array of shape {source.shape} and dtype {source.dtype}, expected "
+                                "(H, W, 3) uint8 RGB")
+                return None
+            img = Image.fromarray(source)
+        elif isinstance(source, Image.Image):
+            img = source
+        else:
+            img = _open(Path(source))
+    except Exception as err:  # PIL raises many types for bad files
+        problems.append(f"{name}: unreadable or truncated image ({type(err).__name__}: {err})")
+        return None
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
+    return img.convert("RGB")
+
+
+def read_pose(source, size: tuple[int, int] | None, problems: list[str], meta: dict,
+              name: str | None = None) -> np.ndarray | None:
+    """The pose ``source`` holds (a file or the pose itself, tryon_ds/data/keypoints.py) for an image of
+    ``size`` (W, H), or None after noting a problem under ``name`` (default: the file); clipped and dropped
+    joints are counted in ``meta``."""
     if size is None:
         return None
+    name = name or str(source)
     try:
-        pose = read_keypoints(path, size)
+        pose = read_keypoints(source, size)
     except KeypointError as err:
-        problems.append(f"{path}: {err}")
+        problems.append(f"{name}: {err}")
         return None
     if pose.points is None:
-        problems.append(f"{path}: no person in the OpenPose JSON (\"people\": [])")
+        problems.append(f"{name}: no person in the OpenPose JSON (\"people\": [])")
         return None
     for what, joints in (("clipped", pose.clipped), ("dropped", pose.dropped)):
         if joints:
-            meta.setdefault(what, []).extend(f"{path.name}: {j}" for j in joints)
+            meta.setdefault(what, []).extend(f"{Path(name).name}: {j}" for j in joints)
     return pose.points
 
 
-def load_sample(sample: SourceSample, num_keypoints: int = 18) -> LoadedSample:
+def _as_stored(person: Image.Image, pose: np.ndarray, size: tuple[int, int] | None):
+    """The person image and its pose at the size ``letterbox`` stores them at in ``size`` (H, W) shards,
+    when that is smaller: a DressCode agnostic image built there costs about a sixteenth of one built on the
+    768x1024 photo and then scaled down (BENCHMARKS.md, "Real release files")."""
+    if size is None:
+        return person, pose
+    scale = min(size[1] / person.width, size[0] / person.height)
+    stored = (max(1, round(person.width * scale)), max(1, round(person.height * scale)))
+    if scale >= 1 or stored == person.size:
+        return person, pose
+    pose = pose.copy()
+    pose[:, :2] *= scale
+    return person.resize(stored, Image.BICUBIC), pose
+
+
+def load_sample(sample: SourceSample, num_keypoints: int = 18, build: bool = True,
+                size: tuple[int, int] | None = None) -> LoadedSample:
+    """Read and check one sample. ``build=False`` (make_shards' check pass) reads and checks everything but
+    leaves the clothing-agnostic image of a release that ships none unbuilt: building it cannot fail once
+    its inputs are read, and it is the costly part, done once, when the sample is written. With ``size``
+    (the shards' [H, W]) a label-map agnostic image is built at the size the shard stores the person at
+    (the person resized as ``letterbox`` resizes it, so the two stay pixel-aligned), not at the photo's."""
     if sample.synthetic_index is not None:
         r = synthetic.render_sample(sample.synthetic_index, sample.synthetic_seed, sample.synthetic_size)
         return LoadedSample(sample.key, r["person"], r["ca"], r["garment"], r["person_pose"], r["garment_pose"],
@@ -314,16 +465,22 @@ def load_sample(sample: SourceSample, num_keypoints: int = 18) -> LoadedSample:
             problems.append(f"{f['ca']}: size {ca.size[0]}x{ca.size[1]} differs from the person image "
                             f"{f['person']} ({person.size[0]}x{person.size[1]}); they must be pixel-aligned")
     else:  # built from a label map (DressCode) or a parse (VITON-HD's older layout)
-        labels = read_image(f.get("labels") or f["parse"], problems)
+        labels = read_labels(f.get("labels") or f["parse"], problems)
         ca = None
-        if person is not None and labels is not None and person_pose is not None:
+        if build and person is not None and labels is not None and person_pose is not None:
             if "labels" in f:
-                ca, mask = agnostic.dresscode_agnostic(person, labels, sample.category, person_pose)
+                at, pose_at = _as_stored(person, person_pose, size)
+                ca, mask = agnostic.parsed_agnostic(at, labels, sample.category, pose_at, sample.label_set,
+                                                    photo_height=person.height)
             else:
                 ca = agnostic.viton_agnostic(person, labels, person_pose)
     garment_pose = None
     if "garment_pose" in f:
         garment_pose = read_pose(f["garment_pose"], garment.size if garment else None, problems, keypoints)
+    if "garment_labels" in f:  # a garment photo of someone wearing it: the garment cut out, white around it
+        garment_labels = read_labels(f["garment_labels"], problems)
+        if build and garment is not None and garment_labels is not None:
+            garment = agnostic.cut_out(garment, garment_labels, sample.category, sample.label_set)
     if problems:
         raise SampleError(sample.key, problems)
     meta = {"source": {r: str(p) for r, p in f.items()}, "split": sample.split, "pair": sample.pair}

@@ -15,87 +15,22 @@ try-on), and each pose pooled by attention.
 """
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Callable
 
 import torch
 from einops import rearrange
-from einops.layers.torch import Rearrange
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .attention import attention
+from .blocks import Embedder, ResBlock, ZeroConv2d, ZeroLinear, downsample, run_block, upsample
 from .pose import AttentionPool, PoseTokens
 
 if TYPE_CHECKING:  # the config imports the presets of this package
     from ..config import UNetConfig
 
 COND_KEYS = ("ca", "garment", "person_pose", "person_pose_valid", "garment_pose", "garment_pose_valid")
-# The conditioning images that are noise-augmented, each to its own level, in UNet 1 and in UNet 2.
-NOISY_INPUTS = {1: ("ca", "garment"), 2: ("ca", "garment", "lowres")}
-
-
-class SinusoidalEmbedding(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = t.float()[:, None] * freqs[None]
-        return torch.cat([args.sin(), args.cos()], dim=-1)
-
-
-class _Embedder(nn.Sequential):
-    """Sinusoidal features of a timestep, then an MLP. The features are computed in fp32 (sin and cos of
-    arguments up to ~1000 rad keep no precision in bf16/fp16) and handed to the MLP in its own dtype."""
-
-    def __init__(self, dim: int):
-        super().__init__(SinusoidalEmbedding(dim), nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        x = self[0](t).to(self[1].weight.dtype)
-        for layer in list(self)[1:]:
-            x = layer(x)
-        return x
-
-
-class _ZeroInit:
-    """Zero-initialised output layers: every residual branch starts as the identity. Zeroed in the layer's
-    own reset_parameters, i.e. inside its __init__, because deepspeed.zero.Init partitions a layer's
-    parameters as soon as its __init__ returns; zeroing them afterwards would touch empty placeholders."""
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()  # draw as a plain layer would, so the other layers' seeded values stay
-        for p in self.parameters(recurse=False):
-            nn.init.zeros_(p)
-
-
-class ZeroConv2d(_ZeroInit, nn.Conv2d):
-    pass
-
-
-class ZeroLinear(_ZeroInit, nn.Linear):
-    pass
-
-
-class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, with FiLM (scale, shift) from the conditioning vector."""
-
-    def __init__(self, in_ch: int, out_ch: int, cond_dim: int, groups: int, dropout: float):
-        super().__init__()
-        self.block1 = nn.Sequential(nn.GroupNorm(groups, in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
-        self.film = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * out_ch))
-        self.norm2 = nn.GroupNorm(groups, out_ch)
-        self.block2 = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), ZeroConv2d(out_ch, out_ch, 3, padding=1))
-        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
-
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        h = self.block1(x)
-        scale, shift = rearrange(self.film(cond), "b (two c) -> two b c 1 1", two=2)
-        h = self.block2(self.norm2(h) * (1 + scale) + shift)
-        return h + self.skip(x)
+# What classifier-free guidance drops (a super-resolution UNet's low-res input is never dropped).
+GUIDED = ("ca", "garment", "person_pose", "garment_pose")
 
 
 class Attention(nn.Module):
@@ -141,14 +76,6 @@ class WarpBlock(nn.Module):
         return rearrange(x, "b (h w) c -> b c h w", h=height)
 
 
-def downsample(ch: int, out_ch: int) -> nn.Module:
-    return nn.Sequential(Rearrange("b c (h p1) (w p2) -> b (c p1 p2) h w", p1=2, p2=2), nn.Conv2d(4 * ch, out_ch, 1))
-
-
-def upsample(ch: int, out_ch: int) -> nn.Module:
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, out_ch, 3, padding=1))
-
-
 class _Level(nn.Module):
     """One resolution of a UNet path: residual blocks (each followed by a WarpBlock where the level
     attends), then an optional resampling to the next level's width."""
@@ -161,20 +88,39 @@ class _Level(nn.Module):
         self.resample = resample
 
 
+def drop_conditioning(cond: dict, drop: torch.Tensor) -> dict:
+    """Null the try-on conditioning (ca image, garment, both poses) where ``drop`` is True. A super-resolution
+    UNet's low-resolution input is kept: it is the image being super-resolved, not a guidance signal."""
+    keep = ~drop
+    out = dict(cond)
+    for key in GUIDED:
+        out[key] = cond[key] * keep.view(-1, *[1] * (cond[key].dim() - 1)).to(cond[key].dtype)
+    for key in ("person_pose_valid", "garment_pose_valid"):
+        out[key] = cond[key] & keep[:, None]
+    return out
+
+
 class ParallelUNet(nn.Module):
+    # What the cascade asks of every UNet (tryon_ds/cascade.py): the conditioning it reads (cond_keys), which of
+    # its inputs are noise-augmented, which classifier-free guidance drops, and what a preview shows beside it.
+    guided = GUIDED
+    preview = ("ca", "garment")
+
     def __init__(self, cfg: UNetConfig, lowres_cond: bool = False, channels: int = 3):
         super().__init__()
         self.cfg, self.lowres_cond = cfg, lowres_cond
         self.checkpointing = cfg.checkpointing
-        self.noisy_inputs = NOISY_INPUTS[2 if lowres_cond else 1]
+        extra = ("lowres",) if lowres_cond else ()  # a super-resolution UNet's upsampled low-res try-on
+        self.cond_keys = COND_KEYS + extra
+        self.noisy_inputs = ("ca", "garment") + extra
         cond_dim = cfg.cond_dim
         widths = [cfg.dim * m for m in cfg.dim_mults]
         n_levels = len(widths)
         attends = list(cfg.attn_levels)
         top = attends.index(True)  # highest-resolution attending level: the garment decoder ends there
 
-        self.time_embed = _Embedder(cond_dim)
-        self.noise_level_embed = nn.ModuleDict({k: _Embedder(cond_dim) for k in self.noisy_inputs})
+        self.time_embed = Embedder(cond_dim)
+        self.noise_level_embed = nn.ModuleDict({k: Embedder(cond_dim) for k in self.noisy_inputs})
         self.pose_tokens = PoseTokens(cfg.num_keypoints, cfg.pose_dim)
         self.pose_pool = nn.ModuleList(AttentionPool(cfg.pose_dim, cfg.attn_heads, cond_dim, cfg.attention_backend)
                                        for _ in range(2))  # the person's pose, the garment wearer's
@@ -205,9 +151,9 @@ class ParallelUNet(nn.Module):
 
     # ------------------------------------------------------------------ helpers
     def _call(self, block: nn.Module, *args):
-        if self.checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        return run_block(block, self.checkpointing, *args)
+
+    drop_conditioning = staticmethod(drop_conditioning)
 
     def _conditioning(self, t, cond, noise_levels):
         """The FiLM vector and the pose tokens."""
@@ -247,7 +193,7 @@ class ParallelUNet(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, noise_levels: dict[str, torch.Tensor],
                 drop_cond: torch.Tensor | None = None) -> torch.Tensor:
         """x_t: (B, C, H, W) noisy image; t: (B,) integer timesteps; cond: the tensors named in COND_KEYS
-        (and ``lowres`` for UNet 2), the conditioning images already noise-augmented to ``noise_levels``
+        (and ``lowres`` for a super-resolution UNet), the conditioning images already noise-augmented to ``noise_levels``
         ({name: (B,) fractions in [0, 1]} for each of NOISY_INPUTS); drop_cond: (B,) bool, True where the
         try-on conditioning is replaced by its null value (classifier-free guidance)."""
         if drop_cond is not None:
@@ -273,15 +219,3 @@ class ParallelUNet(nn.Module):
         x = self._walk(self.person_down, self.person_mid, self.person_up, self.person_in(torch.cat(inputs, dim=1)),
                        c, attend)
         return self.person_out(x)
-
-
-def drop_conditioning(cond: dict, drop: torch.Tensor) -> dict:
-    """Null the try-on conditioning (ca image, garment, both poses) where ``drop`` is True. UNet 2's
-    low-resolution input is kept: it is the image being super-resolved, not a guidance signal."""
-    keep = ~drop
-    out = dict(cond)
-    for key in ("ca", "garment", "person_pose", "garment_pose"):
-        out[key] = cond[key] * keep.view(-1, *[1] * (cond[key].dim() - 1)).to(cond[key].dtype)
-    for key in ("person_pose_valid", "garment_pose_valid"):
-        out[key] = cond[key] & keep[:, None]
-    return out

@@ -1,11 +1,18 @@
-"""Named Parallel-UNet sizes: values for the keys of ``UNetConfig`` (tryon_ds/config.py); any key given
-beside ``preset`` in a config overrides the preset's value. All follow the paper's structure: UNet 1
-(128 px, 4 levels) attends at its two lowest resolutions (32 and 16 px), UNet 2 (256 px, 5 levels) at its
-lowest (16 px). tests/test_model.py checks the parameter counts on the meta device.
+"""Named UNet sizes: values for the keys of a UNet's config section (tryon_ds/config.py); any key given beside
+``preset`` in a config overrides the preset's value. The preset's family decides the architecture.
 
+Parallel-UNets (``PRESETS``; tryon_ds/model/parallel_unet.py), all with the paper's structure: UNet 1
+(128 px, 4 levels) attends at its two lowest resolutions (32 and 16 px), UNet 2 (256 px, 5 levels) at its
+lowest (16 px).
 - ``base`` / ``sr``: ~850M / ~950M parameters, the sizes of the original training guide;
 - ``paper-base`` / ``paper-sr``: the paper's widths and block counts (1.13B / 1.06B in the paper);
 - ``tiny`` / ``tiny-sr``: the same structure at CPU size (32 / 64 px), for the demo and the tests.
+
+Efficient-UNets (``EFFICIENT_PRESETS``; tryon_ds/model/efficient_unet.py), the paper's third UNet:
+- ``sr1024``: 256 -> 1024 px, trained on 256 px crops, the shape of Imagen's 1024 px model as imagen-pytorch's
+  ``SRUnet1024`` gives it (dim 128, mults 1/2/4/8, 2/4/8/8 residual blocks);
+- ``tiny-sr3``: the same structure at CPU size (64 -> 128 px on 32 px crops).
+tests/test_model.py checks the parameter counts on the meta device.
 """
 
 _PAPER_ATTENTION = dict(attn_heads=8, attn_dim_head=64, cond_dim=768, pose_dim=512, groups=32)
@@ -23,3 +30,14 @@ PRESETS: dict[str, dict] = {
     "paper-sr": dict(dim=128, dim_mults=(1, 1, 2, 4, 8), num_res_blocks=(2, 3, 4, 7, 7), attn_levels=_UNET2,
                      **_PAPER_ATTENTION),
 }
+
+EFFICIENT_PRESETS: dict[str, dict] = {
+    # The dataclass defaults, trained on 32 px crops of 128 px images (configs/tiny.yaml; a quarter of the side,
+    # as Imagen's 256 of 1024): levels at 16, 8 and 4 px of a crop.
+    "tiny-sr3": dict(crop_size=(32, 32)),
+    "sr1024": dict(dim=128, dim_mults=(1, 2, 4, 8), num_res_blocks=(2, 4, 8, 8), cond_dim=1024, groups=32,
+                   crop_size=(256, 256)),
+}
+
+# The UNet of the cascade each preset is made for: the tools' default when only a preset is named.
+POSITION = {"tiny": 1, "base": 1, "paper-base": 1, "tiny-sr": 2, "sr": 2, "paper-sr": 2, "tiny-sr3": 3, "sr1024": 3}

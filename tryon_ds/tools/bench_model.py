@@ -18,20 +18,28 @@ from ..model import parameter_count
 
 
 def random_batch(config, unet_number: int, batch_size: int, generator: torch.Generator | None = None) -> dict:
-    """A batch of the trainer's layout filled with noise: images in [-1, 1], poses in [0, 1]."""
-    h, w = config.image_size(unet_number)
-    k = config.unet(unet_number).num_keypoints
+    """A training batch of UNet ``unet_number``'s layout filled with noise: the target (a crop of it for a
+    UNet trained on crops), the inputs the UNet reads, images in [-1, 1], poses in [0, 1]."""
+    k = config.num_keypoints
+    crop = config.crop_size(unet_number)
 
     def image(size):
         return torch.rand(batch_size, config.channels, *size, generator=generator) * 2 - 1
 
-    batch = {"person": image((h, w)), "ca": image((h, w)), "garment": image((h, w)),
-             "person_pose": torch.rand(batch_size, k, 2, generator=generator),
-             "garment_pose": torch.rand(batch_size, k, 2, generator=generator),
-             "person_pose_valid": torch.rand(batch_size, k, generator=generator) > 0.1,
-             "garment_pose_valid": torch.rand(batch_size, k, generator=generator) > 0.1}
-    if unet_number == 2:
-        batch["lowres"] = image(tuple(config.base_image_size))
+    size = crop or config.image_size(unet_number)
+    batch = {"person": image(size)}
+    for name in config.unet(unet_number).INPUTS:
+        if name.endswith("_pose"):
+            batch[name] = torch.rand(batch_size, k, 2, generator=generator)
+            batch[f"{name}_valid"] = torch.rand(batch_size, k, generator=generator) > 0.1
+        else:
+            batch[name] = image(size)
+    if unet_number > 1:
+        batch["lowres"] = image(tuple(config.image_size(unet_number - 1)))
+    if crop:
+        h, w = config.image_size(unet_number)
+        batch["crop"] = torch.stack([torch.randint(0, h - crop[0] + 1, (batch_size,), generator=generator),
+                                     torch.randint(0, w - crop[1] + 1, (batch_size,), generator=generator)], dim=1)
     return batch
 
 
@@ -56,13 +64,13 @@ def main(argv=None) -> None:
     config = config_from_args(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {config.batch_size}")
     print(" unet  size      params   checkpointing  fwd+bwd s/step  samples/s")
-    for number in (1, 2):
+    for number in config.unets:
         for ckpt in (False, True):
             unet = dataclasses.replace(config.unet(number), checkpointing=ckpt)
             cfg = dataclasses.replace(config, **{f"unet{number}": unet})
             params = parameter_count(CascadeUNet(cfg, number))
             s = step_seconds(cfg, number, args.repeats)
-            size = "x".join(map(str, config.image_size(number)))
+            size = "x".join(map(str, config.crop_size(number) or config.image_size(number)))
             print(f"{number:>5}  {size:<8} {params / 1e6:6.2f}M   {str(ckpt):<13}  {s:14.3f}  {config.batch_size / s:9.1f}")
 
 

@@ -5,9 +5,11 @@
 
 CPU: step time, samples/s and the bytes each rank really holds after a backward (its parameters, a ZeRO-3
 rank only its partition; the gradients it keeps; the optimizer's fp32 master copy; Adam's moments; the EMA),
-beside tools/plan_memory.py's estimate of the same. GPU: UNet 1 (base preset, micro-batch 16) and UNet 2
-(sr preset, micro-batch 8) in bf16 and fp16 under ZeRO-2 and ZeRO-3, with each attention backend that runs
-there (and channels_last for one case): it/s, samples/s, peak memory beside the planner's estimate,
+beside tools/plan_memory.py's estimate of the same. GPU: UNet 1 (base preset, micro-batch 16), UNet 2 (sr
+preset, micro-batch 8) and UNet 3 (sr1024 on 256 px crops, micro-batch 16) in bf16 and fp16 under ZeRO-2
+and ZeRO-3, with each attention backend that runs
+there (and channels_last for one case; under ZeRO-2, compiled: ``unetN.compile``, its warm-up time in the
+JSON): it/s, samples/s, peak memory beside the planner's estimate,
 model-FLOPs utilisation (FLOPs of a step from ``torch.utils.flop_counter`` against the GPU's dense bf16
 peak) and whether every loss was finite. Every ``--log-freq`` steps it reads the loss scale and gradient
 norm as the trainer's log step does. Each case runs in its own process, on random batches (the input
@@ -30,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 CPU_CASES = [("tiny", 8), ("small", 4)]
 # "small": a CPU-sized Parallel-UNet between tiny and base, at the tiny config's 32/64 px.
-SMALL = {"preset": "tiny", "dim": 64, "num_res_blocks": [2, 2, 2], "attn_heads": 4, "attn_dim_head": 32,
+SMALL = {"dim": 64, "num_res_blocks": (2, 2, 2), "attn_heads": 4, "attn_dim_head": 32,
          "cond_dim": 256, "pose_dim": 128}
 # Dense bf16 (= fp16) tensor throughput by the vendors' datasheets, FLOP/s.
 PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
@@ -59,24 +61,29 @@ def state_bytes(engine) -> dict:
 
 
 def case_config(case: dict):
-    from tryon_ds.config import build_config, deep_merge, read_config_file
+    """The tiny config with the case's UNet in its place (at the case's size: crops, for a UNet trained on them)."""
+    from tryon_ds.config import build_config, preset, read_config_file
 
-    unet = SMALL if case["preset"] == "small" else {"preset": case["preset"]}
-    unet = {**unet, "checkpointing": case.get("checkpointing", False)}
     over = {"batch_size": case["batch"], "mixed_precision": case["precision"] if case["precision"] != "fp32" else "no",
-            "train_unet_number": case["unet"], "use_ema": True, "unet1": unet, "unet2": unet}
-    if case.get("size"):
-        over.update(base_image_size=[case["size"] // case["unet"]] * 2, sr_image_size=[case["size"] * 2 // case["unet"]] * 2)
-    return build_config(deep_merge(read_config_file(REPO / "configs" / "tiny.yaml"), over))
+            "train_unet_number": case["unet"], "use_ema": True}
+    config = build_config({**read_config_file(REPO / "configs" / "tiny.yaml"), **over})
+    unet = dataclasses.replace(preset("tiny"), **SMALL) if case["preset"] == "small" else preset(case["preset"])
+    unet = dataclasses.replace(unet, checkpointing=case.get("checkpointing", False))
+    size = case.get("size")
+    return config.with_unet(case["unet"], unet, (size, size) if size else None)
 
 
-def _set_variant(engine, backend: str, channels_last: bool) -> None:
+def _set_variant(engine, backend: str, channels_last: bool, compiled: bool) -> None:
+    """A variant on the built engine; compilation, which cannot be undone, comes last in a case's variants."""
     from tryon_ds.model.parallel_unet import Attention
 
     for m in engine.module.modules():
         if isinstance(m, Attention):
             m.backend = backend
     engine.module.unet.cfg = dataclasses.replace(engine.module.unet.cfg, channels_last=channels_last)
+    if compiled:
+        engine.module.compile_mode = "default"
+        engine.module.compile_unet()
 
 
 def worker(args) -> None:
@@ -115,9 +122,11 @@ def worker(args) -> None:
         if variant["attention"] == "xformers" and (xops is None or not cuda):
             results.append({**variant, "skipped": "xformers not installed" if xops is None else "no CUDA"})
             continue
-        _set_variant(engine, variant["attention"], variant.get("channels_last", False))
-        for step in range(3):  # warm-up: cuDNN's autotuner, allocator, first collectives
+        _set_variant(engine, variant["attention"], variant.get("channels_last", False), variant.get("compile", False))
+        start = time.perf_counter()
+        for step in range(3):  # warm-up: cuDNN's autotuner, allocator, first collectives, compilation
             train_step(step)
+        warm_up_s = time.perf_counter() - start
         flops = None
         if cuda:
             from torch.utils.flop_counter import FlopCounterMode
@@ -140,7 +149,8 @@ def worker(args) -> None:
         finite = bool(torch.isfinite(torch.stack(losses)).all())
         planned = sum(plan(config, n, case["batch"], zero_stage(ds), case["precision"], world.size,
                            case.get("checkpointing", False), ds).values())
-        r = {**variant, "step_s": step_s, "it_s": 1 / step_s, "samples_per_s": case["batch"] * world.size / step_s,
+        r = {**variant, "warm_up_s": warm_up_s, "step_s": step_s, "it_s": 1 / step_s,
+             "samples_per_s": case["batch"] * world.size / step_s,
              "losses_finite": finite, "loss_scales": scales, "planned_gib": planned / 2**30,
              "params": parameter_count(model)}
         if cuda:
@@ -171,21 +181,29 @@ def launch(case: dict, ranks: int, steps: int, log_freq: int) -> list[dict]:
 
 
 def gpu_cases(dry_run: bool) -> list[dict]:
-    """The device check's matrix. A dry run (CPU) runs two of its cases (each UNet, each ZeRO stage, every
-    variant) at the tiny preset's size in bf16: the plumbing, not the figures."""
+    """The device check's matrix. A dry run (CPU) runs three of its cases (each UNet, each ZeRO stage, every
+    variant) at the tiny presets' sizes in bf16: the plumbing, not the figures."""
+    from tryon_ds.config import preset as preset_config
+
     out = []
-    for preset, unet, batch in (("base", 1, 16), ("sr", 2, 8)):
+    tiny = {1: ("tiny", 32), 2: ("tiny-sr", 64), 3: ("tiny-sr3", 128)}
+    # UNet 3 trains on the 256 px crops of its preset, whatever its image size.
+    for preset, unet, batch in (("base", 1, 16), ("sr", 2, 8), ("sr1024", 3, 16)):
         for precision in ("bf16", "fp16"):
             for zero in (2, 3):
-                variants = [{"attention": "sdpa"}, {"attention": "xformers"}]
+                variants = [{"attention": "sdpa"}]
+                if preset_config(preset).ARCH == "parallel":  # the Efficient-UNet has no attention to vary
+                    variants.append({"attention": "xformers"})
                 if (preset, precision, zero) == ("base", "bf16", 2):
                     variants.append({"attention": "sdpa", "channels_last": True})
+                if zero == 2 and not dry_run:  # compiled against the first variant (eager sdpa); never under ZeRO-3
+                    variants.append({"attention": "sdpa", "compile": True})
                 case = {"preset": preset, "unet": unet, "batch": batch, "precision": precision, "zero": zero,
-                        "ds": f"zero{zero}_{precision}.json", "variants": variants, "size": 128 * unet}
+                        "ds": f"zero{zero}_{precision}.json", "variants": variants, "size": (128, 256, 1024)[unet - 1]}
                 if dry_run:
-                    if precision == "fp16" or (unet, zero) not in ((1, 2), (2, 3)):
+                    if precision == "fp16" or (unet, zero) not in ((1, 2), (2, 3), (3, 2)):
                         continue  # DeepSpeed runs fp16 on GPUs only
-                    case.update(preset="tiny", batch=2, size=64 if unet == 2 else 32, ds=f"cpu_zero{zero}.json")
+                    case.update(preset=tiny[unet][0], batch=2, size=tiny[unet][1], ds=f"cpu_zero{zero}.json")
                 out.append(case)
     return out
 
@@ -195,7 +213,8 @@ def table(rows: list[dict]) -> str:
             f"{'peak GiB':>10}{'planned':>9}{'TFLOP/step':>11}{'MFU':>7}  losses")
     lines = [head]
     for r in rows:
-        attn = r.get("attention", "") + (" channels_last" if r.get("channels_last") else "")
+        attn = (r.get("attention", "") + (" channels_last" if r.get("channels_last") else "")
+                + (" compiled" if r.get("compile") else ""))
         left = f"{r['preset']:<7}{r['unet']:>5}{r['batch']:>6} {r['precision']:<5}{r['zero']:>5} {attn:<20}"
         if "skipped" in r or "case_failed" in r:
             lines.append(left + (f"skipped: {r['skipped']}" if "skipped" in r else "FAILED (see the JSON)"))

@@ -1,13 +1,14 @@
 """The main job end to end on the built-in small default (synthetic data, tiny preset, CPU, DeepSpeed):
 
-    synthetic shards -> UNet 1 (2 ranks, ZeRO-2) -> UNet 2 (likewise) -> bundle -> cascade on held-out
-    validation pairs -> a PNG grid, the quality table, and UNet 2 alone against bilinear upsampling.
+    synthetic shards at 128 px -> UNet 1 (32 px), UNet 2 (64 px) and UNet 3 (128 px, trained on 32 px crops),
+    each on 2 ranks with ZeRO-2 -> bundle -> the three-UNet cascade on held-out validation pairs -> a PNG grid,
+    the quality table at 128 px, and UNets 2 and 3 alone against bilinear upsampling.
 
 Every step runs the same command a cluster user runs (tools/make_shards.py, tryon_ds/train.py under the
 deepspeed launcher, tools/consolidate_checkpoint.py, tools/infer.py, tools/evaluate.py); each command is
 printed before it runs.
 
-    python tools/demo.py                # about 12 minutes on 2 CPU cores
+    python tools/demo.py                # about 14 minutes on 2 CPU cores
     python tools/demo.py --quick        # a few steps of everything, for a smoke test
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from ..cli import exit_on_user_error
 from ..errors import UserError
-from ..evaluation import format_table
+from ..evaluation import format_table, markdown
 from ..training.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,22 +46,27 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="everything the demo writes goes here")
     p.add_argument("--samples", type=int, default=4000, help="synthetic samples")
+    # UNet 1 makes the try-on, the others sharpen it: the base UNet gets most of the 15 minutes.
     p.add_argument("--base_steps", type=int, default=900)
-    p.add_argument("--sr_steps", type=int, default=800)
+    p.add_argument("--sr_steps", type=int, default=300)
     p.add_argument("--base_batch", type=int, default=8, help="micro-batch per rank, UNet 1")
     # Twice the steps at half the batch trained the SR UNet better in the same time (BENCHMARKS.md).
     p.add_argument("--sr_batch", type=int, default=4, help="micro-batch per rank, UNet 2")
+    p.add_argument("--sr3_steps", type=int, default=600)
+    p.add_argument("--sr3_batch", type=int, default=8, help="micro-batch per rank, UNet 3 (32 px crops)")
     # Guidance 2 (the paper's) lost 0.5-0.6 dB of garment-region PSNR to guidance 1 with these tiny,
     # briefly trained UNets, for a little more SSIM (BENCHMARKS.md); sampling is also twice as fast.
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight for inference")
-    p.add_argument("--eval_pairs", type=int, default=48)
-    p.add_argument("--sr_alone_pairs", type=int, default=24, help="pairs for UNet 2 alone vs bilinear upsampling")
+    p.add_argument("--eval_pairs", type=int, default=32)
+    p.add_argument("--sr_alone_pairs", type=int, default=16,
+                   help="pairs for each super-resolution UNet alone vs bilinear upsampling")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--val_fraction", type=float, default=0.03)
     p.add_argument("--quick", action="store_true", help="a few steps of everything (the test suite's version)")
     args = p.parse_args(argv)
     if args.quick:
-        args.samples, args.base_steps, args.sr_steps, args.eval_pairs, args.val_fraction = 120, 4, 3, 4, 0.15
+        args.samples, args.base_steps, args.sr_steps, args.sr3_steps = 120, 4, 3, 3
+        args.eval_pairs, args.val_fraction = 4, 0.15
         args.sr_alone_pairs = 2
     out = (REPO / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     if out.exists():
@@ -68,27 +74,32 @@ def main(argv=None) -> None:
     py = sys.executable
     start = time.perf_counter()
     shards = out / "shards"
-    _run([py, "tools/make_shards.py", "--synthetic", str(args.samples), "--out", str(shards), "--image-size", "64",
+    _run([py, "tools/make_shards.py", "--synthetic", str(args.samples), "--out", str(shards), "--image-size", "128",
           "--val-fraction", str(args.val_fraction), "--shard-size", "500", "--workers", "2"])
+    # Validation, a preview and a checkpoint once, at each run's end (steps spent elsewhere are steps not trained).
     common = ["--deepspeed_config", "ds_configs/cpu_zero2.json", "--config", "configs/tiny.yaml",
               "--set", f"data_dir={shards}", "--set", f"checkpoint_dir={out / 'checkpoints'}",
-              "--set", f"output_dir={out / 'outputs'}", "--set", f"log_dir={out / 'logs'}"]
+              "--set", f"output_dir={out / 'outputs'}", "--set", f"log_dir={out / 'logs'}",
+              "--set", "validation_freq=100000", "--set", "checkpoint_freq=100000", "--set", "sample_freq=100000"]
     if args.quick:
-        common += ["--set", "diffusion.sample_steps=[4,4]", "--set", "data.num_workers=0"]
+        common += ["--set", "diffusion.sample_steps=[4,4,4]", "--set", "data.num_workers=0"]
     launcher = [py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks)]
-    for unet, steps, batch in ((1, args.base_steps, args.base_batch), (2, args.sr_steps, args.sr_batch)):
+    unets = ((1, args.base_steps, args.base_batch), (2, args.sr_steps, args.sr_batch), (3, args.sr3_steps, args.sr3_batch))
+    for unet, steps, batch in unets:
         _run(launcher + ["--master_port", str(free_port()), "tryon_ds/train.py", *common, "--train_unet",
                          str(unet), "--max_steps", str(steps), "--batch_size", str(batch)])
     bundle = out / "bundle"
-    for unet in (1, 2):
+    for unet, _, _ in unets:
         _run([py, "tools/consolidate_checkpoint.py", str(out / "checkpoints" / f"unet{unet}"), "--out", str(bundle)])
     val = str(shards / "val-*.tar")
-    sampling = ["--guidance", str(args.guidance)] + (["--steps", "4", "3"] if args.quick else [])
+    sampling = ["--guidance", str(args.guidance)] + (["--steps", "4", "3", "3"] if args.quick else [])
     _run([py, "tools/infer.py", "--checkpoint", str(bundle), "--shards", val, "--num", "8",
           "--output_dir", str(out / "results"), *sampling])
     table = out / "quality.json"
+    # The field's table too, at the cascade's 128 px and at 64x64; FID/KID and LPIPS need weight files the
+    # demo does not download (the table says which), the rest is computed.
     _run([py, "tools/evaluate.py", "--checkpoint", str(bundle), "--shards", val, "--num", str(args.eval_pairs),
-          "--sr-alone", str(args.sr_alone_pairs), "--json", str(table), *sampling])
+          "--eval-size", "64x64", "--sr-alone", str(args.sr_alone_pairs), "--json", str(table), *sampling])
 
     quality = json.loads(table.read_text())
     print(f"\nDone in {(time.perf_counter() - start) / 60:.1f} min (torch {torch.__version__}).")
@@ -96,14 +107,16 @@ def main(argv=None) -> None:
     print(f"  cascade bundle: {bundle}")
     print(f"  training samples and logs: {out / 'outputs' / 'samples'}, {out / 'logs'} (tensorboard --logdir)")
     print(f"  quality table: {table}\n")
+    print("The field's protocol (paired: the person in their own garment; this split has no unpaired samples):")
+    print(markdown(quality["field"], quality["skipped"]) + "\n")
     print(format_table(quality["rows"], quality["pairs"], quality["region_pixels"]))
     m = quality["margins"]
     print(f"  inside the garment region the cascade beats the better baseline by {m['psnr_region']:+.2f} dB PSNR "
           f"and {m['ssim_region']:+.3f} SSIM\n")
-    sr = quality["sr_alone"]
-    print(format_table(sr["rows"], sr["pairs"], sr["region_pixels"]))
-    print(f"  UNet 2 alone, given the true low-res image: {sr['margins']['psnr']:+.2f} dB PSNR and "
-          f"{sr['margins']['ssim']:+.3f} SSIM from bilinear upsampling of it (whole image)")
+    for name, sr in quality["sr_alone"].items():
+        print(format_table(sr["rows"], sr["pairs"], sr["region_pixels"]))
+        print(f"  {name.replace('unet', 'UNet ')} alone, given the true low-res image: {sr['margins']['psnr']:+.2f} dB "
+              f"PSNR and {sr['margins']['ssim']:+.3f} SSIM from bilinear upsampling of it (whole image)\n")
 
 
 if __name__ == "__main__":

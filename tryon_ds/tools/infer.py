@@ -7,7 +7,8 @@ Validation samples from shards, in batches, with a grid (ca | garment | result |
     python tools/infer.py --checkpoint bundle/ --shards 'shards/val-*.tar' --num 8 --output_dir results/
 
 Poses are .npy arrays (K, 2) or (K, 3) or OpenPose JSON, in the pixels of their image; leave out
---garment_pose for a flat product image. Runs the base UNet, then the SR UNet when the bundle has one.
+--garment_pose for a flat product image. Runs UNet 1, then every later UNet the bundle holds (UNet 2 to
+256 px, UNet 3 to 1024 px), each super-resolving the one before.
 """
 from __future__ import annotations
 
@@ -22,22 +23,9 @@ from PIL import Image
 from .. import atomic
 from ..cli import exit_on_user_error
 from ..data.preprocess import image_grid, to_image
-from ..data.sources import read_image, read_pose
+from ..diffusion import SAMPLERS
 from ..errors import UserError
 from ..inference import TryOnPipeline
-
-
-def _load_pair(args):
-    problems: list[str] = []
-    ca = read_image(Path(args.ca_image), problems)
-    garment = read_image(Path(args.garment_image), problems)
-    person_pose = read_pose(Path(args.person_pose), ca.size if ca else None, problems, {})
-    garment_pose = None
-    if args.garment_pose:
-        garment_pose = read_pose(Path(args.garment_pose), garment.size if garment else None, problems, {})
-    if problems:
-        raise UserError("bad input:\n  " + "\n  ".join(problems))
-    return ca, garment, person_pose, garment_pose
 
 
 def safe_name(key: str) -> str:
@@ -83,8 +71,11 @@ def main(argv=None) -> None:
     p.add_argument("--num", type=int, default=8)
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--output_dir", default="results")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"))
-    p.add_argument("--steps", type=int, nargs="+", metavar="N", help="sampling steps per UNet (one or two numbers)")
+    p.add_argument("--sampler", choices=SAMPLERS)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile every UNet (or --no-compile: none); default: as each was trained")
+    p.add_argument("--steps", type=int, nargs="+", metavar="N",
+                   help="sampling steps: one number for every UNet, or one per UNet (--steps 256 128 32)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the config's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
@@ -92,18 +83,15 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.config:
         warnings.warn("--config is ignored: the bundle carries the config it was trained with")
-    if args.steps is not None and not 1 <= len(args.steps) <= 2:
-        raise UserError("--steps takes one number per UNet (one or two)")
-    pipe = TryOnPipeline.from_pretrained(args.checkpoint, args.device, ema=args.ema)
-    steps = None if args.steps is None else (args.steps[0], args.steps[-1])
-    options = {"sampler": args.sampler, "steps": steps, "guidance": args.guidance, "seed": args.seed}
+    pipe = TryOnPipeline.from_pretrained(args.checkpoint, args.device, ema=args.ema, compile=args.compile)
+    options = {"sampler": args.sampler, "steps": pipe.steps_per_unet(args.steps), "guidance": args.guidance,
+               "seed": args.seed}
     if args.shards:
         return run_shards(pipe, args, options)
     missing = [f"--{n}" for n in ("ca_image", "garment_image", "person_pose", "output") if not getattr(args, n)]
     if missing:
         raise UserError(f"give {', '.join(missing)} (or --shards for validation samples)")
-    ca, garment, person_pose, garment_pose = _load_pair(args)
-    result = pipe(ca, garment, person_pose, garment_pose, **options)
+    result = pipe(args.ca_image, args.garment_image, args.person_pose, args.garment_pose, **options)
     atomic.save_image(result, Path(args.output))
     print(f"wrote {args.output} ({result.width}x{result.height})")
 

@@ -3,10 +3,11 @@ buffers, whether it fits, and what to change if not.
 
     python tools/plan_memory.py --preset base --micro-batch 16 --zero 2 --precision bf16 --gpus 16
     python tools/plan_memory.py --preset sr --micro-batch 8 --zero 3 --precision bf16 --gpus 8 --checkpointing
+    python tools/plan_memory.py --preset sr1024 --micro-batch 16 --zero 2 --gpus 8       # UNet 3 on 256 px crops
 
 Model states follow DeepSpeed's layout for the ZeRO stage and precision (what tools/bench_train.py measures
 on real engines); activations are what autograd keeps for backward, traced on the ``meta`` device for that
-preset, micro-batch and image size (no memory is used); the buffers are read from the DeepSpeed config the
+preset, micro-batch and image size (the crop size, for a UNet trained on crops; no memory is used); the buffers are read from the DeepSpeed config the
 run would use (``ds_configs/zero{2,3}_{precision}.json``, or ``--deepspeed_config``). Not counted: the CUDA
 context and allocator fragmentation (typically 1-3 GB).
 """
@@ -20,10 +21,12 @@ import torch
 
 from ..cascade import CascadeUNet
 from ..cli import exit_on_user_error
-from ..config import Config, add_config_args, config_from_args, find_config_file, preset
+from ..config import UNET_SECTIONS, Config, add_config_args, config_from_args, find_config_file, preset
 from ..errors import UserError
 from ..model import DTYPES, parameter_count
-from ..model.parallel_unet import ResBlock, WarpBlock
+from ..model.blocks import ResBlock
+from ..model.parallel_unet import WarpBlock
+from ..model.presets import POSITION
 
 BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 GIB = 2 ** 30
@@ -66,8 +69,8 @@ def activations(config: Config, unet_number: int, micro_batch: int, precision: s
     while it is recomputed."""
     from .bench_model import random_batch
 
-    cfg = dataclasses.replace(config, unet1=dataclasses.replace(config.unet1, checkpointing=False),
-                              unet2=dataclasses.replace(config.unet2, checkpointing=False))
+    cfg = dataclasses.replace(config, **{key: dataclasses.replace(getattr(config, key), checkpointing=False)
+                                         for key in UNET_SECTIONS if getattr(config, key) is not None})
     with torch.device("meta"):
         model = CascadeUNet(cfg, unet_number).to(DTYPES[precision])
     weights = {p.untyped_storage()._cdata for p in model.parameters()}
@@ -128,8 +131,13 @@ def _table(rows: dict[str, float]) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help="a model preset (tiny, base, sr, ...); default: the config's UNet")
-    p.add_argument("--unet", type=int, choices=(1, 2), help="1 = base, 2 = super-resolution (default: 2 for sr presets)")
-    p.add_argument("--image-size", type=int, help="default: 128 for UNet 1, 256 for UNet 2 with a preset, else the config's")
+    p.add_argument("--unet", type=int, help="the UNet's place in the cascade (default: the preset's own, else the "
+                                            "config's train_unet_number)")
+    p.add_argument("--image-size", type=int, nargs="+", metavar="N",
+                   help="H [W] of that UNet's images (default: 128 for UNet 1, 256 for UNet 2, 1024 for UNet 3 with a "
+                        "preset, else the config's)")
+    p.add_argument("--crop-size", type=int, nargs="+", metavar="N",
+                   help="H [W] of the crops a UNet trained on crops sees (default: its config's, 256 for sr1024)")
     p.add_argument("--micro-batch", type=int, default=16, help="per GPU")
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=2)
     p.add_argument("--precision", choices=sorted(BYTES), default="bf16")
@@ -142,13 +150,16 @@ def main(argv=None) -> None:
     if args.micro_batch < 1 or args.gpus < 1:
         raise UserError("--micro-batch and --gpus take positive integers")
     config = config_from_args(args)
-    number = args.unet or (2 if (args.preset or "").endswith("sr") else config.train_unet_number)
-    if args.preset:
-        size = args.image_size or (256 if number == 2 else 128)
-        config = dataclasses.replace(config, **{f"unet{number}": preset(args.preset)},
-                                     **{"base_image_size" if number == 1 else "sr_image_size": (size, size)})
-        if number == 2:
-            config = dataclasses.replace(config, base_image_size=(size // 2, size // 2))
+    number = args.unet or (POSITION.get(args.preset) if args.preset else config.train_unet_number)
+    if args.preset or args.image_size:
+        unet = preset(args.preset) if args.preset else config.unet(number)
+        size = args.image_size or ([{1: 128, 2: 256}.get(number, 1024)] if args.preset else config.image_size(number))
+        config = config.with_unet(number, unet, (size[0], size[-1]))
+    if args.crop_size:
+        if not hasattr(config.unet(number), "crop_size"):
+            raise UserError(f"--crop-size: unet{number} ({config.unet(number).preset}) does not train on crops")
+        config = config.with_unet(number, dataclasses.replace(config.unet(number), crop_size=(args.crop_size[0],
+                                                                                               args.crop_size[-1])))
     ds = json.loads(find_config_file(args.deepspeed_config or default_ds(args.zero, args.precision),
                                      "DeepSpeed config").read_text())
     ds.setdefault("zero_optimization", {})["stage"] = args.zero
@@ -167,6 +178,8 @@ def main(argv=None) -> None:
     rows = estimate()
     total = sum(rows.values())
     size = "x".join(map(str, config.image_size(number)))
+    crop = config.crop_size(number)
+    size += f" on {'x'.join(map(str, crop))} crops" if crop else ""
     print(f"unet{number} ({config.unet(number).preset}), {size}, micro-batch {args.micro_batch} per GPU, "
           f"ZeRO-{args.zero}, {args.precision}, {args.gpus} GPU(s), checkpointing {'on' if args.checkpointing else 'off'}")
     print(_table(rows))

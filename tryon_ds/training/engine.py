@@ -37,11 +37,16 @@ def build(config: Config, ds_config: dict, load_from: Path | None = None):
     the state of ``load_from`` if given. Returns (model, engine, scheduler, ema)."""
     import deepspeed
 
+    unet_config = config.unet(config.train_unet_number)
+    if unet_config.compile and zero_stage(ds_config) == 3:
+        raise UserError(f"unet{config.train_unet_number}.compile: not under ZeRO-3 (README, \"Compilation\"): train "
+                        "with ZeRO-2 (ds_configs/zero2_bf16.json) or set compile: false")
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     # Under ZeRO-3 each layer is partitioned as soon as it is built, so no rank ever holds the whole model
     # (the sr preset is 3.9 GB in fp32).
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(ds_config) == 3):
         model = CascadeUNet(config, config.train_unet_number)
+    model.compile_unet()
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config)))

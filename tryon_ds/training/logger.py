@@ -1,4 +1,7 @@
-"""Every rank-0 side effect of a run: the console progress bar, wandb, TensorBoard and sample images.
+"""Every rank-0 side effect of a run: the console progress bar, ``metrics_unetN.jsonl``, wandb, TensorBoard and
+sample images. Every scalar logged goes to all three sinks alike (``scalars``): a line of the JSONL file per
+call, ``{"step": S, "train/loss": ..., ...}`` or ``{"step": S, "val/loss": ...}``, by the names TensorBoard
+and wandb show.
 
 Other ranks get a logger whose methods do nothing, so the training loop calls it unconditionally.
 wandb's mode comes from ``logging.wandb`` (online/offline/disabled) unless ``WANDB_MODE`` is set; offline
@@ -8,6 +11,7 @@ with one line in the log saying why, and the run goes on with TensorBoard; its e
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -31,6 +35,7 @@ class RunLogger:
         self.name = f"unet{config.train_unet_number}"
         self.sample_dir = Path(config.output_dir) / "samples"
         self.sample_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = Path(config.output_dir) / f"metrics_{self.name}.jsonl"
         # A live bar on a terminal; in a batch job's log file, one plain line per logged step instead.
         self.live = config.logging.progress_bar and sys.stdout.isatty()
         self.bar = tqdm(total=total_steps, initial=start_step, desc=self.name, unit="step", dynamic_ncols=True,
@@ -97,12 +102,14 @@ class RunLogger:
         self.scalars(step, scalars)
 
     def scalars(self, step: int, values: dict) -> None:
+        with open(self.metrics, "a") as f:  # a resumed run appends: the last line of a step is the one that counts
+            f.write(json.dumps({"step": step, **values}) + "\n")
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
         self._wandb_log(values, step)
 
-    def images(self, step: int, grid) -> Path:
+    def images(self, step: int, grid, caption: str) -> Path:
         path = self.sample_dir / f"{self.name}_step{step:08d}.png"
         atomic.save_image(grid, path)
         if self.tb is not None:
@@ -110,7 +117,7 @@ class RunLogger:
         if self.wandb is not None:
             import wandb
 
-            self._wandb_log({"samples": wandb.Image(grid, caption="ca | garment | sample | target")}, step)
+            self._wandb_log({"samples": wandb.Image(grid, caption=caption)}, step)
         return path
 
     def close(self) -> None:

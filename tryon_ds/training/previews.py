@@ -1,6 +1,9 @@
-"""Sample grids during training (ca | garment | sample | target), cheaply: one model built once on rank 0 in
-the run's precision, loaded with the weights gathered to rank 0, sampled with a few DDIM steps. The other
-ranks wait meanwhile, so the log says what each preview cost."""
+"""Sample grids during training, cheaply: one model built once on rank 0 in the run's precision, loaded with
+the weights gathered to rank 0, sampled with a few DDIM steps on the first validation samples (the same
+held-out samples at every preview, whole images even for a UNet trained on crops). A row per sample: what
+the UNet is conditioned on (its ``preview`` inputs: ca | garment for a Parallel-UNet, the upsampled low-res
+image for UNet 3), then the sample and the target. The other ranks wait meanwhile, so the log says what
+each preview cost."""
 from __future__ import annotations
 
 import time
@@ -9,31 +12,45 @@ import torch
 
 from ..cascade import CascadeUNet
 from ..config import Config
+from ..data.pipeline import shutdown_workers, to_device, val_loader
 from ..data.preprocess import image_grid
-from ..model import COND_KEYS, DTYPES
+from ..model import DTYPES
 
 
 class Previewer:
     def __init__(self, config: Config, device: torch.device, precision: str):
         self.config, self.device = config, device
         self.dtype = DTYPES[precision]
-        self.model = None  # built at the first preview: runs that never preview never pay for it
+        self.model = self.batch = None  # built at the first preview: runs that never preview never pay for it
         self.seconds = 0.0
 
+    def columns(self) -> str:
+        names = {"lowres": "low-res input"}
+        shown = self.model.unet.preview if self.model is not None else ()
+        return " | ".join([names.get(n, n) for n in shown] + ["sample", "target"])
+
+    def _first_batch(self) -> dict:
+        batches = iter(val_loader(self.config, self.config.train_unet_number, 0, 1, self.config.logging.sample_count))
+        batch = next(batches)
+        shutdown_workers(batches)
+        return to_device(batch, self.device)
+
     @torch.no_grad()
-    def render(self, weights: dict, batch: dict):
-        """A grid of ``logging.sample_count`` samples from ``weights`` (a whole state dict) on ``batch``."""
+    def render(self, weights: dict):
+        """A grid of the first ``logging.sample_count`` validation samples from ``weights`` (a whole state dict)."""
         start = time.perf_counter()
-        n = self.config.train_unet_number
         if self.model is None:
-            self.model = CascadeUNet(self.config, n).to(self.device, self.dtype).eval()
+            self.model = CascadeUNet(self.config, self.config.train_unet_number).to(self.device, self.dtype).eval()
+            self.model.compile_unet()
+            self.batch = self._first_batch()
         self.model.load_state_dict(weights)
-        count = min(self.config.logging.sample_count, len(batch["key"]))
-        cond = {k: batch[k][:count].to(self.device) for k in COND_KEYS}
-        cond = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in cond.items()}
-        lowres = batch["lowres"][:count].to(self.device, self.dtype) if n == 2 else None
+        unet, batch = self.model.unet, self.batch
+        cond = {k: batch[k].to(self.dtype) if batch[k].is_floating_point() else batch[k]
+                for k in unet.cond_keys if k != "lowres"}
+        lowres = batch["lowres"].to(self.dtype) if self.model.super_resolves else None
         out = self.model.sample(cond, lowres=lowres, steps=self.config.logging.preview_steps, sampler="ddim",
                                 generator=torch.Generator(self.device).manual_seed(self.config.seed))
-        grid = image_grid([cond["ca"], cond["garment"], out, batch["person"][:count].to(self.device)])
+        shown = [self.model.upsample(lowres) if name == "lowres" else batch[name] for name in unet.preview]
+        grid = image_grid([*shown, out, batch["person"]])
         self.seconds = time.perf_counter() - start
         return grid

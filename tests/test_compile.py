@@ -1,0 +1,86 @@
+"""unetN.compile in real DeepSpeed engines on 2 CPU ranks: compiled and eager runs train alike, resume from
+each other's checkpoints, write the same state-dict keys, and a compiled run builds no graph in steady state.
+
+Compilation is the cost here (minutes from cold on 2 cores), so the module shares one inductor cache and one
+small UNet 1 (two levels) among its runs, and the compiled runs are as few as the checks allow."""
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import ROOT, command, losses, run, run_tool
+
+SMALL = ["--set", "unet1.dim_mults=[1,2]", "--set", "unet1.num_res_blocks=[1,1]",
+         "--set", "unet1.attn_levels=[false,true]"]
+# A validation pass and a preview between training steps, checkpoints at 3 and 5.
+SCHEDULE = ["--set", "validation_freq=2", "--set", "sample_freq=2", "--set", "checkpoint_freq=3",
+            "--set", "logging.sample_count=2"]
+COMPILED = ["--set", "unet1.compile=true"]
+# Five optimizer steps of fp32 AdamW from the same weights and batches: inductor's fused kernels sum in
+# another order than eager's, which a few steps carry to the 4th-5th significant digit of the loss.
+REL = 2e-4
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path_factory.mktemp("inductor"))}
+
+
+def _train(run_dir, shards, env, extra=(), ds="cpu_zero2"):
+    return run(command(run_dir, shards, ds=ds, steps=5, extra=[*SMALL, *SCHEDULE, *extra]), timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def runs(shards, env, tmp_path_factory):
+    root = tmp_path_factory.mktemp("compile")
+    _train(root / "eager", shards, env)
+    _train(root / "compiled", shards, env, COMPILED)
+    return root
+
+
+def _graphs(run_dir):
+    out = {}
+    for line in (run_dir / "out" / "metrics_unet1.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if "compile/graphs" in entry:
+            out[entry["step"]] = entry["compile/graphs"]
+    return out
+
+
+def test_compiled_run_trains_as_eager_and_builds_no_graph_in_steady_state(runs):
+    eager, compiled = losses(runs / "eager"), losses(runs / "compiled")
+    assert sorted(compiled) == [1, 2, 3, 4, 5]
+    assert [compiled[s] for s in sorted(compiled)] == pytest.approx([eager[s] for s in sorted(eager)], rel=REL)
+    graphs = _graphs(runs / "compiled")
+    assert not _graphs(runs / "eager")
+    # Step 1: the training graph. Step 3: plus what step 2's validation (no grad) and preview (sampling at the
+    # preview batch) built. Step 5, after another validation and preview: nothing more.
+    assert graphs[1] >= 1 and graphs[3] > graphs[1] and graphs[5] == graphs[3] == graphs[4]
+
+
+def test_compiled_and_eager_runs_resume_from_each_others_checkpoints(runs, shards, env, tmp_path):
+    for source, extra, name in ((runs / "eager", COMPILED, "compiled_from_eager"),
+                                (runs / "compiled", [], "eager_from_compiled")):
+        resumed = tmp_path / name
+        _train(resumed, shards, env, [*extra, "--resume", str(source / "ckpt" / "unet1" / "step00000003")])
+        mine, theirs = losses(resumed), losses(source)
+        assert sorted(mine) == [4, 5], name
+        assert [mine[4], mine[5]] == pytest.approx([theirs[4], theirs[5]], rel=REL), name
+
+
+def test_a_compiled_runs_bundle_has_the_eager_models_keys_and_zero3_is_refused(runs, shards, env, tmp_path):
+    from safetensors.torch import load_file
+    bundles = {}
+    for name in ("eager", "compiled"):
+        bundles[name] = tmp_path / name
+        r = run_tool(["tools/consolidate_checkpoint.py", str(runs / name / "ckpt" / "unet1" / "step00000005"),
+                      "--out", str(bundles[name])])
+        assert r.returncode == 0, r.stderr
+    for weights in ("unet1/ema.safetensors", "unet1/weights.safetensors"):
+        keys = {n: set(load_file(bundles[n] / weights)) for n in bundles}
+        assert keys["compiled"] == keys["eager"] and not any("_orig_mod" in k for k in keys["compiled"])
+
+    cmd = command(tmp_path / "z3", shards, ds="cpu_zero3", steps=1, extra=[*SMALL, *COMPILED])
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2 and "unet1.compile: not under ZeRO-3" in r.stderr + r.stdout

@@ -1,0 +1,220 @@
+"""The field's try-on metrics, each computed as its reference implementation computes it:
+
+- **FID** and **KID** as clean-fid (GaParmar/clean-fid, ``mode="clean"``, the protocol of LaDI-VTON's
+  ``val_metrics.py`` and CatVTON's ``eval.py``): images as uint8 (as saved), each channel resized to 299x299 in
+  float by PIL's bicubic filter ("clean" resize, ``cleanfid/resize.py``), the 2048 pool features of the
+  TorchScript Inception ``inception-2015-12-05.pt`` (StyleGAN2-ADA's, ``layers((x - 128) / 128)``,
+  ``cleanfid/inception_torchscript.py``); FID = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)) with unbiased
+  covariances (``cleanfid/fid.py: frechet_distance``; the trace of the square root taken from the eigenvalues
+  of S1 S2, which are those of its square root squared); KID the unbiased MMD^2 with the polynomial kernel
+  (x.y / d + 1)^3 over 100 random subsets of at most 1000 (``kernel_distance``), reported x 1000;
+- **SSIM** as torchmetrics (Gaussian window 11, sigma 1.5, data range 1), per image;
+- **LPIPS** as the ``lpips`` package, v0.1, AlexNet (``lpips/lpips.py``): inputs in [-1, 1] shifted and scaled
+  by its ScalingLayer, AlexNet's relu1..relu5 features (torchvision's ``alexnet().features``) each normalised
+  over channels, squared differences weighted by its v0.1 linear layers, averaged over space, summed.
+
+No weights are downloaded: the Inception (TorchScript), AlexNet (torchvision's ``alexnet-owt-7be5be79.pth``) and
+the LPIPS linear layers (the ``lpips`` wheel's ``lpips/weights/v0.1/alex.pth``) are read from local files
+(:class:`MetricWeights`), the ``.pth`` ones with ``torch.load(weights_only=True)``, which loads tensors and
+refuses code. A metric whose file is missing is skipped with a line naming the file and where to get it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+from .errors import UserError
+
+INCEPTION_SIZE = 299
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000
+
+
+# --------------------------------------------------------------------------- where the weights come from
+@dataclass(frozen=True)
+class WeightFile:
+    flag: str
+    env: str
+    name: str
+    source: str
+    metrics: str
+
+
+WEIGHT_FILES = {
+    "inception": WeightFile("--inception_weights", "TRYON_INCEPTION_WEIGHTS", "inception-2015-12-05.pt",
+                            "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
+                            "inception-2015-12-05.pt (StyleGAN2-ADA's; clean-fid downloads the same file)",
+                            "FID and KID"),
+    "alexnet": WeightFile("--alexnet_weights", "TRYON_ALEXNET_WEIGHTS", "alexnet-owt-7be5be79.pth",
+                          "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth (torchvision's AlexNet)",
+                          "LPIPS"),
+    "lpips": WeightFile("--lpips_weights", "TRYON_LPIPS_WEIGHTS", "alex.pth",
+                        "lpips/weights/v0.1/alex.pth inside the lpips wheel (pip download lpips==0.1.4 --no-deps, "
+                        "then unzip)", "LPIPS"),
+}
+
+
+def weight_path(kind: str, given: str | None) -> Path | None:
+    """The file for ``kind`` from its flag, else its environment variable; None when neither names one."""
+    spec = WEIGHT_FILES[kind]
+    text = given or os.environ.get(spec.env)
+    if not text:
+        return None
+    path = Path(text)
+    if not path.is_file():
+        raise UserError(f"{spec.flag} / {spec.env}: {path} does not exist (expected {spec.name}: {spec.source})")
+    return path
+
+
+def missing_note(kind: str) -> str:
+    spec = WEIGHT_FILES[kind]
+    return (f"{spec.metrics} skipped: no {spec.name} given ({spec.flag} or {spec.env}); get it from {spec.source}. "
+            "This tool never downloads")
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{path}: not a readable weights file ({type(err).__name__}: {str(err)[:200]})") from None
+
+
+# --------------------------------------------------------------------------- FID and KID (clean-fid)
+def clean_resize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float (N, 3, 299, 299) in [0, 255]: clean-fid's "clean" resize, each channel as a
+    float image through PIL's bicubic filter, clipped, not quantised."""
+    out = np.empty((len(images), 3, INCEPTION_SIZE, INCEPTION_SIZE), np.float32)
+    for i, image in enumerate(images.cpu().numpy()):
+        for c in range(3):
+            channel = Image.fromarray(image[c].astype(np.float32), mode="F")
+            out[i, c] = np.asarray(channel.resize((INCEPTION_SIZE, INCEPTION_SIZE), Image.BICUBIC)).clip(0, 255)
+    return torch.from_numpy(out)
+
+
+class InceptionFeatures:
+    """The 2048 pool features of the TorchScript FID Inception, as clean-fid's InceptionV3W(resize_inside=False)
+    takes them: 299x299 float images in [0, 255], normalised to (x - 128) / 128, through ``layers``."""
+
+    def __init__(self, path: Path, device: torch.device):
+        try:
+            self.net = torch.jit.load(str(path), map_location=device).eval()
+        except Exception as err:
+            raise UserError(f"{path}: not a TorchScript Inception ({type(err).__name__}: {str(err)[:200]})") from None
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> float64 (N, 2048) on the CPU."""
+        x = clean_resize(images).to(self.device)
+        return self.net.layers((x - 128) / 128).reshape(len(x), -1).double().cpu()
+
+
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID of two feature sets (N, D), as clean-fid's frechet_distance on np.mean / np.cov(rowvar=False)."""
+    mu1, mu2 = real.double().mean(0), fake.double().mean(0)
+    s1, s2 = torch.cov(real.double().T), torch.cov(fake.double().T)
+    # Tr sqrt(S1 S2): S1 S2 is similar to S1^1/2 S2 S1^1/2, so its eigenvalues are real and >= 0 (up to
+    # rounding) and the square roots of its eigenvalues are those of its square root.
+    eigenvalues = torch.linalg.eigvals(s1 @ s2).real.clamp(min=0)
+    diff = mu1 - mu2
+    return float(diff @ diff + s1.trace() + s2.trace() - 2 * eigenvalues.sqrt().sum())
+
+
+def kernel_distance(real: torch.Tensor, fake: torch.Tensor, num_subsets: int = KID_SUBSETS,
+                    max_subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> float:
+    """KID as clean-fid's kernel_distance(feats1=real, feats2=fake): the unbiased MMD^2 of the cubic polynomial
+    kernel, averaged over ``num_subsets`` subsets drawn without replacement (seeded here, so it repeats)."""
+    real, fake = real.double(), fake.double()
+    n = real.shape[1]
+    m = min(len(real), len(fake), max_subset_size)
+    generator = torch.Generator().manual_seed(seed)
+    t = 0.0
+    for _ in range(num_subsets):
+        x = fake[torch.randperm(len(fake), generator=generator)[:m]]
+        y = real[torch.randperm(len(real), generator=generator)[:m]]
+        a = (x @ x.T / n + 1) ** 3 + (y @ y.T / n + 1) ** 3
+        b = (x @ y.T / n + 1) ** 3
+        t += float((a.sum() - a.diagonal().sum()) / (m - 1) - b.sum() * 2 / m)
+    return t / num_subsets / m
+
+
+# --------------------------------------------------------------------------- SSIM (torchmetrics)
+def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM of (N, 3, H, W) images in [0, 1]: torchmetrics' defaults (Gaussian 11, sigma 1.5)."""
+    return structural_similarity_index_measure(pred.float(), target.float(), data_range=1.0, reduction="none")
+
+
+# --------------------------------------------------------------------------- LPIPS (lpips v0.1, AlexNet)
+class LPIPS(nn.Module):
+    """lpips.LPIPS(net="alex", version="0.1") in eval mode, its AlexNet trunk and linear layers from files."""
+
+    CHANNELS = (64, 192, 384, 256, 256)
+    SLICES = ((0, 2), (2, 5), (5, 8), (8, 10), (10, 12))  # torchvision's alexnet().features up to relu1..relu5
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("shift", torch.tensor([-.030, -.088, -.188])[None, :, None, None])
+        self.register_buffer("scale", torch.tensor([.458, .448, .450])[None, :, None, None])
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2), nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(),
+            nn.MaxPool2d(3, 2), nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(), nn.Conv2d(384, 256, 3, padding=1),
+            nn.ReLU(), nn.Conv2d(256, 256, 3, padding=1), nn.ReLU())
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self.CHANNELS)
+        self.eval()
+
+    @classmethod
+    def from_files(cls, alexnet: Path, lpips: Path, device: torch.device) -> "LPIPS":
+        model = cls()
+        trunk = {k[len("features."):]: v for k, v in _state_dict(alexnet).items() if k.startswith("features.")}
+        lins = {f"{k[3]}.weight": v for k, v in _state_dict(lpips).items()}  # "lin3.model.1.weight" -> "3.weight"
+        try:
+            model.features.load_state_dict(trunk)
+            model.lins.load_state_dict(lins)
+        except RuntimeError as err:
+            raise UserError(f"{alexnet} / {lpips}: not torchvision's AlexNet and lpips' v0.1 alex.pth "
+                            f"({str(err).splitlines()[0]})") from None
+        return model.to(device)
+
+    @staticmethod
+    def _normalise(x: torch.Tensor) -> torch.Tensor:  # lpips.normalize_tensor
+        return x / (x.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+
+    @torch.no_grad()
+    def forward(self, in0: torch.Tensor, in1: torch.Tensor) -> torch.Tensor:
+        """Per-image LPIPS of (N, 3, H, W) images in [-1, 1]."""
+        x0, x1 = (in0.float() - self.shift) / self.scale, (in1.float() - self.shift) / self.scale
+        total = torch.zeros(len(in0), device=in0.device)
+        for (start, stop), lin in zip(self.SLICES, self.lins):
+            x0, x1 = self.features[start:stop](x0), self.features[start:stop](x1)
+            diff = (self._normalise(x0) - self._normalise(x1)) ** 2
+            total += lin(diff).mean(dim=(1, 2, 3))
+        return total
+
+
+def resize_to(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> uint8 (N, 3, *size) by PIL's Lanczos filter, as CatVTON's eval.py brings its
+    results and targets to the size it reports (a no-op at the same size)."""
+    if tuple(images.shape[-2:]) == tuple(size) or len(images) == 0:
+        return images.new_empty(len(images), images.shape[1], *size) if len(images) == 0 else images
+    out = [np.asarray(Image.fromarray(x.permute(1, 2, 0).cpu().numpy()).resize((size[1], size[0]), Image.LANCZOS))
+           for x in images]
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
+def as_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] as the uint8 a saved PNG holds: every metric sees what a user would share."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 255.0
