@@ -2,10 +2,11 @@
 each other's checkpoints, write the same state-dict keys, and a compiled run builds no graph in steady state.
 
 Compilation is the cost here (minutes from cold on 2 cores), so the module shares one inductor cache and one
-small UNet 1 (two levels) among its runs, and the compiled runs are as few as the checks allow."""
+small UNet 1 (two levels) among its runs, the compiled runs are as few as the checks allow, and inductor
+writes scalar C++ kernels (TORCHINDUCTOR_VEC_ISA_OK=0: a fifth less compile time; the graphs, keys, resumes
+and losses checked here do not depend on the vector ISA)."""
 import json
 import os
-import subprocess
 
 import pytest
 
@@ -24,11 +25,12 @@ REL = 2e-4
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    return {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path_factory.mktemp("inductor"))}
+    return {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path_factory.mktemp("inductor")),
+            "TORCHINDUCTOR_VEC_ISA_OK": "0"}
 
 
-def _train(run_dir, shards, env, extra=(), ds="cpu_zero2"):
-    return run(command(run_dir, shards, ds=ds, steps=5, extra=[*SMALL, *SCHEDULE, *extra]), timeout=600, env=env)
+def _train(run_dir, shards, env, extra=()):
+    return run(command(run_dir, shards, steps=5, extra=[*SMALL, *SCHEDULE, *extra]), timeout=600, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +56,8 @@ def test_compiled_run_trains_as_eager_and_builds_no_graph_in_steady_state(runs):
     assert [compiled[s] for s in sorted(compiled)] == pytest.approx([eager[s] for s in sorted(eager)], rel=REL)
     graphs = _graphs(runs / "compiled")
     assert not _graphs(runs / "eager")
-    # Step 1: the training graph. Step 3: plus what step 2's validation (no grad) and preview (sampling at the
-    # preview batch) built. Step 5, after another validation and preview: nothing more.
+    # Step 1: the training graph. Step 3: plus what step 2's validation (no grad) built; the preview after it
+    # runs eager. Step 5, after another validation and preview: nothing more.
     assert graphs[1] >= 1 and graphs[3] > graphs[1] and graphs[5] == graphs[3] == graphs[4]
 
 
@@ -63,24 +65,27 @@ def test_compiled_and_eager_runs_resume_from_each_others_checkpoints(runs, shard
     for source, extra, name in ((runs / "eager", COMPILED, "compiled_from_eager"),
                                 (runs / "compiled", [], "eager_from_compiled")):
         resumed = tmp_path / name
-        _train(resumed, shards, env, [*extra, "--resume", str(source / "ckpt" / "unet1" / "step00000003")])
+        _train(resumed, shards, env, [*extra, "--resume", str(source / "ckpt" / "unet1" / "step00000003"),
+                                      "--set", "validation_freq=100", "--set", "sample_freq=100"])
         mine, theirs = losses(resumed), losses(source)
         assert sorted(mine) == [4, 5], name
         assert [mine[4], mine[5]] == pytest.approx([theirs[4], theirs[5]], rel=REL), name
 
 
-def test_a_compiled_runs_bundle_has_the_eager_models_keys_and_zero3_is_refused(runs, shards, env, tmp_path):
+def test_a_compiled_runs_bundle_has_the_eager_models_keys_and_zero3_is_refused(runs, tmp_path):
     from safetensors.torch import load_file
-    bundles = {}
-    for name in ("eager", "compiled"):
-        bundles[name] = tmp_path / name
-        r = run_tool(["tools/consolidate_checkpoint.py", str(runs / name / "ckpt" / "unet1" / "step00000005"),
-                      "--out", str(bundles[name])])
-        assert r.returncode == 0, r.stderr
-    for weights in ("unet1/ema.safetensors", "unet1/weights.safetensors"):
-        keys = {n: set(load_file(bundles[n] / weights)) for n in bundles}
-        assert keys["compiled"] == keys["eager"] and not any("_orig_mod" in k for k in keys["compiled"])
+    from tryon_ds.cascade import CascadeUNet
+    from tryon_ds.config import build_config, deep_merge, read_config_file
+    from tryon_ds.errors import UserError
+    from tryon_ds.training.engine import build
+    r = run_tool(["tools/consolidate_checkpoint.py", str(runs / "compiled" / "ckpt" / "unet1" / "step00000005"),
+                  "--out", str(tmp_path / "bundle")])
+    assert r.returncode == 0, r.stderr
+    config = build_config(deep_merge(read_config_file(ROOT / "configs" / "tiny.yaml"), {
+        "unet1": {"dim_mults": [1, 2], "num_res_blocks": [1, 1], "attn_levels": [False, True], "compile": True}}))
+    eager = set(CascadeUNet(config, 1).unet.state_dict())
+    for weights in ("ema.safetensors", "weights.safetensors"):
+        assert set(load_file(tmp_path / "bundle" / "unet1" / weights)) == eager
 
-    cmd = command(tmp_path / "z3", shards, ds="cpu_zero3", steps=1, extra=[*SMALL, *COMPILED])
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 2 and "unet1.compile: not under ZeRO-3" in r.stderr + r.stdout
+    with pytest.raises(UserError, match="unet1.compile: not under ZeRO-3"):
+        build(config, {"zero_optimization": {"stage": 3}})

@@ -21,11 +21,11 @@ trust the conditioning pixels blindly.
 
 Compilation (``unetN.compile``) compiles the UNet alone, in place: the diffusion arithmetic around it is a few
 elementwise ops, and ``sample()``'s loop has host-side control flow by design. The whole UNet is one graph
-(no graph break in either architecture); compiling each repeated block type on its own instead compiled in
+(the Parallel-UNet compiles without a graph break); compiling each repeated block type on its own instead compiled in
 half the time but kept 0.94x of eager step time where the whole graph reached 0.72x (BENCHMARKS.md). Shapes
-are static: each distinct input shape (the training micro-batch, a validation or preview batch, the doubled
-batch of guided sampling) and grad mode compiles once and is cached, rather than one dynamic-shape graph
-that would serve them all more slowly. ``Module.compile`` keeps the module's state-dict keys, so checkpoints
+are static: each distinct input shape (the training micro-batch, a validation batch, the doubled batch of
+guided sampling) and grad mode compiles once and is cached, rather than one dynamic-shape graph that would
+serve them all more slowly. ``Module.compile`` keeps the module's state-dict keys, so checkpoints
 and bundles of compiled and eager runs are interchangeable.
 """
 from __future__ import annotations

@@ -38,7 +38,7 @@ class UNetRuntime:
     checkpointing: bool = False
     # Run the convolutions on channels-last (NHWC) activations; tools/gpu_check.sh measures whether it pays.
     channels_last: bool = False
-    # torch.compile the UNet (one graph; training, previews and inference), with torch.compile's mode.
+    # torch.compile the UNet (one graph; training, validation and inference), with torch.compile's mode.
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
 

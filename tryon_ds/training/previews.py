@@ -40,8 +40,9 @@ class Previewer:
         """A grid of the first ``logging.sample_count`` validation samples from ``weights`` (a whole state dict)."""
         start = time.perf_counter()
         if self.model is None:
+            # Eager even when the UNet trains compiled: a preview is seconds of sampling, its own graph (another
+            # module, batch and grad mode) would take longer to compile than all the previews of a run.
             self.model = CascadeUNet(self.config, self.config.train_unet_number).to(self.device, self.dtype).eval()
-            self.model.compile_unet()
             self.batch = self._first_batch()
         self.model.load_state_dict(weights)
         unet, batch = self.model.unet, self.batch

@@ -53,16 +53,25 @@ class Holder:
         if self.host == me.host:
             if self.pid == me.pid:
                 return "this process"
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                return "its process no longer exists"
-            except PermissionError:
-                pass  # another user's live process
-            return None
+            return None if _running(self.pid) else "its process no longer exists"
         if now - self.heartbeat > stale_s:
             return f"no heartbeat for {now - self.heartbeat:.0f} s (more than {stale_s:.0f} s)"
         return None
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited: a killed run's ranks can linger as zombies until
+    their parent (or init) reaps them, and those hold no folder."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): it exists
 
 
 class RunLock:
