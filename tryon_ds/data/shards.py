@@ -23,6 +23,7 @@ import json
 import os
 import re
 import zlib
+from collections import Counter
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -333,11 +334,10 @@ def merge_parts(out: Path, log: Callable[[str], None] = print) -> dict:
     ordered = [indices[i] for i in range(count)]
 
     def total(get) -> dict:
-        out_ = {}
+        sums = Counter()
         for m in ordered:
-            for k, v in get(m).items():
-                out_[k] = out_.get(k, 0) + v
-        return out_
+            sums.update(get(m))
+        return dict(sums)
 
     manifest = {"settings": first["settings"], "complete": True, "parts": count,
                 "shards": {s: [e for m in ordered for e in m["shards"].get(s, [])] for s in SPLITS},
