@@ -1,10 +1,14 @@
-"""unetN.compile in real DeepSpeed engines on 2 CPU ranks: compiled and eager runs train alike, resume from
-each other's checkpoints, write the same state-dict keys, and a compiled run builds no graph in steady state.
+"""unetN.compile in real DeepSpeed engines on 2 CPU ranks: compiled and eager runs train alike under ZeRO-2
+and ZeRO-3, resume from each other's checkpoints, write the same state-dict keys, and a compiled run builds
+no graph in steady state.
 
 Compilation is the cost here (minutes from cold on 2 cores), so the module shares one inductor cache and one
 small UNet 1 (two levels) among its runs, the compiled runs are as few as the checks allow, and inductor
 writes scalar C++ kernels (TORCHINDUCTOR_VEC_ISA_OK=0: a fifth less compile time; the graphs, keys, resumes
-and losses checked here do not depend on the vector ISA)."""
+and losses checked here do not depend on the vector ISA). The ZeRO-3 runs compile with the aot_eager backend:
+what ZeRO-3 changes is around the graph (one leaf module, the order of its backward hooks), which aot_eager
+captures and runs alike; inductor's kernels are checked under ZeRO-2, and another cold inductor compile
+would cost this module two more minutes."""
 import json
 import os
 
@@ -41,6 +45,18 @@ def runs(shards, env, tmp_path_factory):
     return root
 
 
+def test_zero3_compiled_run_trains_as_eager_with_activation_checkpointing(shards, env, tmp_path):
+    zero3 = ["--set", "unet1.checkpointing=true", "--set", "validation_freq=2", "--set", "checkpoint_freq=100"]
+    for name, extra in (("eager", []), ("compiled", [*COMPILED, "--set", "unet1.compile_backend=aot_eager"])):
+        run(command(tmp_path / name, shards, ds="cpu_zero3", steps=5, extra=[*SMALL, *zero3, *extra]),
+            timeout=600, env=env)
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert sorted(compiled) == [1, 2, 3, 4, 5]
+    assert [compiled[s] for s in sorted(compiled)] == pytest.approx([eager[s] for s in sorted(eager)], rel=REL)
+    graphs = _graphs(tmp_path / "compiled")  # one UNet graph for the training step, not one per module
+    assert graphs[1] == 1 and graphs[5] == graphs[3]
+
+
 def _graphs(run_dir):
     out = {}
     for line in (run_dir / "out" / "metrics_unet1.jsonl").read_text().splitlines():
@@ -72,12 +88,10 @@ def test_compiled_and_eager_runs_resume_from_each_others_checkpoints(runs, shard
         assert [mine[4], mine[5]] == pytest.approx([theirs[4], theirs[5]], rel=REL), name
 
 
-def test_a_compiled_runs_bundle_has_the_eager_models_keys_and_zero3_is_refused(runs, tmp_path):
+def test_a_compiled_runs_bundle_has_the_eager_models_keys(runs, tmp_path):
     from safetensors.torch import load_file
     from tryon_ds.cascade import CascadeUNet
     from tryon_ds.config import build_config, deep_merge, read_config_file
-    from tryon_ds.errors import UserError
-    from tryon_ds.training.engine import build
     r = run_tool(["tools/consolidate_checkpoint.py", str(runs / "compiled" / "ckpt" / "unet1" / "step00000005"),
                   "--out", str(tmp_path / "bundle")])
     assert r.returncode == 0, r.stderr
@@ -86,6 +100,3 @@ def test_a_compiled_runs_bundle_has_the_eager_models_keys_and_zero3_is_refused(r
     eager = set(CascadeUNet(config, 1).unet.state_dict())
     for weights in ("ema.safetensors", "weights.safetensors"):
         assert set(load_file(tmp_path / "bundle" / "unet1" / weights)) == eager
-
-    with pytest.raises(UserError, match="unet1.compile: not under ZeRO-3"):
-        build(config, {"zero_optimization": {"stage": 3}})

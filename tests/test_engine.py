@@ -130,8 +130,8 @@ def test_diffusion_tables_follow_the_batch_device():
 
 def test_gpu_check_dry_run_sets_up_and_runs_its_plumbing(tmp_path):
     """tools/gpu_check.sh --dry-run on CPU: the wheels a GPU node lacks are fetched (from the package
-    registry) and fit Python 3.12; the matrix and the trainer run at the tiny size; the JSON and the table
-    are written."""
+    registry) and fit Python 3.12; the matrix (a compiled UNet under ZeRO-3 among it) and the trainer run at
+    the tiny size; the JSON and the table are written."""
     env = {**os.environ, "WHEELS_DIR": str(tmp_path / "whl"), "RESULTS": str(tmp_path / "results"),
            "PYTHON": sys.executable}
     fetch = subprocess.run(["tools/gpu_check.sh", "--fetch-wheels"], cwd=ROOT, env=env, capture_output=True,
@@ -143,8 +143,9 @@ def test_gpu_check_dry_run_sets_up_and_runs_its_plumbing(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads((tmp_path / "results" / "gpu_check.json").read_text())
     ran = [row for row in report["matrix"] if "step_s" in row]
-    assert {(row["unet"], row["zero"]) for row in ran} == {(1, 2), (2, 3), (3, 2)}
+    assert {(row["unet"], row["zero"]) for row in ran} == {(1, 2), (2, 3), (3, 2), (1, 3)}
     assert all(row["losses_finite"] for row in ran)
     assert any(row.get("channels_last") for row in ran)
+    assert [(row["unet"], row["zero"]) for row in ran if row.get("compile")] == [(1, 3)]
     assert report["trainer"]["cpu_zero3"]["done"]
     assert "planned" in (tmp_path / "results" / "gpu_check.txt").read_text()

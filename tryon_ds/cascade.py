@@ -50,6 +50,7 @@ class CascadeUNet(nn.Module):
         self.unet = build_unet(config, unet_number)
         cfg = config.unet(unet_number)
         self.compile_mode = cfg.compile_mode if cfg.compile else None
+        self.compile_backend = cfg.compile_backend
         self.diffusion = GaussianDiffusion(config.timesteps[unet_number - 1], self.dcfg.schedule, self.dcfg.objective)
         # A super-resolution UNet that samples from sr_start (SDEdit) is never asked about a later timestep.
         # (the same first timestep as GaussianDiffusion.sample's start)
@@ -57,11 +58,15 @@ class CascadeUNet(nn.Module):
         self.train_timesteps = round(self.dcfg.sr_start * last) + 1 if self.super_resolves else last + 1
 
     def compile_unet(self) -> None:
-        """torch.compile the UNet in place, if its config says so (the graph is built at its first call).
-        Not in ``__init__``: under ZeRO-3 the model is built inside ``deepspeed.zero.Init``, whose patched
-        tensor constructors make torch._dynamo's first import fail; the caller compiles once that is over."""
+        """torch.compile the UNet's forward in place, if its config says so (the graph is built at its first
+        call). The forward, not the module: hooks on the module (ZeRO-3's gathering and releasing of its
+        weights) run eager around the graph instead of breaking it. Not in ``__init__``: under ZeRO-3 the
+        model is built inside ``deepspeed.zero.Init``, whose patched tensor constructors make torch._dynamo's
+        first import fail; the caller compiles once that is over."""
         if self.compile_mode is not None:
-            self.unet.compile(mode=self.compile_mode, dynamic=False)
+            inductor = {"mode": self.compile_mode} if self.compile_backend == "inductor" else {}
+            self.unet.forward = torch.compile(self.unet.forward, backend=self.compile_backend, dynamic=False,
+                                              **inductor)
 
     def upsample(self, lowres: torch.Tensor, crops: torch.Tensor | None = None) -> torch.Tensor:
         """The low-res try-on at this UNet's size, as it sees it (before noise augmentation); with ``crops``

@@ -41,6 +41,10 @@ class UNetRuntime:
     # torch.compile the UNet (one graph; training, validation and inference), with torch.compile's mode.
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # aot_eager: the same captured graphs, forward and backward, run by eager kernels with no code generated
+    # (compile_mode is inductor's and is not used): tells a compiled run's departure from eager that comes from
+    # the capture apart from one that comes from inductor's kernels, and compiles in seconds.
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
 
 
 @dataclass

@@ -8,8 +8,8 @@ rank only its partition; the gradients it keeps; the optimizer's fp32 master cop
 beside tools/plan_memory.py's estimate of the same. GPU: UNet 1 (base preset, micro-batch 16), UNet 2 (sr
 preset, micro-batch 8) and UNet 3 (sr1024 on 256 px crops, micro-batch 16) in bf16 and fp16 under ZeRO-2
 and ZeRO-3, with each attention backend that runs
-there (and channels_last for one case; under ZeRO-2, compiled: ``unetN.compile``, its warm-up time in the
-JSON): it/s, samples/s, peak memory beside the planner's estimate,
+there, channels_last for one case, and each UNet compiled (``unetN.compile``, in bf16 under ZeRO-2 and
+ZeRO-3, its warm-up time in the JSON): it/s, samples/s, peak memory beside the planner's estimate,
 model-FLOPs utilisation (FLOPs of a step from ``torch.utils.flop_counter`` against the GPU's dense bf16
 peak) and whether every loss was finite. Every ``--log-freq`` steps it reads the loss scale and gradient
 norm as the trainer's log step does. Each case runs in its own process, on random batches (the input
@@ -68,22 +68,21 @@ def case_config(case: dict):
             "train_unet_number": case["unet"], "use_ema": True}
     config = build_config({**read_config_file(REPO / "configs" / "tiny.yaml"), **over})
     unet = dataclasses.replace(preset("tiny"), **SMALL) if case["preset"] == "small" else preset(case["preset"])
-    unet = dataclasses.replace(unet, checkpointing=case.get("checkpointing", False))
+    unet = dataclasses.replace(unet, checkpointing=case.get("checkpointing", False),
+                               compile="compile" in case, compile_backend=case.get("compile", "inductor"))
     size = case.get("size")
     return config.with_unet(case["unet"], unet, (size, size) if size else None)
 
 
-def _set_variant(engine, backend: str, channels_last: bool, compiled: bool) -> None:
-    """A variant on the built engine; compilation, which cannot be undone, comes last in a case's variants."""
+def _set_variant(engine, backend: str, channels_last: bool) -> None:
+    """A variant on the built engine (a compiled UNet is a case of its own: under ZeRO-3 the engine is built
+    differently for it)."""
     from tryon_ds.model.parallel_unet import Attention
 
     for m in engine.module.modules():
         if isinstance(m, Attention):
             m.backend = backend
     engine.module.unet.cfg = dataclasses.replace(engine.module.unet.cfg, channels_last=channels_last)
-    if compiled:
-        engine.module.compile_mode = "default"
-        engine.module.compile_unet()
 
 
 def worker(args) -> None:
@@ -122,7 +121,7 @@ def worker(args) -> None:
         if variant["attention"] == "xformers" and (xops is None or not cuda):
             results.append({**variant, "skipped": "xformers not installed" if xops is None else "no CUDA"})
             continue
-        _set_variant(engine, variant["attention"], variant.get("channels_last", False), variant.get("compile", False))
+        _set_variant(engine, variant["attention"], variant.get("channels_last", False))
         start = time.perf_counter()
         for step in range(3):  # warm-up: cuDNN's autotuner, allocator, first collectives, compilation
             train_step(step)
@@ -182,7 +181,8 @@ def launch(case: dict, ranks: int, steps: int, log_freq: int) -> list[dict]:
 
 def gpu_cases(dry_run: bool) -> list[dict]:
     """The device check's matrix. A dry run (CPU) runs three of its cases (each UNet, each ZeRO stage, every
-    variant) at the tiny presets' sizes in bf16: the plumbing, not the figures."""
+    variant) at the tiny presets' sizes in bf16, and UNet 1 compiled under ZeRO-3 with the aot_eager backend
+    (inductor's cold compile takes minutes on a CPU): the plumbing, not the figures."""
     from tryon_ds.config import preset as preset_config
 
     out = []
@@ -196,15 +196,20 @@ def gpu_cases(dry_run: bool) -> list[dict]:
                     variants.append({"attention": "xformers"})
                 if (preset, precision, zero) == ("base", "bf16", 2):
                     variants.append({"attention": "sdpa", "channels_last": True})
-                if zero == 2 and not dry_run:  # compiled against the first variant (eager sdpa); never under ZeRO-3
-                    variants.append({"attention": "sdpa", "compile": True})
                 case = {"preset": preset, "unet": unet, "batch": batch, "precision": precision, "zero": zero,
                         "ds": f"zero{zero}_{precision}.json", "variants": variants, "size": (128, 256, 1024)[unet - 1]}
+                # Compiled (a case of its own), against the eager sdpa row beside it.
+                compiled = {**case, "compile": "inductor", "variants": [{"attention": "sdpa", "compile": True}]}
                 if dry_run:
-                    if precision == "fp16" or (unet, zero) not in ((1, 2), (2, 3), (3, 2)):
-                        continue  # DeepSpeed runs fp16 on GPUs only
                     case.update(preset=tiny[unet][0], batch=2, size=tiny[unet][1], ds=f"cpu_zero{zero}.json")
+                    compiled = {**case, "compile": "aot_eager", "variants": [{"attention": "sdpa", "compile": True}]}
+                    if precision == "fp16" or (unet, zero) not in ((1, 2), (2, 3), (3, 2), (1, 3)):
+                        continue  # DeepSpeed runs fp16 on GPUs only
+                    out.append(compiled if (unet, zero) == (1, 3) else case)
+                    continue
                 out.append(case)
+                if precision == "bf16":
+                    out.append(compiled)
     return out
 
 

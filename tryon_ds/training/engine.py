@@ -37,15 +37,13 @@ def build(config: Config, ds_config: dict, load_from: Path | None = None):
     the state of ``load_from`` if given. Returns (model, engine, scheduler, ema)."""
     import deepspeed
 
-    unet_config = config.unet(config.train_unet_number)
-    if unet_config.compile and zero_stage(ds_config) == 3:
-        raise UserError(f"unet{config.train_unet_number}.compile: not under ZeRO-3 (README, \"Compilation\"): train "
-                        "with ZeRO-2 (ds_configs/zero2_bf16.json) or set compile: false")
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     # Under ZeRO-3 each layer is partitioned as soon as it is built, so no rank ever holds the whole model
     # (the sr preset is 3.9 GB in fp32).
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage(ds_config) == 3):
         model = CascadeUNet(config, config.train_unet_number)
+    if model.compile_mode is not None and zero_stage(ds_config) == 3:
+        gather_whole(model.unet)
     model.compile_unet()
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=ds_config,
@@ -59,6 +57,26 @@ def build(config: Config, ds_config: dict, load_from: Path | None = None):
 
         load_ema(load_from, ema)
     return model, engine, scheduler, ema
+
+
+def gather_whole(unet: torch.nn.Module) -> None:
+    """Make a compiled UNet one ZeRO-3 leaf module: DeepSpeed gathers all its weights before its forward and
+    releases them after its backward, rather than module by module in hooks on every submodule, which break
+    the graph into one per module (hundreds, past torch's recompile limit). The weights are whole on each
+    rank for the UNet's forward and backward only, as ZeRO-2 holds them always; optimizer state, gradients
+    and the weights at rest stay partitioned.
+
+    DeepSpeed reduces a leaf's gradients in a full backward hook on the leaf, which fires once the gradients
+    of the leaf's inputs are computed; if no input needs one (the noisy image never does) it fires as the
+    gradient of the output arrives, before the UNet's backward, which then finds its weights released (size
+    0). So the noisy image enters the UNet requiring a gradient: the hook fires after the whole backward
+    (which computes that one extra input gradient of the first convolution), and its AccumulateGrad nodes,
+    which autograd runs first, have delivered the weights' gradients by then."""
+    from deepspeed.utils import set_z3_leaf_module
+
+    set_z3_leaf_module(unet, True)
+    unet.register_forward_pre_hook(
+        lambda module, args: (args[0].detach().requires_grad_(torch.is_grad_enabled()), *args[1:]))
 
 
 def loss_scale(engine) -> float | None:
