@@ -97,7 +97,8 @@ class CascadeUNet(nn.Module):
             out[name] = torch.where((level > 0).view(-1, 1, 1, 1), noised, image)
         return out
 
-    def forward(self, batch: dict) -> torch.Tensor:
+    def forward(self, batch: dict, per_sample: bool = False) -> torch.Tensor:
+        """The diffusion loss of the batch: the mean, or with ``per_sample`` each sample's, (B,)."""
         x0 = batch["person"]
         b = x0.shape[0]
         t = torch.randint(0, self.train_timesteps, (b,), device=x0.device)
@@ -111,7 +112,10 @@ class CascadeUNet(nn.Module):
         cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
         x_t = self.diffusion.q_sample(x0, t, noise).to(dtype)
         out = self.unet(x_t, t, cond, levels, drop_cond=drop)
-        return F.mse_loss(out.float(), self.diffusion.target(x0, t, noise).float())
+        target = self.diffusion.target(x0, t, noise).float()
+        if per_sample:
+            return F.mse_loss(out.float(), target, reduction="none").flatten(1).mean(1)
+        return F.mse_loss(out.float(), target)
 
     @torch.no_grad()
     def sample(self, cond: dict, lowres: torch.Tensor | None = None, steps: int | None = None,

@@ -138,10 +138,22 @@ class StepWindow:
 
 
 @torch.no_grad()
+def filled(batch: dict, fallback: dict) -> dict:
+    """A short batch (the last of a rank's validation set; on the device) filled up to the micro-batch from
+    the stand-in batch, so every validation forward has one shape: a compiled UNet then builds one graph for
+    validation, not one more per partial size (minutes each on a GPU)."""
+    missing = len(fallback["key"]) - len(batch["key"])
+    if missing <= 0:
+        return batch
+    return {k: torch.cat([v, fallback[k][:missing]]) if torch.is_tensor(v) else [*v, *fallback[k][:missing]]
+            for k, v in batch.items()}
+
+
 def validate(run: Run, step: int, fallback: dict, stop: lifecycle.StopRequest) -> None:
     """Mean loss over the whole validation set, each sample seen once across ranks. Ranks may hold
     different numbers of batches; every rank runs the same number of forwards (ZeRO-3 gathers parameters
-    collectively), the extra ones on a stand-in batch with weight zero. A stop request cuts it short."""
+    collectively), the extra ones on a stand-in batch with weight zero, and a short batch is filled up from
+    it (the filling rows weigh zero). A stop request cuts it short."""
     config, world, engine = run.config, run.world, run.engine
     engine.eval()
     batches = iter(val_loader(config, config.train_unet_number, world.rank, world.size, config.batch_size))
@@ -153,12 +165,11 @@ def validate(run: Run, step: int, fallback: dict, stop: lifecycle.StopRequest) -
         dist.all_reduce(go, op=dist.ReduceOp.MAX)
         if go[0].item() == 0 or go[1].item() > 0:
             break
-        real = batch is not None
-        batch = to_device(batch if real else fallback, world.device)
+        n = 0 if batch is None else len(batch["key"])
+        batch = fallback if batch is None else filled(to_device(batch, world.device), fallback)
         torch.manual_seed(seed_for(config.seed, "val", world.rank, index))
-        loss = engine(batch).float()
-        n = len(batch["key"]) if real else 0
-        total += torch.stack([loss * n, torch.tensor(float(n), device=world.device)])
+        losses = engine(batch, per_sample=True).float()
+        total += torch.stack([losses[:n].sum(), torch.tensor(float(n), device=world.device)])
         index += 1
     shutdown_workers(batches)
     dist.all_reduce(total)
