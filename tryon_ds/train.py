@@ -138,22 +138,22 @@ class StepWindow:
 
 
 @torch.no_grad()
-def filled(batch: dict, fallback: dict) -> dict:
-    """A short batch (the last of a rank's validation set; on the device) filled up to the micro-batch from
-    the stand-in batch, so every validation forward has one shape: a compiled UNet then builds one graph for
+def filled(batch: dict, size: int) -> dict:
+    """A short batch (the last of a rank's validation set) filled up to ``size`` rows by repeating its own,
+    so every validation forward has the micro-batch's shape: a compiled UNet then builds one graph for
     validation, not one more per partial size (minutes each on a GPU)."""
-    missing = len(fallback["key"]) - len(batch["key"])
-    if missing <= 0:
+    n = len(batch["key"])
+    if n >= size:
         return batch
-    return {k: torch.cat([v, fallback[k][:missing]]) if torch.is_tensor(v) else [*v, *fallback[k][:missing]]
-            for k, v in batch.items()}
+    rows = [i % n for i in range(size)]
+    return {k: v[rows] if torch.is_tensor(v) else [v[i] for i in rows] for k, v in batch.items()}
 
 
 def validate(run: Run, step: int, fallback: dict, stop: lifecycle.StopRequest) -> None:
     """Mean loss over the whole validation set, each sample seen once across ranks. Ranks may hold
     different numbers of batches; every rank runs the same number of forwards (ZeRO-3 gathers parameters
-    collectively), the extra ones on a stand-in batch with weight zero, and a short batch is filled up from
-    it (the filling rows weigh zero). A stop request cuts it short."""
+    collectively), the extra ones on a stand-in batch with weight zero; a short batch is filled up with
+    repeats of its rows, which weigh zero. A stop request cuts it short."""
     config, world, engine = run.config, run.world, run.engine
     engine.eval()
     batches = iter(val_loader(config, config.train_unet_number, world.rank, world.size, config.batch_size))
@@ -166,7 +166,7 @@ def validate(run: Run, step: int, fallback: dict, stop: lifecycle.StopRequest) -
         if go[0].item() == 0 or go[1].item() > 0:
             break
         n = 0 if batch is None else len(batch["key"])
-        batch = fallback if batch is None else filled(to_device(batch, world.device), fallback)
+        batch = to_device(fallback if batch is None else filled(batch, config.batch_size), world.device)
         torch.manual_seed(seed_for(config.seed, "val", world.rank, index))
         losses = engine(batch, per_sample=True).float()
         total += torch.stack([losses[:n].sum(), torch.tensor(float(n), device=world.device)])
