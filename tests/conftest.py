@@ -88,9 +88,16 @@ def wait_for(path, proc, timeout=180):
 
 
 def rank_processes(launcher):
-    """The training processes under a deepspeed launcher (not the launcher's own helper processes)."""
+    """The training processes under a deepspeed launcher (not the launcher's own helper processes, nor a
+    short-lived child that exited and is not reaped yet: a zombie has no command line to read)."""
+    def command_line(p):
+        try:
+            return " ".join(p.cmdline())
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            return ""
+
     return [p for p in psutil.Process(launcher).children(recursive=True)
-            if "train.py" in " ".join(p.cmdline()) and "deepspeed.launcher" not in " ".join(p.cmdline())]
+            if "train.py" in command_line(p) and "deepspeed.launcher" not in command_line(p)]
 
 
 def completed(run_dir, unet=1):
