@@ -137,7 +137,6 @@ class StepWindow:
         return out
 
 
-@torch.no_grad()
 def filled(batch: dict, size: int) -> dict:
     """A short batch (the last of a rank's validation set) filled up to ``size`` rows by repeating its own,
     so every validation forward has the micro-batch's shape: a compiled UNet then builds one graph for
@@ -149,6 +148,7 @@ def filled(batch: dict, size: int) -> dict:
     return {k: v[rows] if torch.is_tensor(v) else [v[i] for i in rows] for k, v in batch.items()}
 
 
+@torch.no_grad()
 def validate(run: Run, step: int, fallback: dict, stop: lifecycle.StopRequest) -> None:
     """Mean loss over the whole validation set, each sample seen once across ranks. Ranks may hold
     different numbers of batches; every rank runs the same number of forwards (ZeRO-3 gathers parameters
