@@ -1,14 +1,18 @@
 """Every way a run ends ends it: with the right exit status, within a bound, and with no process left (the
 ranks, their data-loader workers, wandb's service). Real DeepSpeed ranks on CPU with real loader workers;
 each run starts its own process group, so whatever it leaves behind is found by that group."""
+import datetime
 import json
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
+import torch.distributed as dist
 
 from conftest import ROOT, Run, command, completed, free_port, rank_processes
+from tryon_ds.training import lifecycle
 
 WORKERS = ["--set", "data.num_workers=2"]
 
@@ -77,6 +81,29 @@ def test_a_user_error_is_printed_once_and_every_rank_exits_2(shards, tmp_path, w
     assert stderr.count(expected) == 1, stderr[-3000:]
     assert any(line.startswith("error: ") and expected in line for line in stderr.splitlines()), stderr[-3000:]
     assert "Traceback" not in stderr
+
+
+def test_a_closed_watchdog_has_left_the_store_before_the_interpreter_ends():
+    """A daemon thread inside a store call (C++, GIL released) when the interpreter finalizes is ended by
+    pthread_exit, which aborts the process ("terminate called without an active exception": seen in CI on a
+    rank that had finished a compiled run). The watchdog's thread must be gone once it is closed; this one
+    is caught inside a real TCPStore's wait when close() is called."""
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, True)
+    called = threading.Event()
+
+    def slow_announced(s):
+        called.set()
+        with pytest.raises(dist.DistStoreError):
+            s.wait(["never"], datetime.timedelta(seconds=1))
+        return False
+
+    watchdog = lifecycle.Watchdog(600, rank=0, world_size=1)  # polls the store each second
+    watchdog.store = store
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lifecycle, "_announced", slow_announced)
+        assert called.wait(10)
+        watchdog.close()
+    assert not watchdog._thread.is_alive()
 
 
 @pytest.mark.parametrize("api_key", [True, False])

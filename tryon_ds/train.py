@@ -322,6 +322,7 @@ def train(args: argparse.Namespace, config: Config, world: distributed.World, st
     finally:
         loader.close()
         log.close()
+        watchdog.close()
 
 
 @exit_on_user_error

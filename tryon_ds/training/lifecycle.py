@@ -55,18 +55,29 @@ def _store():
 
 
 class Watchdog:
+    """``close()`` it before the process exits: its thread must end before the interpreter does. A daemon
+    thread caught inside a store call (C++, GIL released) at interpreter exit is ended by pthread_exit as it
+    takes the GIL back, and that unwinds through pybind11's noexcept frames: SIGABRT, "terminate called
+    without an active exception", after the run's work is done (seen in CI on a rank whose exit was slow,
+    after a compiled run)."""
+
     def __init__(self, timeout: float, rank: int, world_size: int):
         self.timeout, self.rank, self.world_size = timeout, rank, world_size
         self.last = time.monotonic()
         self.store = _store() if world_size > 1 else None
-        threading.Thread(target=self._watch, daemon=True, name="tryon-watchdog").start()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="tryon-watchdog")
+        self._thread.start()
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=30)  # one store call at most; a store whose host is gone fails fast
 
     def kick(self) -> None:
         self.last = time.monotonic()
 
     def _watch(self) -> None:
-        while True:
-            time.sleep(min(1.0, self.timeout / 4))
+        while not self._done.wait(min(1.0, self.timeout / 4)):
             if self.store is not None and _announced(self.store):
                 _acknowledge(self.store, self.rank, self.world_size)
                 os._exit(2)  # another rank printed the error; this one may be stuck in a collective
