@@ -97,7 +97,7 @@ def rank_processes(launcher):
             return ""
 
     return [p for p in psutil.Process(launcher).children(recursive=True)
-            if "train.py" in command_line(p) and "deepspeed.launcher" not in command_line(p)]
+            if "train.py" in (line := command_line(p)) and "deepspeed.launcher" not in line]
 
 
 def completed(run_dir, unet=1):

@@ -198,18 +198,17 @@ def gpu_cases(dry_run: bool) -> list[dict]:
                     variants.append({"attention": "sdpa", "channels_last": True})
                 case = {"preset": preset, "unet": unet, "batch": batch, "precision": precision, "zero": zero,
                         "ds": f"zero{zero}_{precision}.json", "variants": variants, "size": (128, 256, 1024)[unet - 1]}
-                # Compiled (a case of its own), against the eager sdpa row beside it.
-                compiled = {**case, "compile": "inductor", "variants": [{"attention": "sdpa", "compile": True}]}
                 if dry_run:
-                    case.update(preset=tiny[unet][0], batch=2, size=tiny[unet][1], ds=f"cpu_zero{zero}.json")
-                    compiled = {**case, "compile": "aot_eager", "variants": [{"attention": "sdpa", "compile": True}]}
                     if precision == "fp16" or (unet, zero) not in ((1, 2), (2, 3), (3, 2)):
                         continue  # DeepSpeed runs fp16 on GPUs only
+                    case.update(preset=tiny[unet][0], batch=2, size=tiny[unet][1], ds=f"cpu_zero{zero}.json")
+                # Compiled (a case of its own), against the eager sdpa row beside it.
+                compiled = {**case, "compile": "aot_eager" if dry_run else "inductor",
+                            "variants": [{"attention": "sdpa", "compile": True}]}
+                if dry_run:
                     out.append(compiled if (unet, zero) == (2, 3) else case)
-                    continue
-                out.append(case)
-                if precision == "bf16":
-                    out.append(compiled)
+                else:
+                    out += [case, compiled] if precision == "bf16" else [case]
     return out
 
 
