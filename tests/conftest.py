@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -79,6 +80,30 @@ def losses(run_dir, unet=1):
     return out
 
 
+def _flat(tree, prefix=""):
+    """A nested report as {path: leaf}."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}/{key}").items()}
+    if isinstance(tree, list):
+        return {k: v for i, sub in enumerate(tree) for k, v in _flat(sub, f"{prefix}/{i}").items()}
+    return {prefix: tree}
+
+
+def assert_reports_close(got, want, rel, abs_):
+    """Two nested reports alike: the same keys, numbers within a tolerance, everything else (a metric that
+    was skipped, None; names; flags) exactly. Written out rather than pytest.approx, whose handling of a
+    None inside a mapping changed between pytest 8 and 9."""
+    got, want = _flat(got), _flat(want)
+    assert got.keys() == want.keys(), sorted(got.keys() ^ want.keys())
+    for key, expected in want.items():
+        value = got[key]
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (value, expected))
+        if numbers and not (math.isnan(value) and math.isnan(expected)):
+            assert math.isclose(value, expected, rel_tol=rel, abs_tol=abs_), (key, value, expected)
+        elif not numbers:
+            assert value == expected, (key, value, expected)
+
+
 def wait_for(path, proc, timeout=180):
     deadline = time.time() + timeout
     while not path.exists():
@@ -102,7 +127,8 @@ def rank_processes(launcher):
 
 def completed(run_dir, unet=1):
     """The checkpoint folders --resume auto may pick (those with a COMPLETE marker), oldest first."""
-    return sorted(p.name for p in (run_dir / "ckpt" / f"unet{unet}").glob("step*") if (p / "COMPLETE").is_file())
+    from tryon_ds.training.checkpoint import complete_checkpoints
+    return [p.name for p in complete_checkpoints(run_dir / "ckpt" / f"unet{unet}")]
 
 
 BOUND_S = 60  # from the event that ends a run to the last of its processes gone

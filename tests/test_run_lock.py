@@ -75,6 +75,12 @@ def test_the_holder_beats_and_a_taken_over_holder_stops_beating(tmp_path):
     assert json.loads((tmp_path / LOCK_NAME).read_text())["host"] == "node-b"  # not ours: left alone
 
 
+def _contents(folder):
+    """Every file under ``folder`` with its size and modification time."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file()}
+
+
 def test_two_real_runs_on_one_folder_and_a_sigkilled_holder(shards, tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -83,11 +89,16 @@ def test_two_real_runs_on_one_folder_and_a_sigkilled_holder(shards, tmp_path):
     try:
         wait_for(run_dir / "out" / "metrics_unet1.jsonl", first)
         holder = json.loads((run_dir / "ckpt" / "unet1" / LOCK_NAME).read_text())
+        # The holder is frozen while the second run is refused: whatever changes in the folder meanwhile is
+        # the refused run's doing, however far the holder had got. (A stopped process still exists: the lock
+        # stays held.)
+        os.killpg(first.pid, signal.SIGSTOP)
+        before = _contents(run_dir)
         second = subprocess.run(command(run_dir, shards, ranks=1, steps=2), cwd=ROOT, env=env,
                                 capture_output=True, text=True, timeout=120)
         assert second.returncode == 2
         assert f"is in use by another run (pid {holder['pid']} on {holder['host']}" in second.stderr
-        assert not list((run_dir / "ckpt" / "unet1").glob("step*"))  # the refused run wrote nothing
+        assert _contents(run_dir) == before  # the refused run wrote, changed and removed nothing
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()

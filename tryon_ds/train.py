@@ -7,13 +7,14 @@
 Each optimizer step: for every micro-batch, the UNet's diffusion loss (random timestep, noise, classifier-free
 conditioning dropout where the UNet has conditioning to drop, and noise-conditioning augmentation of its
 conditioning images; a super-resolution UNet's low-res input among them), backward, and DeepSpeed's step,
-which applies AdamW with clipping at the accumulation boundary; then the EMA. Every ``validation_freq`` steps
-the validation loss, every ``sample_freq`` a sample grid from the EMA weights, every ``checkpoint_freq`` a
-checkpoint. SIGTERM or SIGUSR1 finishes the step, saves and exits 0.
+which applies AdamW with clipping at the accumulation boundary; then the EMA. Every ``log_freq`` steps the
+mean loss, every ``validation_freq`` the validation loss, every ``sample_freq`` a sample grid from the EMA
+weights, every ``checkpoint_freq`` a checkpoint, each at every multiple of its own frequency and at the last
+step (training/schedule.py). SIGTERM or SIGUSR1 finishes the step, saves and exits 0.
 
 The loop never waits for the GPU between steps on its own account: losses and the finiteness of each step
-stay on the device and reach the host every ``min(log_freq, max_bad_steps)`` steps, where the stop signal
-is checked too.
+stay on the device and reach the host where an action is due, and at least every ``max_bad_steps`` steps;
+the stop signal is checked there too.
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ from tryon_ds.training.ema import EMA
 from tryon_ds.training.logger import NullLogger, RunLogger
 from tryon_ds.training.previews import Previewer
 from tryon_ds.training.run_lock import RunLock
+from tryon_ds.training.schedule import Schedule
 
 # DeepSpeed's ZeRO calls a torch collective that torch 2.13 marks deprecated, once per rank and step.
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor. is deprecated", category=FutureWarning)
@@ -226,12 +228,14 @@ def train(args: argparse.Namespace, config: Config, world: distributed.World, st
     log.message(f"unet{unet}: {parameter_count(model) / 1e6:.2f}M parameters, ZeRO-{zero}, {precision(ds_config)}, "
                 f"{world.size} rank(s) x micro-batch {config.batch_size} x accumulation {accum} = {global_batch} "
                 f"per step; steps {resume.step} -> {steps}; {resume.describe()}")
+    for note in resume.notes:
+        log.message(note)
     loader = TrainLoader(config, unet, world.rank, config.batch_size, world.size, accum, resume.step)
     watchdog = lifecycle.Watchdog(config.dist_timeout_s, world.rank, world.size)
     try:
         batches, stand_in = iter(loader), None
-        sync_every = min(config.log_freq, config.max_bad_steps)
-        window = StepWindow(sync_every, world.device)
+        schedule = Schedule.of(config, steps)
+        window = StepWindow(config.max_bad_steps, world.device)  # the most steps between two syncs
         window.first = step = resume.step
         last_saved = step if resume.checkpoint else None
         bad_run = skipped_run = 0  # bad steps in a row: exact at each sync; DeepSpeed's skips, known at once
@@ -262,8 +266,9 @@ def train(args: argparse.Namespace, config: Config, world: distributed.World, st
             skipped_run = 0 if applied else skipped_run + 1
             step += 1
             stand_in = stand_in or dict(batch)  # what validation runs on a rank that ran out of batches
-            if not (step % sync_every == 0 or step == steps or skipped_run >= config.max_bad_steps):
+            if not (schedule.sync(step) or skipped_run >= config.max_bad_steps):
                 continue
+            due = schedule.due(step)
 
             # Sync point: the window's losses and verdicts reach the host; stop requests are agreed on.
             stopping = stop.agreed(world.device)
@@ -281,7 +286,7 @@ def train(args: argparse.Namespace, config: Config, world: distributed.World, st
                                     f"{s - bad_run + 1}-{s}); the weights of step {step} are saved in {root}. Lower "
                                     "learning_rate, keep max_grad_norm > 0, or check the data")
             skipped_run = bad_run
-            if step % config.log_freq == 0 or step == steps:
+            if "log" in due:
                 mean = sum(log_losses) / len(log_losses) if log_losses else math.nan
                 scale = ds_engine.loss_scale(engine) if engine.fp16_enabled() else None
                 log.step(step, mean, lr, engine.get_global_grad_norm(), scale, global_batch)
@@ -290,15 +295,15 @@ def train(args: argparse.Namespace, config: Config, world: distributed.World, st
                 if trouble := store_trouble(loader.skipped()):  # rank 0's loader: retries, shards given up on
                     log.scalars(step, trouble)
                 log_losses = []
-            if step % config.validation_freq == 0 or step == steps:
+            if "validate" in due:
                 watchdog.kick()
                 validate(run, step, stand_in, stop)
             # A signal that came during validation (which it cut short) is agreed on now, not a window later.
             stopping = stopping or stop.agreed(world.device)
-            if (step % config.sample_freq == 0 or step == steps) and not stopping:
+            if "preview" in due and not stopping:
                 watchdog.kick()
                 preview(run, step)
-            if step % config.checkpoint_freq == 0 or step == steps or stopping:
+            if "checkpoint" in due or stopping:
                 watchdog.kick()
                 save(run, step)
                 last_saved = step

@@ -3,6 +3,10 @@
     python tools/consolidate_checkpoint.py checkpoints/unet1 --out bundle/            # newest complete step
     python tools/consolidate_checkpoint.py checkpoints/unet2/step00050000 --out bundle/ --dtype bf16
 
+The checkpoint's files are checked against the sizes and SHA-256 sums its writers recorded first: a damaged
+step named on the command line is an error naming the file; given the UNet's folder, a damaged newest step
+is moved aside (``stepNNNNNNNN.damaged``) and the newest intact one is consolidated.
+
 Run it for UNet 1 and then UNet 2 into the same folder to build the cascade. The weights are gathered by
 DeepSpeed's own ``zero_to_fp32`` functions; the EMA (when the run kept one) is taken as saved.
 """
@@ -33,9 +37,13 @@ def main(argv=None) -> None:
     path = Path(args.checkpoint)
     if not path.is_dir():
         raise UserError(f"checkpoint folder {path} does not exist")
-    ckpt = path if (path / "COMPLETE").is_file() else checkpoint.find_resume(path, "auto")
-    if ckpt is None:
+    named = (path / "COMPLETE").is_file()
+    found = [path] if named else checkpoint.candidates(path, "auto")
+    if not found:
         raise UserError(f"{path} holds no complete checkpoint (a stepNNNNNNNN folder with a COMPLETE marker)")
+    ckpt, notes = checkpoint.choose_intact(found, None, named)
+    for note in notes:
+        print(note)
     state = checkpoint.read_state(ckpt)
     if state["zero_stage"] not in (2, 3):
         raise UserError(f"{ckpt} is a ZeRO-{state['zero_stage']} checkpoint; this tool reads ZeRO-2 and ZeRO-3 ones")

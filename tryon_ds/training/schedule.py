@@ -1,0 +1,33 @@
+"""When the training loop's periodic actions are due, and when it brings the device's losses to the host.
+
+Each action fires at every multiple of its own frequency and at the last step, whatever the other
+frequencies are. Between those steps the loop keeps losses and finiteness on the device; it syncs at every
+step where an action is due, and at least every ``max_bad_steps`` steps, so a run of non-finite steps is
+seen by the time it is long enough to stop for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ACTIONS = ("log", "validate", "preview", "checkpoint")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    last_step: int
+    every: dict[str, int]  # action -> frequency in steps, for each of ACTIONS
+    max_bad_steps: int
+
+    @classmethod
+    def of(cls, config, last_step: int) -> "Schedule":
+        return cls(last_step, {"log": config.log_freq, "validate": config.validation_freq,
+                               "preview": config.sample_freq, "checkpoint": config.checkpoint_freq},
+                   config.max_bad_steps)
+
+    def due(self, step: int) -> frozenset[str]:
+        """The actions to run once ``step`` steps are done."""
+        return frozenset(a for a in ACTIONS if step % self.every[a] == 0 or step == self.last_step)
+
+    def sync(self, step: int) -> bool:
+        """Whether the loop brings the steps since its last sync to the host after ``step``."""
+        return step % self.max_bad_steps == 0 or bool(self.due(step))
