@@ -7,6 +7,7 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch.distributed as dist
@@ -22,6 +23,16 @@ def metric_steps(run_dir):
     return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def catches_sigterm(process) -> bool:
+    """Whether the process has a handler for SIGTERM installed (its SigCgt mask in /proc)."""
+    try:
+        status = (Path("/proc") / str(process.pid) / "status").read_text()
+    except OSError:
+        return False
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
 @pytest.mark.parametrize("moment", ["start-up", "validation", "preview", "checkpoint"])
 def test_a_stop_signal_at_any_moment_saves_and_exits_0(shards, tmp_path, moment):
     """SIGTERM/SIGUSR1 while DeepSpeed starts, in the middle of validation (which it cuts short), while a
@@ -34,9 +45,9 @@ def test_a_stop_signal_at_any_moment_saves_and_exits_0(shards, tmp_path, moment)
     if moment == "checkpoint":
         extra += ["--set", "checkpoint_freq=3"]
     run = Run(command(tmp_path, shards, steps=1000, extra=extra))
-    if moment == "start-up":
-        run.wait_for(lambda: len(rank_processes(run.proc.pid)) == 2, timeout=60)
-        time.sleep(2)  # inside imports and DeepSpeed's set-up
+    if moment == "start-up":  # as soon as both ranks have their handler: inside imports and DeepSpeed's set-up
+        run.wait_for(lambda: len(ranks := rank_processes(run.proc.pid)) == 2 and all(map(catches_sigterm, ranks)),
+                     timeout=60)
         assert not metric_steps(tmp_path)
     elif moment == "checkpoint":
         run.wait_for((tmp_path / "ckpt" / "unet1" / "step00000003").exists)

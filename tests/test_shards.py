@@ -6,8 +6,10 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -174,11 +176,16 @@ def test_changed_settings_refuse_to_mix_into_an_existing_folder(tmp_path):
 def test_killed_run_leaves_only_finished_shards_and_resumes(tmp_path):
     out, fresh = tmp_path / "killed", tmp_path / "fresh"
     args = ["--synthetic", 240, "--image-size", 64, "--shard-size", 10, "--val-fraction", 0.1]
+    # It stops itself as it starts the fourth training shard (three finished), so the kill lands mid-run
+    # whatever the machine's speed.
+    pause = {"PYTHONPATH": str(Path(__file__).parent / "helpers" / "pause_at"),
+             "TRYON_TEST_PAUSE_OPEN": ".train-000003.tar.tmp"}
     proc = subprocess.Popen([sys.executable, "tools/make_shards.py", *map(str, args), "--out", str(out)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline and len(list(out.glob("train-*.tar"))) < 3:
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **pause})
+    while psutil.Process(proc.pid).status() != psutil.STATUS_STOPPED:
+        assert proc.poll() is None, "make_shards ended before it reached its fourth shard"
         time.sleep(0.05)
+    assert len(list(out.glob("train-*.tar"))) == 3
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     manifest = json.loads((out / "manifest.json").read_text())
