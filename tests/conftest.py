@@ -14,6 +14,7 @@ import torch
 from tryon_ds.training.distributed import free_port  # noqa: F401 (tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the benchmarks' shard server: tools.bench.shard_server
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 

@@ -15,6 +15,9 @@ from conftest import command, run, run_tool
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from releases import SIZE, write_viton_hd  # noqa: E402
 
+# Real multi-rank or multi-process runs: the full suite, not the fast tier (-m "not slow").
+pytestmark = pytest.mark.slow
+
 PORTRAIT = ["--set", "base_image_size=[32,24]", "--set", "sr_image_size=[64,48]",
             "--set", "unet3.image_size=[128,96]", "--set", "unet3.crop_size=[64,48]"]
 

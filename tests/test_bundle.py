@@ -20,6 +20,9 @@ sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from fixed_inputs import fixed_inputs  # noqa: E402
 from releases import write_dresscode  # noqa: E402
 
+# Real multi-rank or multi-process runs: the full suite, not the fast tier (-m "not slow").
+pytestmark = pytest.mark.slow
+
 UNETS = {1: "cpu_zero2", 2: "cpu_zero3", 3: "cpu_zero2"}  # ZeRO-2 and ZeRO-3 checkpoints, UNet 3 on crops
 SIZE = 128  # UNet 3's: the shards are written at the top UNet's size, the lower UNets resize from them
 

@@ -16,6 +16,9 @@ import pytest
 
 from conftest import ROOT, command, losses, run, run_tool
 
+# Real multi-rank or multi-process runs: the full suite, not the fast tier (-m "not slow").
+pytestmark = pytest.mark.slow
+
 SMALL = ["--set", "unet1.dim_mults=[1,2]", "--set", "unet1.num_res_blocks=[1,1]",
          "--set", "unet1.attn_levels=[false,true]"]
 # A validation pass and a preview between training steps, checkpoints at 3 and 5.

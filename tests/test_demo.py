@@ -10,6 +10,9 @@ from PIL import Image
 from conftest import run_tool
 from tryon_ds.evaluation import QualityTable, garment_region, mean_colour_fill, tryon_candidates
 
+# Real multi-rank or multi-process runs: the full suite, not the fast tier (-m "not slow").
+pytestmark = pytest.mark.slow
+
 
 def test_demo_quick_runs_every_stage(tmp_path):
     out = tmp_path / "demo"

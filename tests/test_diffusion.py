@@ -5,7 +5,7 @@ import torch
 
 from tryon_ds.diffusion import GaussianDiffusion, dynamic_threshold, make_betas
 from tryon_ds.cascade import CascadeUNet
-from tryon_ds.tools.bench_model import random_batch
+from tryon_ds.cascade import random_batch
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])

@@ -29,6 +29,7 @@ def engines(probe):
     return {k: v for k, v in probe.items() if k != "exhaustion"}
 
 
+@pytest.mark.slow
 def test_loss_scale_is_read_from_every_optimizer_deepspeed_returns(probe):
     """ZeRO-0's wrappers keep it in loss_scale_config, the ZeRO-1/2/3 optimizers as cur_scale: one helper
     reads both (the old direct read crashed the first fp16 log step under ZeRO-2/3)."""
@@ -38,6 +39,7 @@ def test_loss_scale_is_read_from_every_optimizer_deepspeed_returns(probe):
     assert all(kinds[k] == 1.0 for k in kinds if k != "AdamW")
 
 
+@pytest.mark.slow
 def test_loss_scale_exhaustion_becomes_the_trainers_stop(probe):
     """DeepSpeed's own dynamic fp16 scaler, run down from 4 to its minimum 1 by overflowing steps in a real
     ZeRO-2 engine: its bare Exception becomes LossScaleExhausted, which train.py turns into save + stop."""
@@ -48,6 +50,7 @@ def test_loss_scale_exhaustion_becomes_the_trainers_stop(probe):
     assert "except ds_engine.LossScaleExhausted:" in source and "save(run, step)" in source
 
 
+@pytest.mark.slow
 def test_bf16_configs_reduce_and_accumulate_gradients_in_fp32_and_skip_non_finite_steps(probe):
     for name in ("zero2_bf16", "zero3_bf16"):
         v = probe[f"{name}/bf16"]
@@ -71,6 +74,7 @@ def test_a_bf16_config_without_overflow_checks_is_refused(tmp_path):
     assert build_ds_config(path, config, 2)["bf16"]["check_grad_overflow"] is True
 
 
+@pytest.mark.slow
 def test_ema_averages_the_fp32_master_weights_partitioned_like_them(probe):
     """With decay 0 the EMA equals what it averages. Rounded to bf16 it is the module's bf16 weight, yet it
     holds more than bf16 can: it reads the fp32 master copy, not the module. Each rank holds as much EMA as
@@ -84,9 +88,10 @@ def test_ema_averages_the_fp32_master_weights_partitioned_like_them(probe):
         assert states["ema"] == held, name
 
 
+@pytest.mark.slow
 def test_memory_planner_model_states_match_the_engines(probe):
     """tools/plan_memory.py's model-state lines against the bytes each rank of a real engine holds between
-    backward and step (tools/bench_train.py's count): within 5% for every ZeRO stage and precision."""
+    backward and step (tools/bench/train.py's count): within 5% for every ZeRO stage and precision."""
     pairs = {"params": "parameters", "grads": "gradients", "master": "fp32 master",
              "moments": "optimizer (Adam moments)", "ema": "EMA (fp32, like the master)"}
     for name, v in engines(probe).items():
@@ -120,7 +125,7 @@ def test_diffusion_tables_follow_the_batch_device():
     """The schedule is indexed on the batch's own device (a host round trip each micro-batch cost a sync):
     on the meta device, where nothing can reach the host, the whole training loss still runs."""
     from tryon_ds.cascade import CascadeUNet
-    from tryon_ds.tools.bench_model import random_batch
+    from tryon_ds.cascade import random_batch
     config = build_config(read_config_file(ROOT / "configs" / "tiny.yaml"))
     with torch.device("meta"):
         model = CascadeUNet(config, 2)
@@ -128,6 +133,7 @@ def test_diffusion_tables_follow_the_batch_device():
     assert loss.device.type == "meta" and loss.shape == ()
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_sets_up_and_runs_its_plumbing(tmp_path):
     """tools/gpu_check.sh --dry-run on CPU: the wheels a GPU node lacks are fetched (from the package
     registry) and fit Python 3.12; the matrix (a compiled UNet under ZeRO-3 among it) and the trainer run at

@@ -10,6 +10,9 @@ import pytest
 
 from conftest import command, completed, run, run_tool
 
+# Real multi-rank or multi-process runs: the full suite, not the fast tier (-m "not slow").
+pytestmark = pytest.mark.slow
+
 STEPS = 12
 # Frequencies that are not multiples of each other (checkpoint_freq=3 with log_freq=4 once checkpointed only
 # at step 12).

@@ -67,6 +67,7 @@ def test_nothing_readable_is_an_error_not_a_hang(tmp_path):
         _take(TrainLoader(_config(tmp_path, [str(tmp_path / "empty.tar"), "pipe:exit 1"]), 1, rank=0, batch_size=2), 1)
 
 
+@pytest.mark.slow
 def test_run_log_counts_skipped_samples_by_reason(shards, tmp_path):
     """Poses of the wrong shape and with NaN in a shard, plus an empty shard: the run trains on the rest and its
     final log says how many samples were skipped and why."""

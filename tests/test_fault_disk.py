@@ -17,6 +17,7 @@ def test_unwritable_output_folder_is_an_error_at_start(shards, tmp_path):
     assert f"config key 'output_dir': cannot write to {blocker}/out" in r.stderr
 
 
+@pytest.mark.slow
 def test_failed_checkpoint_write_keeps_the_previous_checkpoints(shards, tmp_path):
     root = tmp_path / "ckpt" / "unet1"
     root.mkdir(parents=True)
@@ -30,6 +31,7 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoints(shards, tmp_path
     assert (root / "step00000005" / "ema.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_full_disk_at_checkpoint_time_keeps_the_previous_checkpoint(shards, tmp_path):
     """A real full disk: a 50 MB tmpfs holds one checkpoint of the tiny model (35 MB) but not two."""
     disk = tmp_path / "disk"

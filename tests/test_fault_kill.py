@@ -8,8 +8,12 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from conftest import ROOT, command, completed, losses, rank_processes, run
+
+# Real multi-rank or multi-process runs: the full suite, not the fast tier (-m "not slow").
+pytestmark = pytest.mark.slow
 
 STEPS = 20
 EXTRA = ["--set", "checkpoint_freq=5", "--set", "dist_timeout_s=60"]

@@ -6,6 +6,9 @@ from safetensors.torch import load_file
 
 from conftest import Run, command, completed
 
+# Real multi-rank or multi-process runs: the full suite, not the fast tier (-m "not slow").
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_non_finite_steps_never_reach_weights_or_ema_and_stop_the_run(shards, tmp_path, precision):

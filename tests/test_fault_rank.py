@@ -7,6 +7,9 @@ import pytest
 
 from conftest import Run, command, rank_processes
 
+# Real multi-rank or multi-process runs: the full suite, not the fast tier (-m "not slow").
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("fault", ["dies", "hangs"])
 def test_a_dead_or_hung_rank_ends_the_job_non_zero(shards, tmp_path, fault):

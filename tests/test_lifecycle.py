@@ -33,6 +33,7 @@ def catches_sigterm(process) -> bool:
     return bool(caught >> (signal.SIGTERM - 1) & 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", ["start-up", "validation", "preview", "checkpoint"])
 def test_a_stop_signal_at_any_moment_saves_and_exits_0(shards, tmp_path, moment):
     """SIGTERM/SIGUSR1 while DeepSpeed starts, in the middle of validation (which it cuts short), while a
@@ -72,6 +73,7 @@ def rank_commands(run_dir, shards, extra=()):
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in (0, 1)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["at start", "mid-run on one rank"])
 def test_a_user_error_is_printed_once_and_every_rank_exits_2(shards, tmp_path, when):
     if when == "at start":  # every rank meets it: bf16 asked for, fp32-only DeepSpeed config
@@ -117,6 +119,7 @@ def test_a_closed_watchdog_has_left_the_store_before_the_interpreter_ends():
     assert not watchdog._thread.is_alive()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("api_key", [True, False])
 def test_wandb_without_a_reachable_server_costs_a_bounded_wait_and_never_hangs_the_end(shards, tmp_path, api_key):
     """wandb online, its server an address on this machine where nothing listens, with and without an API
@@ -135,6 +138,7 @@ def test_wandb_without_a_reachable_server_costs_a_bounded_wait_and_never_hangs_t
     assert time.time() - start < 120
 
 
+@pytest.mark.slow
 def test_tryon_train_from_any_folder_finds_the_shipped_configs(shards, tmp_path):
     """The console script started in an empty folder, given a config and data of its own: the default
     DeepSpeed config (ds_configs/cpu_zero2.json) and `extends: configs/tiny.yaml` are the shipped ones."""

@@ -11,7 +11,7 @@ from tryon_ds.model import ParallelUNet
 from tryon_ds.model import attention as attention_module
 from tryon_ds.model.attention import attention
 from tryon_ds.cascade import CascadeUNet
-from tryon_ds.tools.bench_model import random_batch
+from tryon_ds.cascade import random_batch
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from fixed_inputs import fixed_inputs  # noqa: E402

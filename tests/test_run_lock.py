@@ -81,6 +81,7 @@ def _contents(folder):
             if p.is_file()}
 
 
+@pytest.mark.slow
 def test_two_real_runs_on_one_folder_and_a_sigkilled_holder(shards, tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -13,6 +13,9 @@ from conftest import ROOT
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from slurm_cluster import ClusterUnavailable, cluster  # noqa: E402
 
+# Real multi-rank or multi-process runs: the full suite, not the fast tier (-m "not slow").
+pytestmark = pytest.mark.slow
+
 STEPS = 20
 
 

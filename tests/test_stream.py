@@ -1,5 +1,5 @@
 """Shards from a store that is slow and fails: http:// and pipe: specs against a real HTTP server on the
-loopback (tryon_ds/data/shard_server.py) with latency and faults. A failing shard is read again a bounded
+loopback (tools/bench/shard_server.py) with latency and faults. A failing shard is read again a bounded
 number of times, going on where it broke; then it is skipped and counted; a hung one times out; a training
 run on 2 ranks goes through all of it to the end."""
 import json
@@ -12,7 +12,7 @@ from conftest import command, run
 
 from tryon_ds.config import DataConfig
 from tryon_ds.data.pipeline import RETRIED, ValDataset
-from tryon_ds.data.shard_server import ShardServer
+from tools.bench.shard_server import ShardServer
 
 POLICY = DataConfig(shard_timeout_s=1.5, shard_retries=2, shard_retry_wait_s=0.05)
 
@@ -52,6 +52,7 @@ def test_pipe_specs_are_read_and_their_failures_counted(shards):
         "exit 1: exited with status 1: AccessDenied"]
 
 
+@pytest.mark.slow
 def test_training_from_a_slow_failing_server_on_two_ranks_runs_to_the_end(shards, tmp_path):
     names = sorted(p.name for p in Path(shards).glob("train-*.tar"))
     faults = {names[0]: ["drop", "503"], names[1]: ["503"] * 100}  # the second one never comes back

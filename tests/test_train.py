@@ -12,6 +12,9 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, STEPS, command, losses, run, wait_for
 
+# Real multi-rank or multi-process runs: the full suite, not the fast tier (-m "not slow").
+pytestmark = pytest.mark.slow
+
 
 def val_losses(stdout):
     return [float(line.rsplit(" ", 1)[1]) for line in stdout.splitlines() if "validation loss" in line]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks a cluster user cares about, on one GPU, within about 10 minutes:
-#   1. the training-step matrix (tools/bench_train.py --gpu): UNet 1 (base, micro-batch 16), UNet 2 (sr,
+#   1. the training-step matrix (tools/bench/train.py --gpu): UNet 1 (base, micro-batch 16), UNet 2 (sr,
 #      micro-batch 8) and UNet 3 (sr1024 on 256 px crops, micro-batch 16) x bf16/fp16 x ZeRO-2/3 x
 #      sdpa/xformers, and each UNet compiled (unetN.compile) against eager in bf16 under ZeRO-2 and ZeRO-3,
 #      STEPS steps each:
@@ -81,7 +81,7 @@ EOF
 matrix=(--gpu --ranks 1 --steps "$STEPS" --log-freq 10 --json "$RESULTS/matrix.json")
 [ $DRY = 1 ] && matrix+=(--dry-run --steps 2)
 status=0
-$PYTHON tools/bench_train.py "${matrix[@]}" | tee "$RESULTS/matrix.txt" || status=1
+$PYTHON tools/bench/train.py "${matrix[@]}" | tee "$RESULTS/matrix.txt" || status=1
 
 # ---- 2. the trainer's fp16 path (the CPU has no fp16: the dry run takes bf16 and the tiny preset)
 shards=$RESULTS/shards
@@ -127,7 +127,7 @@ for log in sorted(results.glob("train_*.log")):
         "preview": re.findall(r"samples \(.*?\) in \S+ \((.*?)\)", text)}
 (results / "gpu_check.json").write_text(json.dumps({"matrix": matrix, "trainer": trainer}, indent=1))
 sys.path.insert(0, ".")
-from tryon_ds.tools.bench_train import table
+from tools.bench.train import table
 lines = [table(matrix), ""]
 for name, t in trainer.items():
     lines.append(f"train.py {name}: {'finished' if t['done'] else 'FAILED'}; losses {t['losses'][-3:]}; "

@@ -157,3 +157,29 @@ class CascadeUNet(nn.Module):
         return self.diffusion.sample(denoise, shape, steps, sampler, generator=generator,
                                      threshold=d.dynamic_threshold_percentile if d.dynamic_threshold else None,
                                      device=ref.device, dtype=ref.dtype, start=start)
+
+
+def random_batch(config, unet_number: int, batch_size: int, generator: torch.Generator | None = None) -> dict:
+    """A training batch of UNet ``unet_number``'s layout filled with noise: the target (a crop of it for a
+    UNet trained on crops), the inputs the UNet reads, images in [-1, 1], poses in [0, 1]."""
+    k = config.num_keypoints
+    crop = config.crop_size(unet_number)
+
+    def image(size):
+        return torch.rand(batch_size, config.channels, *size, generator=generator) * 2 - 1
+
+    size = crop or config.image_size(unet_number)
+    batch = {"person": image(size)}
+    for name in config.unet(unet_number).INPUTS:
+        if name.endswith("_pose"):
+            batch[name] = torch.rand(batch_size, k, 2, generator=generator)
+            batch[f"{name}_valid"] = torch.rand(batch_size, k, generator=generator) > 0.1
+        else:
+            batch[name] = image(size)
+    if unet_number > 1:
+        batch["lowres"] = image(tuple(config.image_size(unet_number - 1)))
+    if crop:
+        h, w = config.image_size(unet_number)
+        batch["crop"] = torch.stack([torch.randint(0, h - crop[0] + 1, (batch_size,), generator=generator),
+                                     torch.randint(0, w - crop[1] + 1, (batch_size,), generator=generator)], dim=1)
+    return batch

@@ -234,6 +234,14 @@ def train(args: argparse.Namespace, config: Config, world: distributed.World, st
     watchdog = lifecycle.Watchdog(config.dist_timeout_s, world.rank, world.size)
     try:
         batches, stand_in = iter(loader), None
+
+        def micro_batches():
+            nonlocal stand_in
+            for _ in range(accum):
+                batch = to_device(next(batches), world.device)
+                stand_in = stand_in or batch  # what validation runs on a rank that ran out of batches
+                yield batch
+
         schedule = Schedule.of(config, steps)
         window = StepWindow(config.max_bad_steps, world.device)  # the most steps between two syncs
         window.first = step = resume.step
@@ -243,29 +251,18 @@ def train(args: argparse.Namespace, config: Config, world: distributed.World, st
         while step < steps:
             watchdog.kick()
             lr = scheduler.get_last_lr()[0]  # the rate this step applies
-            loss_sum = torch.zeros((), device=world.device)
             try:
-                for micro in range(accum):
-                    batch = to_device(next(batches), world.device)
-                    torch.manual_seed(seed_for(config.seed, "train", (step * accum + micro) * world.size + world.rank))
-                    loss = engine(batch)
-                    # A non-finite loss whose gradients stayed finite (an fp32 sum overflowing) would still
-                    # update the weights: NaN gradients make DeepSpeed skip it on every rank, as any overflow.
-                    engine.backward(loss * torch.where(torch.isfinite(loss.detach()), 1.0, math.nan))
-                    ds_engine.step(engine)
-                    loss_sum += loss.detach().float()
+                loss_sum, applied = ds_engine.train_step(
+                    engine, ema, micro_batches(), step,
+                    seed_of=lambda micro: seed_for(config.seed, "train", (step * accum + micro) * world.size + world.rank))
             except ds_engine.LossScaleExhausted:
                 save(run, step)
                 raise UserError(f"stopping at step {step + 1}: fp16 overflowed at DeepSpeed's minimum loss scale "
                                 f"({ds_engine.loss_scale(engine):g}); the weights of step {step} are saved in {root}. "
                                 "Lower learning_rate, keep max_grad_norm > 0, train in bf16, or check the data") from None
-            applied = engine.was_step_applied()
-            if applied and ema is not None:
-                ema.update(step, torch.isfinite(loss_sum) & ds_engine.grad_norm_ok(engine))
             window.record(loss_sum / accum, applied)
             skipped_run = 0 if applied else skipped_run + 1
             step += 1
-            stand_in = stand_in or dict(batch)  # what validation runs on a rank that ran out of batches
             if not (schedule.sync(step) or skipped_run >= config.max_bad_steps):
                 continue
             due = schedule.due(step)

@@ -11,8 +11,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from tryon_ds.config import build_config, deep_merge, read_config_file  # noqa: E402
-from tryon_ds.tools.bench_model import random_batch  # noqa: E402
-from tryon_ds.tools.bench_train import state_bytes  # noqa: E402
+from tryon_ds.cascade import random_batch  # noqa: E402
+from tryon_ds.training.engine import state_bytes  # noqa: E402
 from tryon_ds.tools.plan_memory import model_states  # noqa: E402
 from tryon_ds.training import distributed, engine as ds_engine  # noqa: E402
 from tryon_ds.training.ds_config import build_ds_config, precision, zero_stage  # noqa: E402
@@ -34,7 +34,7 @@ def tiny(**over):
 
 
 def train_steps(engine, ema, config, steps=2):
-    """Returns the bytes each state holds on this rank between the last backward and step (as bench_train)."""
+    """Returns the bytes each state holds on this rank between the last backward and step (as tools/bench/train.py)."""
     batch = {k: v.to(world.device) for k, v in random_batch(config, 1, 2, torch.Generator().manual_seed(0)).items()}
     for step in range(steps):
         torch.manual_seed(step)

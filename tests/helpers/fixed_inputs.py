@@ -1,6 +1,6 @@
 import torch
 
-from tryon_ds.tools.bench_model import random_batch
+from tryon_ds.cascade import random_batch
 
 
 def fixed_inputs(config, unet):

@@ -5,7 +5,7 @@ buffers, whether it fits, and what to change if not.
     python tools/plan_memory.py --preset sr --micro-batch 8 --zero 3 --precision bf16 --gpus 8 --checkpointing
     python tools/plan_memory.py --preset sr1024 --micro-batch 16 --zero 2 --gpus 8       # UNet 3 on 256 px crops
 
-Model states follow DeepSpeed's layout for the ZeRO stage and precision (what tools/bench_train.py measures
+Model states follow DeepSpeed's layout for the ZeRO stage and precision (what tools/bench/train.py measures
 on real engines); activations are what autograd keeps for backward, traced on the ``meta`` device for that
 preset, micro-batch and image size (the crop size, for a UNet trained on crops; no memory is used); the buffers are read from the DeepSpeed config the
 run would use (``ds_configs/zero{2,3}_{precision}.json``, or ``--deepspeed_config``). Not counted: the CUDA
@@ -67,7 +67,7 @@ def activations(config: Config, unet_number: int, micro_batch: int, precision: s
     """Bytes autograd keeps for backward in one micro-batch's forward, traced on the meta device. With
     activation checkpointing a block keeps only its input, and one block's activations exist again at a time
     while it is recomputed."""
-    from .bench_model import random_batch
+    from ..cascade import random_batch
 
     cfg = dataclasses.replace(config, **{key: dataclasses.replace(getattr(config, key), checkpointing=False)
                                          for key in UNET_SECTIONS if getattr(config, key) is not None})

@@ -103,6 +103,31 @@ def step(engine) -> None:
         raise
 
 
+def train_step(engine, ema, micro_batches, step_number: int, seed_of=None, after_backward=None):
+    """One optimizer step, as training takes it: for each micro-batch the diffusion loss (the random draws
+    seeded by ``seed_of(micro)`` when given), its backward and DeepSpeed's step, which applies AdamW with
+    clipping at the accumulation boundary; then the EMA, where DeepSpeed applied the step and its loss and
+    gradient norm were finite. A non-finite loss whose gradients stayed finite (an fp32 sum overflowing)
+    would still update the weights: its backward is made NaN, so DeepSpeed skips the step on every rank as
+    any overflow. Returns (the micro-batches' summed loss, on the device; whether the step was applied).
+    ``after_backward()``, if given, runs between each backward and step (a benchmark reads the gradients
+    held there). Raises LossScaleExhausted."""
+    loss_sum = torch.zeros((), device=engine.device)
+    for micro, batch in enumerate(micro_batches):
+        if seed_of is not None:
+            torch.manual_seed(seed_of(micro))
+        loss = engine(batch)
+        engine.backward(loss * torch.where(torch.isfinite(loss.detach()), 1.0, math.nan))
+        if after_backward is not None:
+            after_backward()
+        step(engine)
+        loss_sum += loss.detach().float()
+    applied = engine.was_step_applied()
+    if applied and ema is not None:
+        ema.update(step_number, torch.isfinite(loss_sum) & grad_norm_ok(engine))
+    return loss_sum, applied
+
+
 def grad_norm_ok(engine) -> torch.Tensor | bool:
     """Whether the last step's global gradient norm is finite: a device tensor where DeepSpeed keeps one
     (so no host sync here), else a bool; True where DeepSpeed does not compute the norm."""
@@ -138,3 +163,27 @@ def raw_state_dict(engine, is_main: bool, bucket_numel: int = 1 << 26) -> dict |
         out.update({k: v.detach().float().cpu().clone() for k, v in engine.module.named_buffers()})
     dist.barrier()
     return out if is_main else None
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+def state_bytes(engine) -> dict:
+    """Bytes this rank holds now by kind: its parameters (a ZeRO-3 rank: its partition), the gradients it keeps,
+    the optimizer's fp32 master copy and Adam's moments; what tools/plan_memory.py estimates."""
+    params = [p.ds_tensor if hasattr(p, "ds_tensor") else p.data for p in engine.module.parameters()]
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)
+    moments = [t for s in inner.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    master = []
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat"):
+        master += list(getattr(opt, name, []) or [])
+    master += [t for group in getattr(opt, "fp32_groups", []) for t in group]  # ZeRO-0's unfused fp16/bf16
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    held = getattr(opt, "averaged_gradients", None)
+    if isinstance(held, dict):
+        grads += [g for group in held.values() for g in (group or [])]
+    grads += [m.grad for m in master if m.grad is not None]
+    return {"params": _tensor_bytes(params), "grads": _tensor_bytes(grads), "master": _tensor_bytes(master),
+            "moments": _tensor_bytes(moments)}

@@ -1,7 +1,7 @@
 """Training-step benchmark with real DeepSpeed engines, built and stepped as the trainer does (its EMA too).
 
-    python tools/bench_train.py --ranks 2 --steps 8                 # CPU: tiny and small presets, ZeRO-0/2/3
-    python tools/bench_train.py --gpu --steps 60 --json out.json    # GPU: the matrix of tools/gpu_check.sh
+    python tools/bench/train.py --ranks 2 --steps 8                 # CPU: tiny and small presets, ZeRO-0/2/3
+    python tools/bench/train.py --gpu --steps 60 --json out.json    # GPU: the matrix of tools/gpu_check.sh
 
 CPU: step time, samples/s and the bytes each rank really holds after a backward (its parameters, a ZeRO-3
 rank only its partition; the gradients it keeps; the optimizer's fp32 master copy; Adam's moments; the EMA),
@@ -13,51 +13,34 @@ ZeRO-3, its warm-up time in the JSON): it/s, samples/s, peak memory beside the p
 model-FLOPs utilisation (FLOPs of a step from ``torch.utils.flop_counter`` against the GPU's dense bf16
 peak) and whether every loss was finite. Every ``--log-freq`` steps it reads the loss scale and gradient
 norm as the trainer's log step does. Each case runs in its own process, on random batches (the input
-pipeline is measured by tools/bench_data.py).
+pipeline is measured by tools/bench/data.py).
 """
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # a script run from a fresh clone: the repository's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 import argparse
 import dataclasses
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+
 CPU_CASES = [("tiny", 8), ("small", 4)]
 # "small": a CPU-sized Parallel-UNet between tiny and base, at the tiny config's 32/64 px.
 SMALL = {"dim": 64, "num_res_blocks": (2, 2, 2), "attn_heads": 4, "attn_dim_head": 32,
          "cond_dim": 256, "pose_dim": 128}
 # Dense bf16 (= fp16) tensor throughput by the vendors' datasheets, FLOP/s.
 PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
-
-
-def _tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
-
-
-def state_bytes(engine) -> dict:
-    params = [p.ds_tensor if hasattr(p, "ds_tensor") else p.data for p in engine.module.parameters()]
-    opt = engine.optimizer
-    inner = getattr(opt, "optimizer", opt)
-    moments = [t for s in inner.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
-    master = []
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat"):
-        master += list(getattr(opt, name, []) or [])
-    master += [t for group in getattr(opt, "fp32_groups", []) for t in group]  # ZeRO-0's unfused fp16/bf16
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    held = getattr(opt, "averaged_gradients", None)
-    if isinstance(held, dict):
-        grads += [g for group in held.values() for g in (group or [])]
-    grads += [m.grad for m in master if m.grad is not None]
-    return {"params": _tensor_bytes(params), "grads": _tensor_bytes(grads), "master": _tensor_bytes(master),
-            "moments": _tensor_bytes(moments)}
 
 
 def case_config(case: dict):
@@ -90,7 +73,7 @@ def worker(args) -> None:
     format) is measured on it in turn."""
     from tryon_ds.model import parameter_count
     from tryon_ds.model.attention import xops
-    from tryon_ds.tools.bench_model import random_batch
+    from tryon_ds.cascade import random_batch
     from tryon_ds.tools.plan_memory import plan
     from tryon_ds.training import distributed, engine as ds_engine
     from tryon_ds.training.ds_config import build_ds_config, zero_stage
@@ -107,14 +90,10 @@ def worker(args) -> None:
     held = {}
 
     def train_step(step):
-        torch.manual_seed(step)
-        loss = engine(batch)
-        engine.backward(loss)
-        held.update(state_bytes(engine))  # between backward and step: the gradients are held
-        ds_engine.step(engine)
-        if engine.was_step_applied():
-            ema.update(step, torch.isfinite(loss.detach()) & ds_engine.grad_norm_ok(engine))
-        return loss.detach().float()
+        loss, _ = ds_engine.train_step(engine, ema, [batch], step, seed_of=lambda micro: step,
+                                       # between backward and step: the gradients are held
+                                       after_backward=lambda: held.update(ds_engine.state_bytes(engine)))
+        return loss
 
     results = []
     for variant in case["variants"]:
@@ -168,7 +147,7 @@ def launch(case: dict, ranks: int, steps: int, log_freq: int) -> list[dict]:
     from tryon_ds.training.distributed import free_port
 
     out = Path(tempfile.mkstemp(suffix=".json")[1])
-    script = [str(REPO / "tools" / "bench_train.py"), "--worker", json.dumps(case), "--out", str(out), "--steps",
+    script = [str(REPO / "tools" / "bench" / "train.py"), "--worker", json.dumps(case), "--out", str(out), "--steps",
               str(steps), "--log-freq", str(log_freq)]
     cmd = ([sys.executable, *script] if ranks == 1 else
            [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",

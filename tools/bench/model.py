@@ -1,8 +1,14 @@
 """Forward+backward time of a preset's training loss on this machine (median of repeated steps).
 
-    python tools/bench_model.py --config configs/tiny.yaml --repeats 5
+    python tools/bench/model.py --config configs/tiny.yaml --repeats 5
 """
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # a script run from a fresh clone: the repository's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 import argparse
 import dataclasses
@@ -11,36 +17,10 @@ import time
 
 import torch
 
-from ..cascade import CascadeUNet
-from ..cli import exit_on_user_error
-from ..config import add_config_args, config_from_args
-from ..model import parameter_count
-
-
-def random_batch(config, unet_number: int, batch_size: int, generator: torch.Generator | None = None) -> dict:
-    """A training batch of UNet ``unet_number``'s layout filled with noise: the target (a crop of it for a
-    UNet trained on crops), the inputs the UNet reads, images in [-1, 1], poses in [0, 1]."""
-    k = config.num_keypoints
-    crop = config.crop_size(unet_number)
-
-    def image(size):
-        return torch.rand(batch_size, config.channels, *size, generator=generator) * 2 - 1
-
-    size = crop or config.image_size(unet_number)
-    batch = {"person": image(size)}
-    for name in config.unet(unet_number).INPUTS:
-        if name.endswith("_pose"):
-            batch[name] = torch.rand(batch_size, k, 2, generator=generator)
-            batch[f"{name}_valid"] = torch.rand(batch_size, k, generator=generator) > 0.1
-        else:
-            batch[name] = image(size)
-    if unet_number > 1:
-        batch["lowres"] = image(tuple(config.image_size(unet_number - 1)))
-    if crop:
-        h, w = config.image_size(unet_number)
-        batch["crop"] = torch.stack([torch.randint(0, h - crop[0] + 1, (batch_size,), generator=generator),
-                                     torch.randint(0, w - crop[1] + 1, (batch_size,), generator=generator)], dim=1)
-    return batch
+from tryon_ds.cascade import CascadeUNet, random_batch
+from tryon_ds.cli import exit_on_user_error
+from tryon_ds.config import add_config_args, config_from_args
+from tryon_ds.model import parameter_count
 
 
 def step_seconds(config, unet_number: int, repeats: int) -> float:

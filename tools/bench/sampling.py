@@ -2,19 +2,25 @@
 same held-out pairs, with the same per-sample noise, for DDIM and DPM-Solver++(2M) at several step counts,
 and the seconds each took.
 
-    python tools/bench_sampling.py --checkpoint runs/demo/bundle --shards 'runs/demo/shards/val-*.tar' \\
+    python tools/bench/sampling.py --checkpoint runs/demo/bundle --shards 'runs/demo/shards/val-*.tar' \\
         --pairs 32 --steps 10 25 50
 """
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # a script run from a fresh clone: the repository's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 import argparse
 import time
 
 import torch
 
-from ..cli import exit_on_user_error
-from ..evaluation import QualityTable, tryon_candidates
-from ..inference import TryOnPipeline
+from tryon_ds.cli import exit_on_user_error
+from tryon_ds.evaluation import QualityTable, tryon_candidates
+from tryon_ds.inference import TryOnPipeline
 
 
 @exit_on_user_error

@@ -3,16 +3,21 @@ the first compiled training step from a cold inductor cache and from a warm one 
 same cache), the steady-state training step (forward+backward of the diffusion loss) and sampling step
 (guided, so at the doubled batch) compiled over eager, and the compiled training loss against eager's.
 
-    python tools/bench_compile.py                          # the tiny presets of configs/tiny.yaml, on CPU
-    python tools/bench_compile.py --config configs/config.json --batch 16 --unets 1   # on a GPU
+    python tools/bench/compile.py                          # the tiny presets of configs/tiny.yaml, on CPU
+    python tools/bench/compile.py --config configs/config.json --batch 16 --unets 1   # on a GPU
 """
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # a script run from a fresh clone: the repository's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -34,7 +39,7 @@ def _timed(fn, reps: int = REPS) -> float:
 def worker(config_path: str, unet: int, batch_size: int, cold_only: bool) -> dict:
     from tryon_ds.cascade import CascadeUNet
     from tryon_ds.config import build_config, read_config_file
-    from tryon_ds.tools.bench_model import random_batch
+    from tryon_ds.cascade import random_batch
 
     config = build_config(read_config_file(config_path))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -95,7 +100,7 @@ def main(argv=None) -> None:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
         runs = []
         for cold_only in (False, True):  # cold, then warm from the cache the first run filled
-            r = subprocess.run([sys.executable, "-m", "tryon_ds.tools.bench_compile", "--config", args.config,
+            r = subprocess.run([sys.executable, __file__, "--config", args.config,
                                 "--worker", json.dumps([unet, args.batch, cold_only])],
                                capture_output=True, text=True, env=env, check=True)
             runs.append(json.loads(r.stdout.strip().splitlines()[-1]))

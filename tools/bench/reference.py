@@ -6,8 +6,8 @@ Their code is not part of this project: clone it and name the folder (it needs t
 package's other imports, of their trainer and of torchvision's image transforms, are not loaded).
 
     git clone https://github.com/fashn-AI/tryondiffusion /tmp/fashn-tryondiffusion
-    python tools/bench_reference.py --theirs /tmp/fashn-tryondiffusion                  # 64 px, dim 64, batch 4
-    python tools/bench_reference.py --theirs /tmp/fashn-tryondiffusion --dim 128 --size 128
+    python tools/bench/reference.py --theirs /tmp/fashn-tryondiffusion                  # 64 px, dim 64, batch 4
+    python tools/bench/reference.py --theirs /tmp/fashn-tryondiffusion --dim 128 --size 128
 
 The architecture: person- and garment-UNets of three levels (widths dim x 1/2/4) at --size, two residual
 blocks per level, self-attention (with the pose tokens) and cross-attention to the garment at the two lowest
@@ -19,14 +19,18 @@ resident set, sampled every millisecond; CUDA: allocated bytes).
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # a script run from a fresh clone: the repository's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
+
 import argparse
 import json
 import subprocess
-import sys
 import threading
 import time
 import types
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +81,7 @@ class _PeakMemory:
 def ours(dim: int, size: int, batch: int, device: torch.device, compiled: bool):
     from tryon_ds.cascade import CascadeUNet
     from tryon_ds.config import build_config, read_config_file
-    from tryon_ds.tools.bench_model import random_batch
+    from tryon_ds.cascade import random_batch
 
     unet = {"preset": "tiny", "dim": dim, "dim_mults": [1, 2, 4], "num_res_blocks": [2, 2, 2],
             "attn_levels": [False, True, True], "attn_heads": HEADS, "attn_dim_head": DIM_HEAD,
@@ -175,7 +179,7 @@ def main(argv=None) -> None:
     runs = [("theirs", False), ("ours", False), ("ours", True)] + [("theirs", True)] * args.compile_theirs
     rows = []
     for name, compiled in runs:
-        cmd = [sys.executable, "-m", "tryon_ds.tools.bench_reference", "--worker", name, "--theirs", args.theirs,
+        cmd = [sys.executable, __file__, "--worker", name, "--theirs", args.theirs,
                "--dim", str(args.dim), "--size", str(args.size), "--batch", str(args.batch),
                "--threads", str(args.threads), "--reps", str(args.reps)] + ["--compiled"] * compiled
         r = subprocess.run(cmd, capture_output=True, text=True)

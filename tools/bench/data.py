@@ -2,34 +2,40 @@
 on the same synthetic samples, plus the conversion rate of make_shards; and what one loader core gives each
 UNet of the whole cascade from shards at the top size, with the cores a GPU needs to be fed.
 
-    python tools/bench_data.py --samples 400 --batches 30
-    python tools/bench_data.py --convert-only --source-size 768x1024 --samples 100   # VITON-HD-sized sources
-    python tools/bench_data.py --top-size 1024 --samples 200 --batches 20            # UNets 1, 2, 3 per core
-    python tools/bench_data.py --store --latency-ms 50 --bandwidth 8M               # shards over slow HTTP
+    python tools/bench/data.py --samples 400 --batches 30
+    python tools/bench/data.py --convert-only --source-size 768x1024 --samples 100   # VITON-HD-sized sources
+    python tools/bench/data.py --top-size 1024 --samples 200 --batches 20            # UNets 1, 2, 3 per core
+    python tools/bench/data.py --store --latency-ms 50 --bandwidth 8M               # shards over slow HTTP
 """
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # a script run from a fresh clone: the repository's packages, not this folder's
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 import argparse
 import random
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ..cli import exit_on_user_error
-from ..config import build_config, deep_merge, read_config_file
-from ..data import sources
-from ..data.pipeline import TrainLoader, collate
-from ..data.preprocess import to_tensor, unet_inputs
-from ..data.shards import ShardOptions, write_shards
-from ..data.sources import synthetic_samples
-from ..data.synthetic import export_folders
+from tryon_ds.cli import exit_on_user_error
+from tryon_ds.config import build_config, deep_merge, read_config_file
+from tryon_ds.data import sources
+from tryon_ds.data.pipeline import TrainLoader, collate
+from tryon_ds.data.preprocess import to_tensor, unet_inputs
+from tryon_ds.data.shards import ShardOptions, write_shards
+from tryon_ds.data.sources import synthetic_samples
+from tryon_ds.data.synthetic import export_folders
 
 REPO = Path(__file__).resolve().parents[2]
+
 # Samples/s one GPU consumes, per UNet, for the cores-per-GPU column: the training guide's A100 figures for
 # UNets 1 and 2 (4.0 it/s at micro-batch 16, 2.0 it/s at 8); for UNet 3, a stated 4.0 it/s at 16 crops of
 # 256 px until tools/gpu_check.sh has measured it.
@@ -99,7 +105,7 @@ def main(argv=None) -> None:
     if args.top_size:
         return loader_per_core(args.top_size, args.samples, args.batches, args.batch_size)
     if args.store:
-        from .make_shards import parse_bytes
+        from tryon_ds.tools.make_shards import parse_bytes
 
         return from_store(args.samples, args.batches, args.batch_size, args.latency_ms / 1000,
                           parse_bytes(args.bandwidth))
@@ -166,7 +172,7 @@ def from_store(samples: int, batches: int, batch_size: int, latency_s: float, ba
     """UNet 2's training stream (256 px shards, every member decoded) read from disk and from a local HTTP
     server with ``latency_s`` per request and ``bandwidth`` bytes/s per connection, side by side, at each
     number of loader workers and prefetch depth."""
-    from ..data.shard_server import ShardServer
+    from tools.bench.shard_server import ShardServer
 
     root = Path(tempfile.mkdtemp(prefix="tryon-bench-store-"))
     write_shards(root, synthetic_samples(samples, 0, 256), ShardOptions(image_size=(256, 256), val_fraction=0.0,

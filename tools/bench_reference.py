@@ -1,5 +1,0 @@
-#!/usr/bin/env python
-from _launch import run
-
-if __name__ == "__main__":
-    run("tryon_ds.tools.bench_reference")
