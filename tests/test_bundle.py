@@ -154,7 +154,7 @@ def test_base_only_bundle_and_bad_bundles_fail_clearly(trained, tmp_path):
     shutil.copytree(two, mismatched)
     shutil.copytree(bundle / "unet3", mismatched / "unet3")
     meta = json.loads((mismatched / "unet2" / "config.json").read_text())
-    meta["config"]["sr_image_size"] = [32, 32]
+    meta["config"]["unets"][1]["image_size"] = [32, 32]
     (mismatched / "unet2" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match=r"unet3 was trained on \[64, 64\] inputs but unet2 makes \[32, 32\] images"):
         TryOnPipeline.from_pretrained(mismatched)
@@ -164,7 +164,7 @@ def test_base_only_bundle_and_bad_bundles_fail_clearly(trained, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(bundle / "unet1", other / "unet1")
     meta = json.loads((other / "unet1" / "config.json").read_text())
-    meta["config"]["unet1"]["dim"] = 48  # the weights now belong to another preset than the config
+    meta["config"]["unets"][0]["dim"] = 48  # the weights now belong to another preset than the config
     (other / "unet1" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="does not match the unet1 of its config"):
         TryOnPipeline.from_pretrained(other)

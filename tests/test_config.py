@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tryon_ds.config import build_config, read_config_file
+from tryon_ds.config import deep_merge, parse_override, build_config, read_config_file
 from tryon_ds.errors import ConfigError
 from conftest import ROOT, run_tool
 
@@ -10,9 +10,10 @@ from conftest import ROOT, run_tool
 def test_seed_config_json_loads_with_its_exact_keys():
     data = read_config_file(ROOT / "configs" / "config.json")
     cfg = build_config(data)
-    assert cfg.base_image_size == (128, 128) and cfg.sr_image_size == (256, 256)
-    assert cfg.timesteps == (1000, 1000) and cfg.learning_rate == 1e-4 and cfg.mixed_precision is True
-    assert cfg.unet1.preset == "base" and cfg.unet2.preset == "sr"
+    # The guide's keys land on the list: two UNets, 128 then 256 px, 1000 timesteps each.
+    assert [(u.preset, u.image_size, u.timesteps, u.sample_steps) for u in cfg.unets] == [
+        ("base", (128, 128), 1000, 256), ("sr", (256, 256), 1000, 128)]
+    assert cfg.learning_rate == 1e-4 and cfg.mixed_precision is True
 
 
 def test_seed_guide_keys_are_all_accepted():
@@ -28,8 +29,8 @@ def test_yaml_preset_with_overrides_and_extends(tmp_path):
     (tmp_path / "child.yaml").write_text(f"extends: {ROOT / 'configs' / 'tiny.yaml'}\nunet1: {{dim: 48}}\n"
                                          "learning_rate: 2e-4\n")
     cfg = build_config(read_config_file(tmp_path / "child.yaml"))
-    assert cfg.unet1.preset == "tiny" and cfg.unet1.dim == 48 and cfg.learning_rate == 2e-4
-    assert cfg.base_image_size == (32, 32)
+    assert cfg.unet(1).preset == "tiny" and cfg.unet(1).dim == 48 and cfg.learning_rate == 2e-4
+    assert cfg.image_size(1) == (32, 32) and len(cfg.unets) == 3
 
 
 @pytest.mark.parametrize("data, message", [
@@ -41,7 +42,8 @@ def test_yaml_preset_with_overrides_and_extends(tmp_path):
     ({"use_ema": "yes"}, "config key 'use_ema'"),
     ({"train_unet_number": 3}, "config key 'train_unet_number': got 3, but the config defines no 'unet3' section"),
     ({"train_unet_number": 0}, "config key 'train_unet_number': got 0, expected a value >= 1"),
-    ({"unet3": {"preset": "tiny-sr3", "image_size": [1024, 1024]}}, "config key 'timesteps': got [1000, 1000], "
+    ({"unet3": {"preset": "tiny-sr3", "image_size": [1024, 1024]}, "timesteps": [1000, 1000]},
+     "config key 'timesteps': got [1000, 1000], "
                                                                        "expected one entry per UNet of the cascade (3"),
     ({"unet3": {"preset": "sr1024"}, "timesteps": [1000] * 3, "diffusion": {"sample_steps": [1, 1, 1]}},
      "config key 'unet3.image_size': UNet 3 needs its [H, W] output size"),
@@ -71,16 +73,16 @@ def test_the_whole_cascade_configs_add_unet3_and_keep_the_guides_two_unets():
     """configs/cascade1024.yaml adds the paper's third UNet to the guide's config.json, which stays two UNets;
     the portrait one runs 128x96 -> 256x192 -> 1024x768. Sizes are [H, W] throughout."""
     two = build_config(read_config_file(ROOT / "configs" / "config.json"))
-    assert two.unets == [1, 2] and two.unet3 is None
-    with pytest.raises(ConfigError, match="UNet 3 is not defined: the config has no 'unet3' section"):
+    assert two.unet_numbers == [1, 2]
+    with pytest.raises(ConfigError, match="UNet 3 is not defined: the cascade has 2 UNet"):
         two.unet(3)
     cfg = build_config(read_config_file(ROOT / "configs" / "cascade1024.yaml"))
-    assert cfg.unets == [1, 2, 3] and type(cfg.unet3).__name__ == "EfficientUNetConfig"
-    assert [cfg.image_size(n) for n in cfg.unets] == [(128, 128), (256, 256), (1024, 1024)]
+    assert cfg.unet_numbers == [1, 2, 3] and type(cfg.unet(3)).__name__ == "EfficientUNetConfig"
+    assert [cfg.image_size(n) for n in cfg.unet_numbers] == [(128, 128), (256, 256), (1024, 1024)]
     assert cfg.crop_size(3) == (256, 256) and cfg.crop_size(2) is None
-    assert cfg.unet3.num_res_blocks == (2, 4, 8, 8) and cfg.unet3.dim_mults == (1, 2, 4, 8)
+    assert cfg.unet(3).num_res_blocks == (2, 4, 8, 8) and cfg.unet(3).dim_mults == (1, 2, 4, 8)
     portrait = build_config(read_config_file(ROOT / "configs" / "cascade1024x768.yaml"))
-    assert [portrait.image_size(n) for n in portrait.unets] == [(128, 96), (256, 192), (1024, 768)]
+    assert [portrait.image_size(n) for n in portrait.unet_numbers] == [(128, 96), (256, 192), (1024, 768)]
     # The bundle round trip: a config's dict builds the same config, UNet 3's architecture included.
     assert build_config(cfg.to_dict()) == cfg
 
@@ -123,3 +125,44 @@ def test_tools_from_a_fresh_clone_without_dependencies_say_what_to_install(tmp_p
         assert r.returncode == 2 and "Traceback" not in r.stderr, (tool, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and "not installed; install tryon-ds first: pip install torch==2.13.0" in lines[0]
+
+
+def test_the_cascade_as_a_list_and_the_older_keys_give_the_same_config():
+    """One entry per UNet; the older sections, the guide's size keys and the per-UNet lists map onto it, once,
+    at load; overrides reach an entry by either name; errors name the key the file or command line used."""
+    older = build_config({"base_image_size": [32, 32], "sr_image_size": [64, 64], "timesteps": [1000, 500],
+                          "unet1": {"preset": "tiny"}, "unet2": {"preset": "tiny-sr", "dim": 16},
+                          "diffusion": {"sample_steps": [8, 4], "cond_noise": {"train_max": 0.2, "garment": 0.1,
+                                                                                "lowres": 0.3}}})
+    listed = build_config({"unets": [
+        {"preset": "tiny", "image_size": [32, 32], "sample_steps": 8, "cond_noise": {"garment": 0.1}},
+        {"preset": "tiny-sr", "dim": 16, "image_size": [64, 64], "timesteps": 500, "sample_steps": 4,
+         "cond_noise": {"garment": 0.1, "lowres": 0.3}}], "diffusion": {"cond_noise": {"train_max": 0.2}}})
+    assert older == listed and build_config(listed.to_dict()) == listed
+    tiny = read_config_file(ROOT / "configs" / "tiny.yaml")
+    by_index = build_config(deep_merge(tiny, parse_override("unets.1.dim=48")))
+    by_section = build_config(deep_merge(tiny, parse_override("unet2.dim=48")))
+    assert by_index == by_section and by_index.unet(2).dim == 48 and by_index.unet(2).preset == "tiny-sr"
+    for override, message in [("unets.1.dimm=3", "did you mean 'unets.1.dim'"),
+                              ("unet2.dimm=3", "did you mean 'unet2.dim'"),
+                              ("unets.1.groups=7", "config key 'unets.1.groups': 7 does not divide"),
+                              ("unets.2.cond_noise={ca: 0.5}", "config key 'unets.2.cond_noise.ca': this UNet "
+                                                               "noise-augments lowres"),
+                              ("unets.4={preset: tiny}", "config key 'unets.4': the list has 3 entries"),
+                              ("diffusion.sample_steps=[1, 2]", "config key 'diffusion.sample_steps': got [1, 2], "
+                                                                "expected one entry per UNet of the cascade (3")]:
+        with pytest.raises(ConfigError) as err:
+            build_config(deep_merge(tiny, parse_override(override)))
+        assert message in str(err.value), (override, str(err.value))
+
+
+def test_a_config_written_by_the_previous_release_loads():
+    """trainer_state.json and bundles of the release before the list hold the config in the older keys."""
+    previous = json.loads((ROOT / "tests" / "data" / "previous_release" / "config.json").read_text())
+    cfg = build_config(previous)
+    assert [(u.preset, u.image_size, u.sample_steps) for u in cfg.unets] == [
+        ("tiny", (32, 32), 10), ("tiny-sr", (64, 64), 10), ("tiny-sr3", (128, 128), 10)]
+    # Its one set of sampling levels lands on each UNet that takes the input.
+    assert [u.cond_noise for u in cfg.unets] == [{"ca": 0.0, "garment": 0.0}, {"ca": 0.0, "garment": 0.0, "lowres": 0.0},
+                                                 {"lowres": 0.0}]
+    assert cfg.diffusion.cond_noise.train_max == 0.1

@@ -173,5 +173,5 @@ def test_cascade_sampling_gives_finite_deterministic_images_in_range(tiny_config
     again = base.sample(cond, steps=4, sampler=sampler, guidance=2.0, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(low, again, rtol=0, atol=0)
     hi_cond = {k: torch.nn.functional.interpolate(v, size=(64, 64)) if v.dim() == 4 else v for k, v in cond.items()}
-    high = sr.sample(hi_cond, lowres=low, steps=3, sampler=sampler, generator=torch.Generator().manual_seed(0))
+    high = sr.sample({**hi_cond, "lowres": low}, steps=3, sampler=sampler, generator=torch.Generator().manual_seed(0))
     assert high.shape == (2, 3, 64, 64) and torch.isfinite(high).all() and high.abs().max() <= 1

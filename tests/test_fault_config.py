@@ -8,15 +8,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT, run_tool
-from tryon_ds.config import UNET_SECTIONS, Config, build_config, deep_merge, read_config_file
+from tryon_ds.config import Config, build_config, deep_merge, read_config_file
 from tryon_ds.errors import ConfigError
 
 
 def _leaf_keys(cls, prefix=""):
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in UNET_SECTIONS:  # a UNet section's class is its preset's (configs/tiny.yaml's)
-            yield from _leaf_keys(type(TINY.unet(int(f.name[-1]))), f"{prefix}{f.name}.")
+        if f.metadata.get("internal"):
+            continue
+        if f.name == "unets":  # each entry's class is its preset's (configs/tiny.yaml's)
+            for i, unet in enumerate(TINY.unets):
+                yield from _leaf_keys(type(unet), f"{prefix}unets.{i}.")
         elif dataclasses.is_dataclass(hints[f.name]):
             yield from _leaf_keys(hints[f.name], f"{prefix}{f.name}.")
         elif f.name != "preset":
@@ -30,10 +33,11 @@ CHOICES = ("no", "fp16", "bf16", "cosine", "linear", "eps", "v", "ddpm", "ddim",
 
 
 def _nested(key, value):
+    """``a.b.c`` = value as an override: list entries by index, as ``--set unets.1.dim=64`` gives them."""
     out = node = {}
     parts = key.split(".")
     for part in parts[:-1]:
-        node = node.setdefault(part, {"preset": TINY.unet(int(part[-1])).preset} if part.startswith("unet") else {})
+        node = node.setdefault(part, {})
     node[parts[-1]] = value
     return out
 
@@ -50,6 +54,9 @@ def _wrong_values(tp):
     """Values of a type the key does not take: a string is right for a path key, a list of strings for a
     shard list, a numeric string for a float key (YAML reads 1e-4 as one)."""
     dicts = st.dictionaries(st.text(max_size=3), st.integers(), min_size=1, max_size=2)
+    if "dict" in str(tp):  # a mapping of names to levels
+        return st.one_of(st.integers(), st.lists(st.integers(), min_size=1, max_size=2), st.text(max_size=3),
+                         st.dictionaries(st.text(max_size=3), st.text(max_size=3), min_size=1, max_size=2))
     if tp is str:
         return st.one_of(dicts, st.lists(st.integers(), min_size=1, max_size=3), st.booleans())
     if "list[str]" in str(tp):

@@ -19,7 +19,7 @@ from fixed_inputs import fixed_inputs  # noqa: E402
 
 def _count_on_meta(name, unet):
     with torch.device("meta"):
-        model = ParallelUNet(preset(name), lowres_cond=unet == 2)
+        model = ParallelUNet(preset(name), super_resolves=unet == 2)
     assert all(p.is_meta for p in model.parameters())
     return sum(p.numel() for p in model.parameters())
 
@@ -42,6 +42,26 @@ def _live(model, std=0.02):
         if p.abs().sum() == 0:
             torch.nn.init.normal_(p, std=std)
     return model
+
+
+@pytest.mark.parametrize("unet", [1, 2, 3, 4])
+def test_every_family_at_every_place_of_a_four_unet_cascade_learns_and_samples(unet):
+    """configs/tiny4.yaml: Parallel-UNets at places 1 (generating), 2 and 3 (super-resolving), an Efficient-UNet
+    at 4, from configuration alone: each UNet's loss reaches every parameter, it embeds the noise level of
+    exactly its noisy inputs, and it samples its whole image from the inputs its conditioning names."""
+    from tryon_ds.config import build_config, read_config_file
+    config = build_config(read_config_file(Path(__file__).parents[1] / "configs" / "tiny4.yaml"))
+    model = _live(CascadeUNet(config, unet))
+    assert type(config.unet(unet)).__name__ == ("EfficientUNetConfig" if unet == 4 else "ParallelUNetConfig")
+    assert model.super_resolves == (unet > 1) and sorted(model.unet.noise_level_embed) == sorted(model.conditioning.noisy)
+    batch = random_batch(config, unet, 2)
+    torch.manual_seed(0)
+    model(batch).backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not dead, dead
+    out = model.eval().sample({k: batch[k] for k in model.conditioning.keys}, steps=2, sampler="ddim",
+                              generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, *config.image_size(unet)) and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("unet", [1, 2])
@@ -114,13 +134,14 @@ def test_a_conditioning_images_noise_level_changes_the_output(tiny_config, unet)
     model = _live(CascadeUNet(tiny_config, unet).eval(), std=0.05)
     x, t, cond, levels = fixed_inputs(tiny_config, unet)
     before = model.unet(x, t, cond, levels)
-    for name in model.unet.noisy_inputs:
+    for name in model.conditioning.noisy:
         other = {**levels, name: levels[name] + 0.3}
         assert not torch.allclose(model.unet(x, t, cond, other), before), name
-    lowres = torch.rand(2, 3, *tiny_config.base_image_size) * 2 - 1 if unet == 2 else None
-    zero = {k: torch.zeros(2) for k in model.unet.noisy_inputs}
-    clean = model.conditioning(cond, lowres, zero)
-    half = model.conditioning(cond, lowres, {**zero, "garment": torch.full((2,), 0.5)})
+    if unet == 2:
+        cond = {**cond, "lowres": torch.rand(2, 3, *tiny_config.image_size(1)) * 2 - 1}
+    zero = {k: torch.zeros(2) for k in model.conditioning.noisy}
+    clean = model.inputs(cond, zero)
+    half = model.inputs(cond, {**zero, "garment": torch.full((2,), 0.5)})
     torch.testing.assert_close(clean["ca"], cond["ca"]) and torch.testing.assert_close(clean["garment"], cond["garment"])
     assert torch.equal(half["ca"], clean["ca"]) and not torch.allclose(half["garment"], clean["garment"])
 
@@ -137,8 +158,7 @@ def test_the_whole_model_is_the_same_with_sdpa_and_math_attention(tiny_config, u
     PyTorch's fused kernel and through the textbook reference."""
     outputs = []
     for backend in ("sdpa", "math"):
-        cfg = dataclasses.replace(tiny_config, **{f"unet{unet}": dataclasses.replace(tiny_config.unet(unet),
-                                                                                    attention_backend=backend)})
+        cfg = tiny_config.with_unet(unet, dataclasses.replace(tiny_config.unet(unet), attention_backend=backend))
         torch.manual_seed(0)
         model = _live(CascadeUNet(cfg, unet).eval(), std=0.05)
         x, t, cond, levels = fixed_inputs(cfg, unet)
@@ -165,8 +185,8 @@ def test_unknown_backend_is_an_error():
 
 
 def test_activation_checkpointing_gives_same_loss_and_gradients(tiny_config):
-    cfg = dataclasses.replace(tiny_config, unet2=dataclasses.replace(tiny_config.unet2, checkpointing=False))
-    cfg_ckpt = dataclasses.replace(tiny_config, unet2=dataclasses.replace(tiny_config.unet2, checkpointing=True))
+    cfg = tiny_config.with_unet(2, dataclasses.replace(tiny_config.unet(2), checkpointing=False))
+    cfg_ckpt = tiny_config.with_unet(2, dataclasses.replace(tiny_config.unet(2), checkpointing=True))
     plain, ckpt = CascadeUNet(cfg, 2), CascadeUNet(cfg_ckpt, 2)
     ckpt.load_state_dict(plain.state_dict())
     batch = random_batch(cfg, 2, 2)
@@ -224,7 +244,7 @@ def test_unet3_is_conditioned_on_the_low_res_image_alone_and_has_no_guidance(tin
     """Every parameter learns; the low-res image and its stated noise level change the output; there is no
     conditioning to drop, so sampling ignores the guidance weight (guidance 1 and 3 give the same images)."""
     model = _live(CascadeUNet(tiny_config, 3))
-    assert model.unet.cond_keys == ("lowres",) and model.unet.guided == () and model.unet.noisy_inputs == ("lowres",)
+    assert model.conditioning.keys == ("lowres",) and model.conditioning.guided == () and model.conditioning.noisy == ("lowres",)
     batch = random_batch(tiny_config, 3, 2)
     assert batch["person"].shape[-2:] == (32, 32)  # a crop of the 128 px target
     model(batch).backward()
@@ -238,7 +258,7 @@ def test_unet3_is_conditioned_on_the_low_res_image_alone_and_has_no_guidance(tin
     with pytest.raises(ValueError, match="no conditioning that classifier-free guidance drops"):
         model.unet(x, t, cond, levels, drop_cond=torch.ones(2, dtype=torch.bool))
     lowres = batch["lowres"]
-    samples = [model.sample({}, lowres=lowres, steps=2, sampler="ddim", guidance=g,
+    samples = [model.sample({"lowres": lowres}, steps=2, sampler="ddim", guidance=g,
                             generator=torch.Generator().manual_seed(0)) for g in (1.0, 3.0)]
     assert samples[0].shape == (2, 3, 128, 128)  # trained on crops, sampled whole
     torch.testing.assert_close(samples[0], samples[1], rtol=0, atol=0)

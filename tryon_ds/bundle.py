@@ -3,7 +3,7 @@
     BUNDLE/unet1/weights.safetensors   the raw weights of the base UNet
     BUNDLE/unet1/ema.safetensors       its EMA weights, when the run kept an EMA
     BUNDLE/unet1/config.json           UNet number, training step, storage dtype and the run's whole config
-    BUNDLE/unet2/...                   the same for each later UNet of the cascade (unet2/, unet3/)
+    BUNDLE/unet2/...                   the same for each later UNet of the cascade (unet2/, unet3/, ...)
 
 Weights are safetensors only (no pickle). Each UNet's folder is written under a temporary name and renamed,
 so a killed consolidation leaves no half-written folder behind.
@@ -27,7 +27,7 @@ UNET_PREFIX = "unet."  # the trainer's CascadeUNet holds the UNet as .unet
 
 def expected_shapes(config: Config, unet_number: int) -> dict[str, tuple]:
     with torch.device("meta"):
-        unet = build_unet(config, unet_number)
+        unet = build_unet(config.unet(unet_number), config.conditioning(unet_number).super_resolves, config.channels)
     return {k: tuple(v.shape) for k, v in unet.state_dict().items()}
 
 

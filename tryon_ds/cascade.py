@@ -1,25 +1,25 @@
 """One UNet of the cascade: a UNet trained and sampled by Gaussian diffusion.
 
-UNet 1 generates the try-on at ``base_image_size``. Each later UNet super-resolves the one before it: UNet
-2 (a Parallel-UNet) to ``sr_image_size``, UNet 3 (an Efficient-UNet) to ``unet3.image_size``. Its low-res
-input is, in training, the ground truth downsampled to the previous UNet's size, at inference that UNet's
-output, upsampled bilinearly either way; so no UNet needs another's checkpoint to train. A UNet trained on
-crops (``unetN.crop_size``) sees a random crop of its target and the matching crop of its upsampled low-res
+UNet 1 generates the try-on at its ``image_size``. Each later UNet super-resolves the one before it (the
+paper's UNet 2, a Parallel-UNet, to 256 px; its UNet 3, an Efficient-UNet, to 1024 px). Its low-res input
+(``lowres``) is, in training, the ground truth downsampled to the previous UNet's size, at inference that
+UNet's output, upsampled bilinearly either way; so no UNet needs another's checkpoint to train. A UNet trained
+on crops (its ``crop_size``) sees a random crop of its target and the matching crop of its upsampled low-res
 input, and samples the whole image.
 
-What a UNet is conditioned on is the UNet's to say (tryon_ds/model/): ``cond_keys`` it reads,
-``noisy_inputs`` it is told the noise levels of, ``guided`` what classifier-free guidance drops (nothing,
-for UNet 3: it then samples at guidance 1).
+What a UNet is conditioned on is its family's to say (tryon_ds/model/spec.py, ``Conditioning``): the inputs
+it reads, which are noise-augmented, what classifier-free guidance drops (nothing, for an Efficient-UNet: it
+then samples at guidance 1).
 
 Noise-conditioning augmentation (the paper's): every noisy input (the ca image and the garment, a
 super-resolution UNet's low-res try-on) is noised with this UNet's own schedule to a level of its own,
-drawn from U[0, ``cond_noise.train_max``] in training and fixed per input at sampling
-(``diffusion.cond_noise``); the UNet is told each level. Real parsing and poses are noisy: the model must not
+drawn from U[0, ``diffusion.cond_noise.train_max``] in training and fixed per input at sampling (the UNet's
+``cond_noise``); the UNet is told each level. Real parsing and poses are noisy: the model must not
 trust the conditioning pixels blindly.
 
 ``forward(batch)`` is the training loss, so a DeepSpeed engine wraps the whole ``CascadeUNet``.
 
-Compilation (``unetN.compile``) compiles the UNet alone, in place: the diffusion arithmetic around it is a few
+Compilation (a UNet's ``compile``) compiles the UNet alone, in place: the diffusion arithmetic around it is a few
 elementwise ops, and ``sample()``'s loop has host-side control flow by design. The whole UNet is one graph
 (the Parallel-UNet compiles without a graph break); compiling each repeated block type on its own instead compiled in
 half the time but kept 0.94x of eager step time where the whole graph reached 0.72x (BENCHMARKS.md). Shapes
@@ -36,22 +36,23 @@ from torch import nn
 
 from .config import Config
 from .diffusion import SAMPLERS, GaussianDiffusion, noise
-from .model import build_unet
+from .model import LOWRES, build_unet
 
 
 class CascadeUNet(nn.Module):
     def __init__(self, config: Config, unet_number: int):
         super().__init__()
         self.unet_number = unet_number
-        self.image_size = tuple(config.image_size(unet_number))
-        self.super_resolves = unet_number > 1  # every UNet after the first takes the one before it as input
-        self.crop_size = config.crop_size(unet_number)
+        self.spec = spec = config.unet(unet_number)
+        self.conditioning = config.conditioning(unet_number)
+        self.image_size = tuple(spec.image_size)
+        self.super_resolves = self.conditioning.super_resolves
+        self.crop_size = spec.crop_size
         self.dcfg = config.diffusion
-        self.unet = build_unet(config, unet_number)
-        cfg = config.unet(unet_number)
-        self.compile_mode = cfg.compile_mode if cfg.compile else None
-        self.compile_backend = cfg.compile_backend
-        self.diffusion = GaussianDiffusion(config.timesteps[unet_number - 1], self.dcfg.schedule, self.dcfg.objective)
+        self.unet = build_unet(spec, self.super_resolves, config.channels)
+        self.compile_mode = spec.compile_mode if spec.compile else None
+        self.compile_backend = spec.compile_backend
+        self.diffusion = GaussianDiffusion(spec.timesteps, self.dcfg.schedule, self.dcfg.objective)
         # A super-resolution UNet that samples from sr_start (SDEdit) is never asked about a later timestep.
         # (the same first timestep as GaussianDiffusion.sample's start)
         last = self.diffusion.timesteps - 1
@@ -81,15 +82,17 @@ class CascadeUNet(nn.Module):
         batch = torch.arange(len(crops), device=crops.device)[:, None, None]
         return up[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # B, h, w, C -> B, C, h, w
 
-    def conditioning(self, cond: dict, lowres: torch.Tensor | None, levels: dict[str, torch.Tensor],
-                     generator=None, crops: torch.Tensor | None = None) -> dict:
-        """What the UNet reads (its ``cond_keys``; ``lowres`` upsampled to this UNet's size, or cropped), each
-        noisy input noised to its level in ``levels`` ((B,) fractions of the timesteps; 0 leaves it as is)."""
-        out = {k: cond[k] for k in self.unet.cond_keys if k != "lowres"}
+    def inputs(self, cond: dict, levels: dict[str, torch.Tensor], generator=None,
+               crops: torch.Tensor | None = None) -> dict:
+        """What the UNet reads (its conditioning's keys; the low-res input upsampled to this UNet's size, or
+        cropped), each noisy input noised to its level in ``levels`` ((B,) fractions of the timesteps; 0 leaves
+        it as is)."""
+        missing = [k for k in self.conditioning.keys if k not in cond]
+        if missing:
+            raise ValueError(f"UNet {self.unet_number} reads {', '.join(missing)}: pass it")
+        out = {k: cond[k] for k in self.conditioning.keys}
         if self.super_resolves:
-            if lowres is None:
-                raise ValueError(f"UNet {self.unet_number} super-resolves a low-resolution try-on: pass lowres")
-            out["lowres"] = self.upsample(lowres, crops)
+            out[LOWRES] = self.upsample(cond[LOWRES], crops)
         for name, level in levels.items():
             image = out[name]
             t = (level * (self.diffusion.timesteps - 1)).round().long()
@@ -103,10 +106,10 @@ class CascadeUNet(nn.Module):
         b = x0.shape[0]
         t = torch.randint(0, self.train_timesteps, (b,), device=x0.device)
         noise = torch.randn_like(x0)
-        drop = torch.rand(b, device=x0.device) < self.dcfg.cond_drop_prob if self.unet.guided else None
+        drop = torch.rand(b, device=x0.device) < self.dcfg.cond_drop_prob if self.conditioning.guided else None
         levels = {name: torch.rand(b, device=x0.device) * self.dcfg.cond_noise.train_max
-                  for name in self.unet.noisy_inputs}
-        cond = self.conditioning(batch, batch.get("lowres"), levels, crops=batch.get("crop"))
+                  for name in self.conditioning.noisy}
+        cond = self.inputs(batch, levels, crops=batch.get("crop"))
         # Diffusion arithmetic in fp32; the UNet runs in its own (possibly bf16/fp16) dtype.
         dtype = next(self.unet.parameters()).dtype
         cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
@@ -118,33 +121,34 @@ class CascadeUNet(nn.Module):
         return F.mse_loss(out.float(), target)
 
     @torch.no_grad()
-    def sample(self, cond: dict, lowres: torch.Tensor | None = None, steps: int | None = None,
-               sampler: str | None = None, guidance: float | None = None,
-               generator=None) -> torch.Tensor:
-        """Try-on images in [-1, 1] at this UNet's whole size, with classifier-free guidance:
-        out = uncond + guidance * (cond - uncond); guidance 1 is plain conditional sampling, and what a UNet
-        with nothing to drop (``guided`` empty) always does. Everything the steps share (the conditioning,
-        noised once; its doubled, dropped copy for guidance) is built here, once."""
+    def sample(self, cond: dict, steps: int | None = None, sampler: str | None = None,
+               guidance: float | None = None, generator=None) -> torch.Tensor:
+        """Try-on images in [-1, 1] at this UNet's whole size from its conditioning ``cond`` (the batch keys
+        its conditioning names; a super-resolving UNet's ``lowres`` at the previous UNet's size), with
+        classifier-free guidance: out = uncond + guidance * (cond - uncond); guidance 1 is plain conditional
+        sampling, and what a UNet with nothing to drop always does. Everything the steps share (the
+        conditioning, noised once; its doubled, dropped copy for guidance) is built here, once."""
         d = self.dcfg
-        steps = steps or d.sample_steps[self.unet_number - 1]
+        steps = steps or self.spec.sample_steps
         sampler = sampler or d.sampler
         guidance = d.guidance if guidance is None else guidance
-        if not self.unet.guided:
+        if not self.conditioning.guided:
             guidance = 1.0
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
-        ref = lowres if self.super_resolves else cond[self.unet.cond_keys[0]]
+        ref = cond[self.conditioning.images[0]]
         b = ref.shape[0]
-        levels = {name: torch.full((b,), getattr(d.cond_noise, name), device=ref.device)
-                  for name in self.unet.noisy_inputs}
-        cond = self.conditioning(cond, lowres, levels, generator)
+        levels = {name: torch.full((b,), self.spec.cond_noise.get(name, 0.0), device=ref.device)
+                  for name in self.conditioning.noisy}
+        lowres = cond.get(LOWRES)
+        cond = self.inputs(cond, levels, generator)
 
         if guidance == 1.0:
             def denoise(x, t):
                 return self.unet(x, t, cond, levels)
         else:
             drop = torch.arange(2 * b, device=ref.device) >= b  # the second half unconditional
-            doubled = self.unet.drop_conditioning({k: torch.cat([v, v]) for k, v in cond.items()}, drop)
+            doubled = self.conditioning.drop({k: torch.cat([v, v]) for k, v in cond.items()}, drop)
             doubled_levels = {k: torch.cat([v, v]) for k, v in levels.items()}
 
             def denoise(x, t):
@@ -160,24 +164,22 @@ class CascadeUNet(nn.Module):
 
 
 def random_batch(config, unet_number: int, batch_size: int, generator: torch.Generator | None = None) -> dict:
-    """A training batch of UNet ``unet_number``'s layout filled with noise: the target (a crop of it for a
-    UNet trained on crops), the inputs the UNet reads, images in [-1, 1], poses in [0, 1]."""
-    k = config.num_keypoints
-    crop = config.crop_size(unet_number)
+    """A training batch of UNet ``unet_number``'s layout filled with noise, for tests and benchmarks: the
+    target (a crop of it for a UNet trained on crops) and the inputs its conditioning names, images in
+    [-1, 1] (the low-res one at the previous UNet's size), poses in [0, 1] with their masks."""
+    k, crop = config.num_keypoints, config.crop_size(unet_number)
+    conditioning = config.conditioning(unet_number)
 
     def image(size):
         return torch.rand(batch_size, config.channels, *size, generator=generator) * 2 - 1
 
     size = crop or config.image_size(unet_number)
     batch = {"person": image(size)}
-    for name in config.unet(unet_number).INPUTS:
-        if name.endswith("_pose"):
-            batch[name] = torch.rand(batch_size, k, 2, generator=generator)
-            batch[f"{name}_valid"] = torch.rand(batch_size, k, generator=generator) > 0.1
-        else:
-            batch[name] = image(size)
-    if unet_number > 1:
-        batch["lowres"] = image(tuple(config.image_size(unet_number - 1)))
+    for name in conditioning.images:
+        batch[name] = image(tuple(config.image_size(unet_number - 1)) if name == LOWRES else size)
+    for name in conditioning.poses:
+        batch[name] = torch.rand(batch_size, k, 2, generator=generator)
+        batch[f"{name}_valid"] = torch.rand(batch_size, k, generator=generator) > 0.1
     if crop:
         h, w = config.image_size(unet_number)
         batch["crop"] = torch.stack([torch.randint(0, h - crop[0] + 1, (batch_size,), generator=generator),

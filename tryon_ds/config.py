@@ -1,12 +1,17 @@
 """One typed configuration tree for the whole trainer.
 
-The top level holds the ``config.json`` keys of the original TryOnDiffusion training guide verbatim, so
-such a file loads as it is (``configs/config.json``); the sections below it (``unet1``, ``unet2``, an
-optional ``unet3``, ``diffusion``, ``data``, ``logging``) hold the rest. The cascade is as long as its UNet
-sections: UNet 1 makes the try-on, each later UNet super-resolves the one before it, and each section's
-preset decides its architecture (a Parallel-UNet or an Efficient-UNet). A config is built once from a file plus command-line
-overrides and validated before anything runs; every user error is a :class:`ConfigError` whose message
-names the key, the value and what is allowed.
+The cascade is the list ``unets``: each entry one UNet, its preset and any architecture key overriding it
+(the preset's family decides the architecture: a Parallel-UNet or an Efficient-UNet, tryon_ds/model/), its
+``image_size``, ``timesteps``, ``sample_steps``, ``cond_noise`` levels and how it runs. UNet 1 makes the
+try-on, each later one super-resolves the one before it; what each is conditioned on is its family's to say.
+
+Files written before the list, and the original TryOnDiffusion training guide's ``config.json``, load as they
+are: their keys (``base_image_size``, ``sr_image_size``, ``timesteps``, ``diffusion.sample_steps``,
+``diffusion.cond_noise.<input>``, the sections ``unet1``, ``unet2``, ``unet3``, ...) are mapped onto the list
+once, when the file is read (``cascade_from_sections``), and errors still name the key the file used. Command
+lines may use either: ``--set unet2.dim=64`` or ``--set unets.1.dim=64``. A config is built once from a file
+plus command-line overrides and validated before anything runs; every user error is a :class:`ConfigError`
+whose message names the key, the value and what is allowed.
 """
 from __future__ import annotations
 
@@ -15,167 +20,53 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import sysconfig
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import yaml
 
 from .errors import ConfigError
+from .model import Conditioning, SpecError, UNetSpec, preset as model_preset, super_resolves
 from .model.presets import EFFICIENT_PRESETS, PRESETS
+from .model.spec import bounds
 
 
-def _range(ge=None, gt=None, le=None):
-    return {"ge": ge, "gt": gt, "le": le}
-
-
-@dataclass
-class UNetRuntime:
-    """How a UNet runs, whatever its architecture (the keys of every unetN section beside its shape)."""
-    checkpointing: bool = False
-    # Run the convolutions on channels-last (NHWC) activations; tools/gpu_check.sh measures whether it pays.
-    channels_last: bool = False
-    # torch.compile the UNet (one graph; training, validation and inference), with torch.compile's mode.
-    compile: bool = False
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
-    # aot_eager: the same captured graphs, forward and backward, run by eager kernels with no code generated
-    # (compile_mode is inductor's and is not used): tells a compiled run's departure from eager that comes from
-    # the capture apart from one that comes from inductor's kernels, and compiles in seconds.
-    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
-
-
-@dataclass
-class UNetConfig(UNetRuntime):
-    """Architecture of one Parallel-UNet. ``preset`` names the starting point (``model/presets.py``);
-    any other key given beside it overrides that preset's value."""
-
-    ARCH: ClassVar[str] = "parallel"  # the model it builds (tryon_ds/model/__init__.py)
-    # What a sample must hold for this UNet beside its target (and a later UNet's low-res image).
-    INPUTS: ClassVar[tuple[str, ...]] = ("ca", "garment", "person_pose", "garment_pose")
-
-    preset: str = "tiny"
-    # [H, W] of a third or later UNet; UNets 1 and 2 take the guide's base_image_size / sr_image_size.
-    image_size: Optional[tuple[int, int]] = None
-    dim: int = field(default=32, metadata=_range(ge=8))
-    dim_mults: tuple[int, ...] = (1, 2, 2)
-    # Residual blocks per level of the person-UNet; the garment-UNet uses the same counts.
-    num_res_blocks: tuple[int, ...] = (1, 1, 1)
-    # Per level: whether every person-UNet block there is followed by self-attention (with the pose tokens)
-    # and cross-attention to the garment (the paper: the two lowest resolutions of UNet 1, the lowest of
-    # UNet 2). The garment-UNet is built only as far as the attending blocks need.
-    attn_levels: tuple[bool, ...] = (False, True, True)
-    attn_heads: int = field(default=4, metadata=_range(ge=1))
-    attn_dim_head: int = field(default=16, metadata=_range(ge=4))
-    # Width of the FiLM conditioning vector and of the pose tokens (one per keypoint).
-    cond_dim: int = field(default=128, metadata=_range(ge=8))
-    pose_dim: int = field(default=64, metadata=_range(ge=8))
-    num_keypoints: int = field(default=18, metadata=_range(ge=1))
-    groups: int = field(default=8, metadata=_range(ge=1))
-    dropout: float = field(default=0.0, metadata=_range(ge=0.0, le=1.0))
-    attention_backend: Literal["sdpa", "xformers", "math"] = "sdpa"
-
-    @property
-    def size_factor(self) -> int:
-        """What the image's sides must be divisible by: one halving between consecutive levels."""
-        return 2 ** (len(self.dim_mults) - 1)
-
-    def validate(self, key: str) -> None:
-        n = len(self.dim_mults)
-        for name in ("num_res_blocks", "attn_levels"):
-            if len(getattr(self, name)) != n:
-                raise ConfigError(
-                    f"config key '{key}.{name}': has {len(getattr(self, name))} entries, expected one per "
-                    f"level of '{key}.dim_mults' ({n})")
-        if not any(self.attn_levels):
-            raise ConfigError(f"config key '{key}.attn_levels': at least one level must attend, "
-                              "or the garment never reaches the person stream")
-        for i, m in enumerate(self.dim_mults):
-            if m < 1:
-                raise ConfigError(f"config key '{key}.dim_mults[{i}]': got {m}, expected an integer >= 1")
-            if (self.dim * m) % self.groups:
-                raise ConfigError(f"config key '{key}.groups': {self.groups} does not divide the level-{i} "
-                                  f"width {self.dim * m} (dim x dim_mults[{i}])")
-        if self.pose_dim % self.attn_heads:
-            raise ConfigError(f"config key '{key}.pose_dim': {self.pose_dim} is not divisible by "
-                              f"'{key}.attn_heads' ({self.attn_heads}), which the pose pooling needs")
-
-
-@dataclass
-class EfficientUNetConfig(UNetRuntime):
-    """Architecture of one Efficient-UNet (Imagen's): a super-resolution UNet conditioned on the low-res
-    image alone, the paper's UNet 3. ``preset`` as for the Parallel-UNet."""
-
-    ARCH: ClassVar[str] = "efficient"
-    INPUTS: ClassVar[tuple[str, ...]] = ()
-
-    preset: str = "tiny-sr3"
-    # [H, W] of its output, e.g. [1024, 768]; required for a third or later UNet (UNets 1 and 2 take the
-    # guide's base_image_size / sr_image_size). Not in the presets: it is the data's size.
-    image_size: Optional[tuple[int, int]] = None
-    # Trained on random crops of this size ([H, W]) of the target and of its upsampled low-res image (Imagen:
-    # 256 px crops of 1024 px images), sampled on the whole image; null trains on whole images.
-    crop_size: Optional[tuple[int, int]] = None
-    dim: int = field(default=32, metadata=_range(ge=8))
-    dim_mults: tuple[int, ...] = (1, 2, 4)
-    # Residual blocks per level, each level downsampling before its blocks: more at the low resolutions.
-    num_res_blocks: tuple[int, ...] = (1, 2, 2)
-    cond_dim: int = field(default=128, metadata=_range(ge=8))
-    groups: int = field(default=8, metadata=_range(ge=1))
-    dropout: float = field(default=0.0, metadata=_range(ge=0.0, le=1.0))
-
-    @property
-    def size_factor(self) -> int:
-        return 2 ** len(self.dim_mults)  # every level downsamples, the first one included
-
-    def validate(self, key: str) -> None:
-        if len(self.num_res_blocks) != len(self.dim_mults):
-            raise ConfigError(f"config key '{key}.num_res_blocks': has {len(self.num_res_blocks)} entries, expected "
-                              f"one per level of '{key}.dim_mults' ({len(self.dim_mults)})")
-        for i, (m, n) in enumerate(zip(self.dim_mults, self.num_res_blocks)):
-            if m < 1 or n < 1:
-                raise ConfigError(f"config key '{key}': level {i} has dim_mults {m} and num_res_blocks {n}, "
-                                  "expected integers >= 1")
-        for width in [self.dim] + [self.dim * m for m in self.dim_mults]:
-            if width % self.groups:
-                raise ConfigError(f"config key '{key}.groups': {self.groups} does not divide the width {width}")
-
-
-UNET_SECTIONS = ("unet1", "unet2", "unet3")
-UNetSection = Union[UNetConfig, EfficientUNetConfig]
-# The guide's keys for the sizes of UNets 1 and 2; a later UNet names its own (``unetN.image_size``).
-GUIDE_SIZE_KEYS = {1: "base_image_size", 2: "sr_image_size"}
+def preset(name: str) -> UNetSpec:
+    """The spec of a named preset (tryon_ds/model/presets.py)."""
+    try:
+        return model_preset(name)
+    except SpecError as err:
+        raise ConfigError(str(err)) from None
 
 
 @dataclass
 class CondNoiseConfig:
-    """Noise-conditioning augmentation: every conditioning image (the ca image and the garment; in a
-    super-resolution UNet also the low-res try-on) is noised to its own level, drawn from U[0, train_max] in training (the paper:
-    U[0, 1]) and fixed at sampling. Levels are fractions of the UNet's timesteps; the UNet is told each
-    level. The sampling levels were chosen by a search on the demo (BENCHMARKS.md): clean inputs won."""
-    train_max: float = field(default=1.0, metadata=_range(ge=0.0, le=1.0))
-    ca: float = field(default=0.0, metadata=_range(ge=0.0, le=1.0))
-    garment: float = field(default=0.0, metadata=_range(ge=0.0, le=1.0))
-    lowres: float = field(default=0.0, metadata=_range(ge=0.0, le=1.0))
+    """Noise-conditioning augmentation: every noisy input of a UNet (the ca image and the garment; a
+    super-resolving UNet's low-res try-on) is noised to its own level, drawn from U[0, train_max] in training
+    (the paper: U[0, 1]); at sampling each UNet's ``cond_noise`` mapping fixes it. Levels are fractions of the
+    UNet's timesteps; the UNet is told each level."""
+    train_max: float = field(default=1.0, metadata=bounds(ge=0.0, le=1.0))
 
 
 @dataclass
 class DiffusionConfig:
     schedule: Literal["cosine", "linear"] = "cosine"
     objective: Literal["eps", "v"] = "v"
-    cond_drop_prob: float = field(default=0.1, metadata=_range(ge=0.0, le=1.0))
-    guidance: float = field(default=2.0, metadata=_range(ge=0.0))
+    cond_drop_prob: float = field(default=0.1, metadata=bounds(ge=0.0, le=1.0))
+    guidance: float = field(default=2.0, metadata=bounds(ge=0.0))
     sampler: Literal["ddpm", "ddim", "dpmpp"] = "ddpm"
-    sample_steps: tuple[int, ...] = (256, 128)  # one per UNet
     dynamic_threshold: bool = True
-    dynamic_threshold_percentile: float = field(default=0.95, metadata=_range(gt=0.0, le=1.0))
+    dynamic_threshold_percentile: float = field(default=0.95, metadata=bounds(gt=0.0, le=1.0))
     cond_noise: CondNoiseConfig = field(default_factory=CondNoiseConfig)
     # A super-resolution UNet's sampling starts at this fraction of its timesteps from the upsampled low-res
     # try-on noised there (SDEdit) rather than from pure noise (1.0, the paper's); the steps are spread over
     # what is left.
-    sr_start: float = field(default=1.0, metadata=_range(gt=0.0, le=1.0))
+    sr_start: float = field(default=1.0, metadata=bounds(gt=0.0, le=1.0))
 
 
 @dataclass
@@ -183,26 +74,26 @@ class DataConfig:
     # Shard specs: brace patterns, lists or ``pipe:`` commands. Empty means ``{data_dir}/train-*.tar``.
     train_shards: list[str] = field(default_factory=list)
     val_shards: list[str] = field(default_factory=list)
-    num_workers: int = field(default=2, metadata=_range(ge=0))
+    num_workers: int = field(default=2, metadata=bounds(ge=0))
     # Batches each loader worker keeps ready; more hides a store's latency (BENCHMARKS.md, "Shards from a store").
-    prefetch_factor: int = field(default=2, metadata=_range(ge=1))
+    prefetch_factor: int = field(default=2, metadata=bounds(ge=1))
     # Shards from a store (http(s)://, pipe:; tryon_ds/data/remote.py): a read that brings no byte for this
     # long fails; a failed shard is read again this many times (doubling waits from shard_retry_wait_s), going
     # on after the samples already delivered, then skipped and counted.
-    shard_timeout_s: float = field(default=60.0, metadata=_range(gt=0.0))
-    shard_retries: int = field(default=3, metadata=_range(ge=0))
-    shard_retry_wait_s: float = field(default=1.0, metadata=_range(ge=0.0))
-    shuffle_buffer: int = field(default=1000, metadata=_range(ge=1))
+    shard_timeout_s: float = field(default=60.0, metadata=bounds(gt=0.0))
+    shard_retries: int = field(default=3, metadata=bounds(ge=0))
+    shard_retry_wait_s: float = field(default=1.0, metadata=bounds(ge=0.0))
+    shuffle_buffer: int = field(default=1000, metadata=bounds(ge=1))
     # Training streams restart their shard draw and shuffle buffer every this many batches, which bounds
     # what a resumed run must skip to see the same batches (tryon_ds/data/pipeline.py).
-    segment_batches: int = field(default=200, metadata=_range(ge=1))
+    segment_batches: int = field(default=200, metadata=bounds(ge=1))
     # Virtual data streams; 0 = ranks x workers. Fix it to make the data order independent of the world
     # size (e.g. to compare a 1-rank run with gradient accumulation against a multi-rank run).
-    streams: int = field(default=0, metadata=_range(ge=0))
+    streams: int = field(default=0, metadata=bounds(ge=0))
     seed: int = 0
-    hflip_prob: float = field(default=0.5, metadata=_range(ge=0.0, le=1.0))
-    rotation_degrees: float = field(default=5.0, metadata=_range(ge=0.0, le=180.0))
-    color_jitter: float = field(default=0.1, metadata=_range(ge=0.0, le=1.0))
+    hflip_prob: float = field(default=0.5, metadata=bounds(ge=0.0, le=1.0))
+    rotation_degrees: float = field(default=5.0, metadata=bounds(ge=0.0, le=180.0))
+    color_jitter: float = field(default=0.1, metadata=bounds(ge=0.0, le=1.0))
 
 
 @dataclass
@@ -211,116 +102,115 @@ class LoggingConfig:
     wandb_project: str = "tryon-ds"
     tensorboard: bool = True
     progress_bar: bool = True
-    keep_checkpoints: int = field(default=3, metadata=_range(ge=1))
-    sample_count: int = field(default=4, metadata=_range(ge=1))
+    keep_checkpoints: int = field(default=3, metadata=bounds(ge=1))
+    sample_count: int = field(default=4, metadata=bounds(ge=1))
     # Sample grids during training use this many DDIM steps (every other rank waits meanwhile).
-    preview_steps: int = field(default=25, metadata=_range(ge=1))
+    preview_steps: int = field(default=25, metadata=bounds(ge=1))
     # An online wandb that cannot reach its server gives up after this long and the run logs to TensorBoard.
-    wandb_init_timeout_s: float = field(default=30.0, metadata=_range(gt=0.0))
+    wandb_init_timeout_s: float = field(default=30.0, metadata=bounds(gt=0.0))
+
+
+def default_cascade() -> tuple[UNetSpec, ...]:
+    """The training guide's two UNets: 128 px, then 256 px."""
+    return (dataclasses.replace(preset("base"), image_size=(128, 128), sample_steps=256),
+            dataclasses.replace(preset("sr"), image_size=(256, 256), sample_steps=128))
 
 
 @dataclass
 class Config:
-    # The original training guide's config.json keys (configs/config.json).
+    # The original training guide's config.json keys (configs/config.json), but those of its two UNets,
+    # which become entries of ``unets``.
     data_dir: str = "./data"
     output_dir: str = "./outputs"
     checkpoint_dir: str = "./checkpoints"
     log_dir: str = "./logs"
-    base_image_size: tuple[int, int] = (128, 128)
-    sr_image_size: tuple[int, int] = (256, 256)
-    timesteps: tuple[int, ...] = (1000, 1000)  # one per UNet
-    channels: int = field(default=3, metadata=_range(ge=1))
+    channels: int = field(default=3, metadata=bounds(ge=1))
     # Per GPU (per rank): the micro-batch; a step sees batch_size x gradient_accumulation_steps x ranks.
-    batch_size: int = field(default=4, metadata=_range(ge=1))
-    learning_rate: float = field(default=1e-4, metadata=_range(gt=0.0))
-    num_epochs: int = field(default=100, metadata=_range(ge=1))
-    gradient_accumulation_steps: int = field(default=1, metadata=_range(ge=1))
-    max_grad_norm: float = field(default=1.0, metadata=_range(ge=0.0))
-    warmup_steps: int = field(default=1000, metadata=_range(ge=0))
-    cosine_decay_max_steps: int = field(default=50000, metadata=_range(ge=1))
+    batch_size: int = field(default=4, metadata=bounds(ge=1))
+    learning_rate: float = field(default=1e-4, metadata=bounds(gt=0.0))
+    num_epochs: int = field(default=100, metadata=bounds(ge=1))
+    gradient_accumulation_steps: int = field(default=1, metadata=bounds(ge=1))
+    max_grad_norm: float = field(default=1.0, metadata=bounds(ge=0.0))
+    warmup_steps: int = field(default=1000, metadata=bounds(ge=0))
+    cosine_decay_max_steps: int = field(default=50000, metadata=bounds(ge=1))
     # After warm-up: cosine decay to min_lr_ratio over cosine_decay_max_steps, or constant (the paper).
     lr_schedule: Literal["cosine", "constant"] = "cosine"
-    validation_freq: int = field(default=1000, metadata=_range(ge=1))
-    checkpoint_freq: int = field(default=5000, metadata=_range(ge=1))
-    log_freq: int = field(default=100, metadata=_range(ge=1))
-    sample_freq: int = field(default=2000, metadata=_range(ge=1))
-    train_unet_number: int = field(default=1, metadata=_range(ge=1))
+    validation_freq: int = field(default=1000, metadata=bounds(ge=1))
+    checkpoint_freq: int = field(default=5000, metadata=bounds(ge=1))
+    log_freq: int = field(default=100, metadata=bounds(ge=1))
+    sample_freq: int = field(default=2000, metadata=bounds(ge=1))
+    train_unet_number: int = field(default=1, metadata=bounds(ge=1))
     use_ema: bool = True
     # true picks bf16 where the DeepSpeed config does not say; "fp16"/"bf16"/"no" are explicit.
     mixed_precision: bool | Literal["no", "fp16", "bf16"] = True
 
     # Beyond the guide's keys.
-    ema_decay: float = field(default=0.9999, metadata=_range(ge=0.0, le=1.0))
-    weight_decay: float = field(default=0.01, metadata=_range(ge=0.0))
-    min_lr_ratio: float = field(default=0.1, metadata=_range(ge=0.0, le=1.0))
-    max_steps: Optional[int] = field(default=None, metadata=_range(ge=1))
+    ema_decay: float = field(default=0.9999, metadata=bounds(ge=0.0, le=1.0))
+    weight_decay: float = field(default=0.01, metadata=bounds(ge=0.0))
+    min_lr_ratio: float = field(default=0.1, metadata=bounds(ge=0.0, le=1.0))
+    max_steps: Optional[int] = field(default=None, metadata=bounds(ge=1))
     # Stop after this many optimizer steps in a row were discarded for a non-finite loss or gradients.
-    max_bad_steps: int = field(default=20, metadata=_range(ge=1))
+    max_bad_steps: int = field(default=20, metadata=bounds(ge=1))
     # A collective that waits longer than this (a rank died or hangs) fails the run instead of hanging it.
-    dist_timeout_s: float = field(default=1800.0, metadata=_range(gt=0.0))
+    dist_timeout_s: float = field(default=1800.0, metadata=bounds(gt=0.0))
     seed: int = 0
-    unet1: UNetSection = field(default_factory=lambda: preset("base"))
-    unet2: UNetSection = field(default_factory=lambda: preset("sr"))
-    unet3: Optional[UNetSection] = None  # the paper's 256 -> 1024 px stage (configs/cascade1024.yaml)
+    unets: tuple[UNetSpec, ...] = field(default_factory=default_cascade)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # How the file named each entry's keys (legacy sections, the guide's size keys), for messages.
+    aliases: dict = field(default_factory=dict, repr=False, compare=False, metadata={"internal": True})
 
     @property
-    def unets(self) -> list[int]:
-        """The UNets of the cascade, 1 .. N: as many as there are sections, with no gap."""
-        return [n for n, key in enumerate(UNET_SECTIONS, 1) if getattr(self, key) is not None]
+    def unet_numbers(self) -> list[int]:
+        """The UNets of the cascade, 1 .. N."""
+        return list(range(1, len(self.unets) + 1))
 
-    def unet(self, unet_number: int) -> UNetSection:
-        if unet_number not in self.unets:
-            raise ConfigError(f"UNet {unet_number} is not defined: the config has no 'unet{unet_number}' section "
-                              f"(its cascade is {', '.join(f'unet{n}' for n in self.unets)}); add one, e.g. "
-                              "unet3: {preset: sr1024} as configs/cascade1024.yaml does")
-        return getattr(self, f"unet{unet_number}")
+    def unet(self, unet_number: int) -> UNetSpec:
+        if unet_number not in self.unet_numbers:
+            raise ConfigError(f"UNet {unet_number} is not defined: the cascade has {len(self.unets)} UNet(s) "
+                              f"({', '.join(u.preset for u in self.unets)}); add an entry to 'unets', e.g. "
+                              "{preset: sr1024, image_size: [1024, 1024]} as configs/cascade1024.yaml does")
+        return self.unets[unet_number - 1]
+
+    def conditioning(self, unet_number: int) -> Conditioning:
+        """What UNet ``unet_number`` reads: its family's answer for its place (every UNet after the first
+        super-resolves the one before it)."""
+        return self.unet(unet_number).conditioning(super_resolves(unet_number))
+
+    def key(self, unet_number: int, name: str = "") -> str:
+        """The config key of UNet ``unet_number`` (or of its key ``name``) as the file spelled it."""
+        path = f"unets.{unet_number - 1}" + (f".{name}" if name else "")
+        return _alias(path, self.aliases)
 
     def image_size(self, unet_number: int) -> tuple[int, int]:
         """[H, W] of UNet ``unet_number``'s output (and of its training images, crops aside)."""
-        if unet_number in GUIDE_SIZE_KEYS:
-            return getattr(self, GUIDE_SIZE_KEYS[unet_number])
         return self.unet(unet_number).image_size
 
     def size_key(self, unet_number: int) -> str:
-        return GUIDE_SIZE_KEYS.get(unet_number, f"unet{unet_number}.image_size")
+        return self.key(unet_number, "image_size")
 
     @property
     def num_keypoints(self) -> int:
         """Keypoints per pose, which every UNet that reads poses agrees on (validated)."""
-        return next((self.unet(n).num_keypoints for n in self.unets if hasattr(self.unet(n), "num_keypoints")), 18)
+        return next((u.num_keypoints for u in self.unets if hasattr(u, "num_keypoints")), 18)
 
     def crop_size(self, unet_number: int) -> tuple[int, int] | None:
         """[H, W] of the random crops UNet ``unet_number`` trains on, or None (whole images)."""
-        return getattr(self.unet(unet_number), "crop_size", None)
+        return self.unet(unet_number).crop_size
 
     def validate(self) -> None:
-        defined = [key for key in UNET_SECTIONS if getattr(self, key) is not None]
-        if defined != list(UNET_SECTIONS[:len(defined)]):
-            raise ConfigError(f"config sections {', '.join(defined)}: a cascade's UNets are numbered from 1 "
-                              "without a gap")
-        unets = self.unets
-        for key in ("timesteps", "diffusion.sample_steps"):
-            section, _, name = key.rpartition(".")
-            values = getattr(getattr(self, section) if section else self, name)
-            if len(values) != len(unets):
-                raise ConfigError(f"config key '{key}': got {list(values)}, expected one entry per UNet of the "
-                                  f"cascade ({len(unets)}: {', '.join(f'unet{n}' for n in unets)})")
-        for key in ("base_image_size", "sr_image_size", "timesteps", "diffusion.sample_steps"):
-            section, _, name = key.rpartition(".")
-            values = getattr(getattr(self, section) if section else self, name)
-            if any(v < 1 for v in values):
-                raise ConfigError(f"config key '{key}': got {list(values)}, expected positive integers")
-        if not (0 < self.train_unet_number <= len(unets)):
-            raise ConfigError(f"config key 'train_unet_number': got {self.train_unet_number}, but the config "
-                              f"defines no 'unet{self.train_unet_number}' section (its cascade is "
-                              f"{', '.join(f'unet{n}' for n in unets)}); add one, e.g. unet3: {{preset: sr1024}} "
-                              "as configs/cascade1024.yaml does")
-        for number in unets:
+        if not self.unets:
+            raise ConfigError("config key 'unets': the cascade has no UNet; give at least one")
+        if not (0 < self.train_unet_number <= len(self.unets)):
+            n = self.train_unet_number
+            raise ConfigError(f"config key 'train_unet_number': got {n}, but the config defines no 'unet{n}' section "
+                              f"(its cascade is {', '.join(self.key(m) for m in self.unet_numbers)}); add one, or "
+                              "an entry to 'unets', e.g. unet3: {preset: sr1024} as configs/cascade1024.yaml does")
+        for number in self.unet_numbers:
             self._validate_unet(number)
-        poses = {f"unet{n}.num_keypoints": self.unet(n).num_keypoints for n in unets if hasattr(self.unet(n), "num_keypoints")}
+        poses = {self.key(n, "num_keypoints"): u.num_keypoints for n, u in zip(self.unet_numbers, self.unets)
+                 if hasattr(u, "num_keypoints")}
         if len(set(poses.values())) > 1:
             raise ConfigError(f"config keys {', '.join(poses)} differ ({', '.join(map(str, poses.values()))}); "
                               "all read the same pose arrays")
@@ -328,14 +218,17 @@ class Config:
             raise ConfigError(f"config key 'channels': got {self.channels}, only RGB (3) is supported")
 
     def _validate_unet(self, number: int) -> None:
-        key, unet = f"unet{number}", self.unet(number)
-        unet.validate(key)
-        if number == 1 and not unet.INPUTS:
-            raise ConfigError(f"config key 'unet1.preset': {unet.preset!r} is conditioned on a low-resolution image "
-                              "alone, so it can only super-resolve (UNet 2 or later); UNet 1 needs a Parallel-UNet")
-        if number in GUIDE_SIZE_KEYS and unet.image_size is not None:
-            raise ConfigError(f"config key '{key}.image_size': UNet {number} takes its size from "
-                              f"'{GUIDE_SIZE_KEYS[number]}'; leave it out")
+        key, unet = self.key(number), self.unet(number)
+        try:
+            unet.conditioning(super_resolves(number))
+        except SpecError:
+            raise ConfigError(f"config key '{key}.preset': {unet.preset!r} is conditioned on a low-resolution image "
+                              "alone, so it can only super-resolve (UNet 2 or later); UNet 1 needs a Parallel-UNet"
+                              ) from None
+        try:
+            unet.validate(key, super_resolves(number))
+        except SpecError as err:
+            raise ConfigError(str(err)) from None
         size, size_key = self.image_size(number), self.size_key(number)
         if size is None:
             raise ConfigError(f"config key '{size_key}': UNet {number} needs its [H, W] output size, e.g. [1024, 768]")
@@ -356,41 +249,140 @@ class Config:
                 raise ConfigError(f"config key '{size_key}': {list(size)} must be a multiple of '{low_key}' "
                                   f"{list(low)} with the same aspect ratio: UNet {number} super-resolves UNet "
                                   f"{number - 1}'s output")
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
-    def with_unet(self, number: int, unet: UNetSection, size: tuple[int, int] | None = None) -> "Config":
-        """This config with UNet ``number`` replaced by ``unet`` (a cascade grown to it if need be: timesteps and
-        sample steps repeat their last entry), at ``size`` [H, W] if given, each lower UNet at half the size of
-        the one above; for the planner and the benchmarks, which name a preset rather than a cascade."""
-        changes: dict[str, Any] = {}
+    def to_dict(self) -> dict:
+        """The config as a file of this release writes it (bundles, trainer_state.json): the cascade as a list."""
+        out = {f.name: dataclasses.asdict(self)[f.name] for f in dataclasses.fields(self)
+               if not f.metadata.get("internal")}
+        return out
+
+    def with_unet(self, number: int, unet: UNetSpec, size: tuple[int, int] | None = None) -> "Config":
+        """This config with UNet ``number`` replaced by ``unet`` (a cascade grown to it if need be: each new
+        entry repeats the last one), at ``size`` [H, W] if given, each lower UNet at half the size of the one
+        above; for the planner and the benchmarks, which name a preset rather than a cascade."""
+        unets = list(self.unets)
+        while len(unets) < number:
+            unets.append(unets[-1])
+        unets[number - 1] = unet
         if size is not None:
             for k in range(number, 0, -1):
-                scaled = (size[0] >> (number - k), size[1] >> (number - k))
-                if k in GUIDE_SIZE_KEYS:
-                    changes[GUIDE_SIZE_KEYS[k]] = scaled
-                elif k == number:
-                    unet = dataclasses.replace(unet, image_size=scaled)
-                else:
-                    changes[f"unet{k}"] = dataclasses.replace(self.unet(k), image_size=scaled)
-        changes[f"unet{number}"] = unet
-        grown = max(len(self.unets), number)
-
-        def extend(values):
-            return tuple(values[:grown]) + (values[-1],) * (grown - len(values))
-        config = dataclasses.replace(self, **changes, timesteps=extend(self.timesteps),
-                                     diffusion=dataclasses.replace(self.diffusion,
-                                                                   sample_steps=extend(self.diffusion.sample_steps)))
+                unets[k - 1] = dataclasses.replace(unets[k - 1], image_size=(size[0] >> (number - k),
+                                                                             size[1] >> (number - k)))
+        config = dataclasses.replace(self, unets=tuple(unets))
         config.validate()
         return config
 
 
-def preset(name: str) -> UNetSection:
-    """The UNet config of a named preset: a Parallel-UNet or an Efficient-UNet by the preset's family."""
-    for cls, presets in ((UNetConfig, PRESETS), (EfficientUNetConfig, EFFICIENT_PRESETS)):
-        if name in presets:
-            return cls(preset=name, **presets[name])
-    raise ConfigError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS) + sorted(EFFICIENT_PRESETS)}")
+# --------------------------------------------------------------------------- the cascade from older keys
+# Keys of files written before ``unets`` (and of the guide's config.json), each with where it goes.
+SIZE_KEYS = ("base_image_size", "sr_image_size")  # the sizes of UNets 1 and 2
+PER_UNET_LISTS = {"timesteps": "timesteps", "diffusion.sample_steps": "sample_steps"}
+LEGACY_DEFAULTS = {"presets": ("base", "sr"), "sizes": ((128, 128), (256, 256)), "sample_steps": (256, 128)}
+SECTION = re.compile(r"^unet(\d+)$")
+
+
+def _alias(path: str, aliases: dict) -> str:
+    """``path`` (``unets.1.dim``) as the file named it (``unet2.dim``), by its longest aliased prefix."""
+    parts = path.split(".")
+    for n in range(len(parts), 0, -1):
+        head = ".".join(parts[:n])
+        if head in aliases:
+            return ".".join([aliases[head], *parts[n:]])
+    return path
+
+
+def cascade_from_sections(data: dict) -> dict:
+    """``data`` with every older cascade key mapped onto the list ``unets`` (made from the sections when the
+    file has no list: the guide's two UNets by default), and the aliases that let messages name the keys
+    the file used (under the key ``aliases``)."""
+    data = dict(data)
+    aliases: dict[str, str] = {}
+    sections = {int(SECTION.match(k).group(1)): data.pop(k) for k in list(data) if SECTION.match(k)}
+    if "unets" in data:
+        entries = data.pop("unets")
+        if isinstance(entries, dict):  # overrides by index with no list to apply them to
+            raise ConfigError("config key 'unets': got a mapping by index, but the config has no list of UNets "
+                              "to apply it to; give the whole list")
+        if not isinstance(entries, (list, tuple)):
+            raise ConfigError(f"config key 'unets': got {entries!r}, expected a list of UNets")
+        entries, legacy = [e for e in entries], False
+    else:
+        entries, legacy = [{"preset": name} for name in LEGACY_DEFAULTS["presets"]], True
+    for n in sorted(sections):
+        section, key = sections[n], f"unet{n}"
+        if section is None and n > 2 and n > len(entries):
+            continue  # "unet3: null", an older file's way of saying the cascade has two UNets
+        if not isinstance(section, dict):
+            raise ConfigError(f"config key '{key}': got {section!r}, expected a mapping of keys")
+        if n > len(entries) + 1:
+            raise ConfigError(f"config sections {', '.join(f'unet{m}' for m in sorted(sections))}: a cascade's "
+                              "UNets are numbered from 1 without a gap")
+        if n <= len(SIZE_KEYS) and legacy:
+            if section.get("image_size") is not None:
+                raise ConfigError(f"config key '{key}.image_size': UNet {n} takes its size from "
+                                  f"'{SIZE_KEYS[n - 1]}'; leave it out")
+            section = {k: v for k, v in section.items() if k != "image_size"}  # null, as older files wrote it
+        if n == len(entries) + 1:
+            entries.append(dict(section))
+        elif "preset" in section or not isinstance(entries[n - 1], dict):
+            entries[n - 1] = dict(section)  # a new preset replaces the entry rather than mixing two presets' keys
+        else:
+            entries[n - 1] = {**entries[n - 1], **section}
+        aliases[f"unets.{n - 1}"] = key
+    if legacy:
+        for n in range(1, len(entries) + 1):
+            aliases.setdefault(f"unets.{n - 1}", f"unet{n}")
+    for i, size_key in enumerate(SIZE_KEYS):
+        if i < len(entries) and isinstance(entries[i], dict) and (size_key in data or legacy):
+            entries[i] = {**entries[i], "image_size": data.pop(size_key, LEGACY_DEFAULTS["sizes"][i])}
+            aliases[f"unets.{i}.image_size"] = size_key
+        data.pop(size_key, None)
+    lists = {"timesteps": data.pop("timesteps", None)}
+    diffusion = dict(data.get("diffusion") or {}) if isinstance(data.get("diffusion"), dict) else None
+    if diffusion is not None:
+        lists["diffusion.sample_steps"] = diffusion.pop("sample_steps", None)
+    if legacy and lists.get("diffusion.sample_steps") is None and len(entries) == len(LEGACY_DEFAULTS["sample_steps"]):
+        lists["diffusion.sample_steps"] = list(LEGACY_DEFAULTS["sample_steps"])
+    for list_key, values in lists.items():
+        if values is None:
+            continue
+        if not isinstance(values, (list, tuple)) or len(values) != len(entries):
+            names = ", ".join(_alias(f"unets.{i}", aliases) for i in range(len(entries)))
+            raise ConfigError(f"config key '{list_key}': got {values!r}, expected one entry per UNet of the "
+                              f"cascade ({len(entries)}: {names})")
+        field_name = PER_UNET_LISTS[list_key]
+        for i, value in enumerate(values):
+            if isinstance(entries[i], dict):
+                entries[i] = {**entries[i], field_name: value}
+                aliases[f"unets.{i}.{field_name}"] = f"{list_key}[{i}]"
+    if diffusion is not None:
+        noise = diffusion.get("cond_noise")
+        if isinstance(noise, dict):
+            levels = {k: v for k, v in noise.items() if k != "train_max"}
+            diffusion["cond_noise"] = {k: v for k, v in noise.items() if k == "train_max"}
+            noisy = [_noisy_inputs(e, super_resolves(i + 1)) if isinstance(e, dict) else () for i, e in enumerate(entries)]
+            for name in levels:
+                if not any(name in n for n in noisy):
+                    raise _unknown_key(f"diffusion.cond_noise.{name}", ["train_max", *sorted(set().union(*noisy))])
+            for i, entry in enumerate(entries):
+                mine = {k: v for k, v in levels.items() if k in noisy[i]}
+                if mine:
+                    entries[i] = {**entry, "cond_noise": {**mine, **(entry.get("cond_noise") or {})}}
+                    aliases.update({f"unets.{i}.cond_noise.{k}": f"diffusion.cond_noise.{k}" for k in mine})
+        data["diffusion"] = diffusion
+    data["unets"] = entries
+    return {**data, "aliases": aliases}
+
+
+def _noisy_inputs(entry: dict, sr: bool) -> tuple[str, ...]:
+    """The noisy inputs of a not-yet-built entry, by its preset's family (nothing, if it names no known one)."""
+    name = entry.get("preset", "tiny")
+    if not isinstance(name, str) or (name not in PRESETS and name not in EFFICIENT_PRESETS):
+        return ()
+    try:
+        return preset(name).conditioning(sr).noisy
+    except SpecError:
+        return ()
 
 
 # --------------------------------------------------------------------------- typed building
@@ -409,6 +401,8 @@ def _type_name(tp) -> str:
         if origin is tuple and args and args[-1] is not Ellipsis:
             return f"a list of {len(args)} {items}"
         return f"a list of {items}"
+    if origin is dict:
+        return f"a mapping of names to {_PLURAL.get(typing.get_args(tp)[1], 'values')}"
     if tp is type(None):
         return "null"
     return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}.get(tp, str(tp))
@@ -433,6 +427,10 @@ def _coerce(value, tp):
             except _Mismatch:
                 pass
         raise _Mismatch
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise _Mismatch
+        return {k: _coerce(v, typing.get_args(tp)[1]) for k, v in value.items()}
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise _Mismatch
@@ -498,32 +496,34 @@ def _unknown_key(key: str, valid: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint} (valid keys here: {', '.join(sorted(valid))})")
 
 
-def _build(cls, data: Any, prefix: str):
+def _build(cls, data: Any, prefix: str, aliases: dict):
+    named = _alias(prefix, aliases)
     if not isinstance(data, dict):
-        raise ConfigError(f"config key '{prefix or '<top level>'}': got {data!r}, expected a mapping of keys")
+        raise ConfigError(f"config key '{named or '<top level>'}': got {data!r}, expected a mapping of keys")
     data = dict(data)
-    if cls is UNetSection:  # the preset decides the section's architecture
+    if cls is UNetSpec:  # the preset decides the entry's architecture
         name = data.pop("preset", "tiny")
         if not isinstance(name, str) or (name not in PRESETS and name not in EFFICIENT_PRESETS):
-            raise ConfigError(f"config key '{prefix}.preset': got {name!r}, expected one of "
+            raise ConfigError(f"config key '{named}.preset': got {name!r}, expected one of "
                               f"{sorted(PRESETS) + sorted(EFFICIENT_PRESETS)}")
         base = preset(name)
         cls = type(base)
     else:
         base = cls()
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     values = {}
     for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else key
+        path = f"{prefix}.{key}" if prefix else key
+        full = _alias(path, aliases)
         if key not in fields:
             raise _unknown_key(full, list(fields))
         tp = hints[key]
-        if key in UNET_SECTIONS and cls is Config:
-            values[key] = None if value is None and key not in UNET_SECTIONS[:2] else _build(UNetSection, value, full)
+        if cls is Config and key == "unets":
+            values[key] = tuple(_build(UNetSpec, entry, f"unets.{i}", aliases) for i, entry in enumerate(value))
             continue
         if dataclasses.is_dataclass(tp):
-            values[key] = _build(tp, value, full)
+            values[key] = _build(tp, value, path, aliases)
             continue
         try:
             coerced = _coerce(value, tp)
@@ -536,8 +536,12 @@ def _build(cls, data: Any, prefix: str):
 
 
 def build_config(data: dict) -> Config:
-    """Build and validate a Config from a (possibly nested) mapping of keys."""
-    config = _build(Config, data, "")
+    """Build and validate a Config from a (possibly nested) mapping of keys, the cascade as a list or in the
+    older keys (``cascade_from_sections``)."""
+    data = cascade_from_sections(data)
+    aliases = data.pop("aliases")
+    config = _build(Config, data, "", aliases)
+    config.aliases = aliases
     config.validate()
     return config
 
@@ -586,9 +590,26 @@ def deep_merge(base: dict, update: dict) -> dict:
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             # A new preset replaces the old section rather than mixing two presets' keys.
             out[key] = dict(value) if "preset" in value else deep_merge(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), list) and all(str(k).isdigit() for k in value):
+            out[key] = _merge_by_index(key, out[key], value)  # --set unets.1.dim=64
         else:
             out[key] = value
     return out
+
+
+def _merge_by_index(key: str, items: list, update: dict) -> list:
+    items = list(items)
+    for index, value in sorted(update.items(), key=lambda kv: int(kv[0])):
+        i = int(index)
+        if i > len(items):
+            raise ConfigError(f"config key '{key}.{i}': the list has {len(items)} entries; add them in order")
+        if i == len(items):
+            items.append(value)
+        elif isinstance(value, dict) and isinstance(items[i], dict):
+            items[i] = deep_merge({"unused": items[i]}, {"unused": value})["unused"]
+        else:
+            items[i] = value
+    return items
 
 
 def parse_override(text: str) -> dict:

@@ -26,6 +26,7 @@ from .data.pipeline import EVERYTHING, ValDataset, collate, resolve_shards
 from .data.preprocess import letterbox, normalise_pose, pose_tensors, to_image, unet_inputs
 from .data.sources import read_image, read_pose
 from .errors import UserError
+from .model import LOWRES
 from .seeding import seed_for
 
 
@@ -136,11 +137,13 @@ class TryOnPipeline:
         steps = self.steps_per_unet(steps)
         generator = (self.generators(keys, seed) if keys is not None
                      else torch.Generator(self.device).manual_seed(seed))
-        out, lowres = {}, None
+        out = {}
         for number, model in self.unets.items():
-            cond = {k: conds[number][k].to(self.device) for k in model.unet.cond_keys if k != "lowres"}
-            out[number] = lowres = model.sample(cond, lowres=lowres, steps=steps[number - 1] if steps else None,
-                                                sampler=sampler, guidance=guidance, generator=generator)
+            # Each UNet's inputs from the prepared pictures, its low-res input the UNet before's output.
+            cond = {k: out[number - 1] if k == LOWRES else conds[number][k].to(self.device)
+                    for k in model.conditioning.keys}
+            out[number] = model.sample(cond, steps=steps[number - 1] if steps else None, sampler=sampler,
+                                       guidance=guidance, generator=generator)
         return out
 
     def __call__(self, ca, garment, person_pose, garment_pose=None, **kwargs) -> Image.Image:

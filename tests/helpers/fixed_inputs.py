@@ -9,9 +9,9 @@ def fixed_inputs(config, unet):
     x = batch.pop("person")
     batch.pop("crop", None)
     cond, levels = dict(batch), {}
-    if "ca" in cond:
-        levels.update(ca=torch.tensor([0.0, 0.3]), garment=torch.tensor([0.1, 0.6]))
-    if unet > 1:
+    chosen = {"ca": [0.0, 0.3], "garment": [0.1, 0.6], "lowres": [0.0, 0.1]}
+    for name in config.conditioning(unet).noisy:
+        levels[name] = torch.tensor(chosen[name])
+    if "lowres" in cond:  # the UNet itself reads it upsampled to its size
         cond["lowres"] = torch.nn.functional.interpolate(batch["lowres"], size=x.shape[-2:])
-        levels["lowres"] = torch.tensor([0.0, 0.1])
     return x, torch.tensor([10, 700]), cond, levels

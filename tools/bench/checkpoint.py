@@ -19,7 +19,7 @@ import time
 import torch
 
 from tryon_ds.config import preset
-from tryon_ds.model import ARCHITECTURES, parameter_count
+from tryon_ds.model import build_unet, parameter_count, super_resolves
 from tryon_ds.model.presets import POSITION
 from tryon_ds.training.checkpoint import sha256_of
 
@@ -33,7 +33,7 @@ def main() -> None:
     args = p.parse_args()
     cfg = preset(args.preset)
     with torch.device("meta"):
-        n = parameter_count(ARCHITECTURES[cfg.ARCH](cfg, lowres_cond=POSITION[args.preset] > 1))
+        n = parameter_count(build_unet(cfg, super_resolves(POSITION[args.preset])))
     weight = 2 if args.precision == "bf16" else 4
     files = {"rank 0: mp_rank_00_model_states.pt": n * weight,  # the weights in the training dtype
              "rank 0: ema.safetensors": n * 4,  # the fp32 EMA

@@ -125,8 +125,8 @@ def main(argv=None) -> None:
     if args.convert_only:
         return
     base = read_config_file(REPO / "configs" / "tiny.yaml")
-    base.pop("unet3")  # UNets 1 and 2 at 128 / 256 px: the two-UNet cascade
-    base["timesteps"], base["diffusion"]["sample_steps"] = [1000, 1000], [50, 25]
+    # UNets 1 and 2 at 128 / 256 px: the two-UNet cascade
+    base["unets"] = [{**u, "sample_steps": steps} for u, steps in zip(base["unets"][:2], (50, 25))]
     print(" unet  size  workers  shards samples/s  folder samples/s  ratio")
     for unet in (1, 2):
         for workers in (0, 1, 2):
@@ -160,7 +160,7 @@ def loader_per_core(top: int, samples: int, batches: int, batch_size: int) -> No
         "data_dir": str(root), "unet3": {"preset": "sr1024", "image_size": [top, top]},
         "data": {"num_workers": 0, "shuffle_buffer": 100}}))
     print(" unet  trains on         samples/s per core  GPU samples/s  cores per GPU")
-    for unet in cfg.unets:
+    for unet in cfg.unet_numbers:
         size = cfg.crop_size(unet) or cfg.image_size(unet)
         what = f"{size[0]}x{size[1]}" + (" crops" if cfg.crop_size(unet) else "")
         got = rate(TrainLoader(cfg, unet, 0, batch_size), batches, batch_size)
@@ -183,8 +183,7 @@ def from_store(samples: int, batches: int, batch_size: int, latency_s: float, ba
     print(f"{samples} samples at 256 px in {len(names)} shards ({per_sample / 1024:.0f} KiB per sample); server: "
           f"{latency_s * 1000:.0f} ms per request, {bandwidth / 2**20:.0f} MiB/s per connection")
     base = read_config_file(REPO / "configs" / "tiny.yaml")
-    base.pop("unet3")  # UNet 2 at 256 px: the two-UNet cascade
-    base["timesteps"], base["diffusion"]["sample_steps"] = [1000, 1000], [10, 10]
+    base["unets"] = base["unets"][:2]  # UNet 2 at 256 px: the two-UNet cascade
     print(" workers  prefetch  disk samples/s  http samples/s  http/disk")
     with ShardServer(root, latency_s=latency_s, bandwidth=bandwidth) as server:
         for workers in (1, 2, 4):

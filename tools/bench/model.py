@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     config = config_from_args(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {config.batch_size}")
     print(" unet  size      params   checkpointing  fwd+bwd s/step  samples/s")
-    for number in config.unets:
+    for number in config.unet_numbers:
         for ckpt in (False, True):
             unet = dataclasses.replace(config.unet(number), checkpointing=ckpt)
             cfg = dataclasses.replace(config, **{f"unet{number}": unet})

@@ -18,7 +18,7 @@ Validation reads every sample exactly once across all ranks and workers: by shar
 shards, else by sample index.
 
 A sample is decoded only as far as the UNet reads it: its target and the inputs the UNet is conditioned on
-(``INPUTS`` of its config); UNet 3, conditioned on the low-res image alone, which is derived from the target,
+(its conditioning's ``sample_inputs``); UNet 3, conditioned on the low-res image alone, which is derived from the target,
 decodes only ``person.jpg``. A JPEG larger than the UNet needs is decoded at a reduced scale (libjpeg's DCT
 scaling by 1/2, 1/4 or 1/8 to the smallest size still at least the UNet's, then resized as before): UNet 1 reads
 shards written at 1024 px for UNet 3 about 13x faster per image, at a mean 0.5/255 from the full decode.
@@ -268,7 +268,7 @@ class TrainStream(IterableDataset):
         position = 0
         for raw in pipeline:
             try:
-                sample = decode(raw, self.config.num_keypoints, self.config.unet(self.unet_number).INPUTS,
+                sample = decode(raw, self.config.num_keypoints, self.config.conditioning(self.unet_number).sample_inputs,
                                 self.decode_size)
             except BadSample as err:
                 counter.bad_sample(raw.get("__key__", "?"), str(err))
@@ -393,7 +393,7 @@ def val_dataset(urls: list[str], config: Config, unet_number: int, rank: int = 0
                 inputs: tuple[str, ...] | None = None) -> ValDataset:
     """UNet ``unet_number``'s validation inputs (whole images, not augmented) of every sample of ``urls``:
     what the UNet reads, or ``inputs`` (e.g. EVERYTHING, to measure it in the garment region)."""
-    return ValDataset(urls, config.num_keypoints, config.unet(unet_number).INPUTS if inputs is None else inputs,
+    return ValDataset(urls, config.num_keypoints, config.conditioning(unet_number).sample_inputs if inputs is None else inputs,
                       functools.partial(unet_inputs, config=config, unet_number=unet_number), rank, world_size,
                       config.image_size(unet_number), data=config.data)
 

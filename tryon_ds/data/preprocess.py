@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..model.spec import LOWRES
 from .transforms import IMAGES, augment
 
 PAD_COLOUR = (255, 255, 255)
@@ -82,8 +83,8 @@ def unet_inputs(sample: dict, config, unet_number: int, rng: random.Random | Non
         d = config.data
         out.pop("mask", None)
         out = augment(out, rng, d.hflip_prob, d.rotation_degrees, d.color_jitter)
-    if unet_number > 1 and "person" in out:
-        out["lowres"] = resize(out["person"], config.image_size(unet_number - 1)) * 2 - 1
+    if config.conditioning(unet_number).super_resolves and "person" in out:
+        out[LOWRES] = resize(out["person"], config.image_size(unet_number - 1)) * 2 - 1
     for name in present:
         out[name] = out[name] * 2 - 1
     if "mask" in out:
@@ -109,7 +110,7 @@ def crop_inputs(sample: dict, config, unet_number: int, rng: random.Random) -> d
     top, left = rng.randint(0, h - crop_h), rng.randint(0, w - crop_w)
     out = {k: v for k, v in sample.items() if k not in IMAGES and k != "mask"}
     out["person"] = to_tensor(person.crop((left, top, left + crop_w, top + crop_h))) * 2 - 1
-    out["lowres"] = to_tensor(person.resize((low_w, low_h), Image.BILINEAR)) * 2 - 1
+    out[LOWRES] = to_tensor(person.resize((low_w, low_h), Image.BILINEAR)) * 2 - 1
     out["crop"] = torch.tensor([top, left])
     return out
 

@@ -1,22 +1,23 @@
 import torch
 
-from .efficient_unet import EfficientUNet
-from .parallel_unet import COND_KEYS, ParallelUNet, drop_conditioning
+from .efficient_unet import EfficientUNet, EfficientUNetConfig
+from .parallel_unet import ParallelUNet, ParallelUNetConfig
+from .presets import preset
+from .spec import LOWRES, Conditioning, SpecError, UNetSpec, super_resolves
 
-__all__ = ["ARCHITECTURES", "COND_KEYS", "DTYPES", "EfficientUNet", "ParallelUNet", "build_unet",
-           "compiled_graphs", "drop_conditioning", "parameter_count"]
+__all__ = ["ARCHITECTURES", "Conditioning", "DTYPES", "EfficientUNet", "EfficientUNetConfig", "LOWRES", "ParallelUNet",
+           "ParallelUNetConfig", "SpecError", "UNetSpec", "build_unet", "compiled_graphs", "parameter_count", "preset",
+           "super_resolves"]
 
 # The precisions by the names configs, DeepSpeed and bundles use.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# A UNet config's ARCH -> the model it describes.
+# A UNet spec's ARCH -> the model it describes.
 ARCHITECTURES = {"parallel": ParallelUNet, "efficient": EfficientUNet}
 
 
-def build_unet(config, unet_number: int) -> torch.nn.Module:
-    """UNet ``unet_number`` of the cascade ``config`` describes; every UNet after the first super-resolves the
-    one before it."""
-    cfg = config.unet(unet_number)
-    return ARCHITECTURES[cfg.ARCH](cfg, lowres_cond=unet_number > 1, channels=config.channels)
+def build_unet(spec: UNetSpec, super_resolves: bool, channels: int = 3) -> torch.nn.Module:
+    """The UNet ``spec`` describes, super-resolving the UNet before it or starting the cascade."""
+    return ARCHITECTURES[spec.ARCH](spec, super_resolves=super_resolves, channels=channels)
 
 
 def parameter_count(module: torch.nn.Module) -> int:

@@ -17,17 +17,61 @@ guidance has nothing to drop here, so this UNet samples at guidance 1 whatever t
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .blocks import Embedder, ResBlock, ZeroConv2d, downsample, run_block, upsample
-
-if TYPE_CHECKING:  # the config imports the presets of this package
-    from ..config import EfficientUNetConfig
+from .spec import LOWRES, Conditioning, SpecError, UNetSpec, bounds
 
 SKIP_SCALE = 2 ** -0.5
+
+
+@dataclass
+class EfficientUNetConfig(UNetSpec):
+    """An Efficient-UNet (Imagen's): a super-resolution UNet conditioned on the low-res image alone, the
+    paper's UNet 3."""
+
+    ARCH = "efficient"
+
+    preset: str = "tiny-sr3"
+    # Trained on random crops of this size ([H, W]) of the target and of its upsampled low-res image (Imagen:
+    # 256 px crops of 1024 px images), sampled on the whole image; null trains on whole images.
+    crop_size: Optional[tuple[int, int]] = None
+    dim: int = field(default=32, metadata=bounds(ge=8))
+    dim_mults: tuple[int, ...] = (1, 2, 4)
+    # Residual blocks per level, each level downsampling before its blocks: more at the low resolutions.
+    num_res_blocks: tuple[int, ...] = (1, 2, 2)
+    cond_dim: int = field(default=128, metadata=bounds(ge=8))
+    groups: int = field(default=8, metadata=bounds(ge=1))
+    dropout: float = field(default=0.0, metadata=bounds(ge=0.0, le=1.0))
+
+    def conditioning(self, super_resolves: bool) -> Conditioning:
+        """The upsampled low-res image alone, noise-augmented and never dropped: guidance has nothing to drop,
+        so this UNet samples at guidance 1."""
+        if not super_resolves:
+            raise SpecError(f"preset {self.preset!r} is an Efficient-UNet, conditioned on a low-resolution image "
+                            "alone: it can only super-resolve (UNet 2 or later), not start a cascade")
+        return Conditioning(images=(LOWRES,), poses=(), noisy=(LOWRES,), guided=(), preview=(LOWRES,))
+
+    @property
+    def size_factor(self) -> int:
+        return 2 ** len(self.dim_mults)  # every level downsamples, the first one included
+
+    def validate(self, key: str, super_resolves: bool) -> None:
+        super().validate(key, super_resolves)
+        if len(self.num_res_blocks) != len(self.dim_mults):
+            raise SpecError(f"config key '{key}.num_res_blocks': has {len(self.num_res_blocks)} entries, expected "
+                            f"one per level of '{key}.dim_mults' ({len(self.dim_mults)})")
+        for i, (m, n) in enumerate(zip(self.dim_mults, self.num_res_blocks)):
+            if m < 1 or n < 1:
+                raise SpecError(f"config key '{key}': level {i} has dim_mults {m} and num_res_blocks {n}, "
+                                "expected integers >= 1")
+        for width in [self.dim] + [self.dim * m for m in self.dim_mults]:
+            if width % self.groups:
+                raise SpecError(f"config key '{key}.groups': {self.groups} does not divide the width {width}")
 
 
 class _Level(nn.Module):
@@ -38,17 +82,9 @@ class _Level(nn.Module):
 
 
 class EfficientUNet(nn.Module):
-    # What the cascade asks of every UNet (tryon_ds/cascade.py): the conditioning it reads, which of its
-    # inputs are noise-augmented, which classifier-free guidance drops, and what a preview shows beside it.
-    cond_keys = ("lowres",)
-    noisy_inputs = ("lowres",)
-    guided: tuple[str, ...] = ()
-    preview = ("lowres",)
-
-    def __init__(self, cfg: EfficientUNetConfig, lowres_cond: bool = True, channels: int = 3):
+    def __init__(self, cfg: EfficientUNetConfig, super_resolves: bool = True, channels: int = 3):
         super().__init__()
-        if not lowres_cond:
-            raise ValueError("an Efficient U-Net is conditioned on a low-resolution image only: it cannot be UNet 1")
+        self.conditioning = cfg.conditioning(super_resolves)
         self.cfg = cfg
         widths = [cfg.dim * m for m in cfg.dim_mults]
 
@@ -56,7 +92,7 @@ class EfficientUNet(nn.Module):
             return ResBlock(in_ch, out_ch, cfg.cond_dim, cfg.groups, cfg.dropout)
 
         self.time_embed = Embedder(cfg.cond_dim)
-        self.noise_level_embed = nn.ModuleDict({"lowres": Embedder(cfg.cond_dim)})
+        self.noise_level_embed = nn.ModuleDict({LOWRES: Embedder(cfg.cond_dim)})
         self.conv_in = nn.Conv2d(2 * channels, cfg.dim, 7, padding=3)  # z_t and the upsampled low-res image
         self.block_in = block(cfg.dim, cfg.dim)
         outer = [cfg.dim, *widths[:-1]]  # each level's width above it
@@ -78,11 +114,11 @@ class EfficientUNet(nn.Module):
         to x_t's size and noise-augmented to ``noise_levels["lowres"]`` ((B,) fractions in [0, 1])."""
         if drop_cond is not None:
             raise ValueError("the Efficient U-Net has no conditioning that classifier-free guidance drops")
-        lowres = cond["lowres"]
+        lowres = cond[LOWRES]
         if self.cfg.channels_last:
             x_t, lowres = (v.contiguous(memory_format=torch.channels_last) for v in (x_t, lowres))
         # Levels are fractions in [0, 1]; the embedding's sinusoids want the timestep scale.
-        c = self.time_embed(t) + self.noise_level_embed["lowres"](noise_levels["lowres"] * 1000)
+        c = self.time_embed(t) + self.noise_level_embed[LOWRES](noise_levels[LOWRES] * 1000)
         ckpt = self.cfg.checkpointing
         x = top = run_block(self.block_in, ckpt, self.conv_in(torch.cat([x_t, lowres], dim=1)), c)
         skips = []

@@ -15,7 +15,8 @@ try-on), and each pose pooled by attention.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass, field
+from typing import Callable, Literal
 
 import torch
 from einops import rearrange
@@ -24,13 +25,67 @@ from torch import nn
 from .attention import attention
 from .blocks import Embedder, ResBlock, ZeroConv2d, ZeroLinear, downsample, run_block, upsample
 from .pose import AttentionPool, PoseTokens
+from .spec import LOWRES, Conditioning, SpecError, UNetSpec, bounds
 
-if TYPE_CHECKING:  # the config imports the presets of this package
-    from ..config import UNetConfig
 
-COND_KEYS = ("ca", "garment", "person_pose", "person_pose_valid", "garment_pose", "garment_pose_valid")
-# What classifier-free guidance drops (a super-resolution UNet's low-res input is never dropped).
-GUIDED = ("ca", "garment", "person_pose", "garment_pose")
+@dataclass
+class ParallelUNetConfig(UNetSpec):
+    """A Parallel-UNet: the try-on UNets of the paper (1 and 2), and any later one conditioned like them."""
+
+    ARCH = "parallel"
+
+    preset: str = "tiny"
+    dim: int = field(default=32, metadata=bounds(ge=8))
+    dim_mults: tuple[int, ...] = (1, 2, 2)
+    # Residual blocks per level of the person-UNet; the garment-UNet uses the same counts.
+    num_res_blocks: tuple[int, ...] = (1, 1, 1)
+    # Per level: whether every person-UNet block there is followed by self-attention (with the pose tokens)
+    # and cross-attention to the garment (the paper: the two lowest resolutions of UNet 1, the lowest of
+    # UNet 2). The garment-UNet is built only as far as the attending blocks need.
+    attn_levels: tuple[bool, ...] = (False, True, True)
+    attn_heads: int = field(default=4, metadata=bounds(ge=1))
+    attn_dim_head: int = field(default=16, metadata=bounds(ge=4))
+    # Width of the FiLM conditioning vector and of the pose tokens (one per keypoint).
+    cond_dim: int = field(default=128, metadata=bounds(ge=8))
+    pose_dim: int = field(default=64, metadata=bounds(ge=8))
+    num_keypoints: int = field(default=18, metadata=bounds(ge=1))
+    groups: int = field(default=8, metadata=bounds(ge=1))
+    dropout: float = field(default=0.0, metadata=bounds(ge=0.0, le=1.0))
+    attention_backend: Literal["sdpa", "xformers", "math"] = "sdpa"
+
+    def conditioning(self, super_resolves: bool) -> Conditioning:
+        """The clothing-agnostic person, the garment and both poses, all dropped together for guidance; a
+        super-resolving one also the upsampled low-res try-on, never dropped: it is the image being
+        super-resolved. The images are noise-augmented, the poses are not."""
+        lowres = (LOWRES,) if super_resolves else ()
+        return Conditioning(images=("ca", "garment") + lowres, poses=("person_pose", "garment_pose"),
+                            noisy=("ca", "garment") + lowres, guided=("ca", "garment", "person_pose", "garment_pose"),
+                            preview=("ca", "garment"))
+
+    @property
+    def size_factor(self) -> int:
+        return 2 ** (len(self.dim_mults) - 1)  # one halving between consecutive levels
+
+    def validate(self, key: str, super_resolves: bool) -> None:
+        super().validate(key, super_resolves)
+        n = len(self.dim_mults)
+        for name in ("num_res_blocks", "attn_levels"):
+            if len(getattr(self, name)) != n:
+                raise SpecError(
+                    f"config key '{key}.{name}': has {len(getattr(self, name))} entries, expected one per "
+                    f"level of '{key}.dim_mults' ({n})")
+        if not any(self.attn_levels):
+            raise SpecError(f"config key '{key}.attn_levels': at least one level must attend, "
+                            "or the garment never reaches the person stream")
+        for i, m in enumerate(self.dim_mults):
+            if m < 1:
+                raise SpecError(f"config key '{key}.dim_mults[{i}]': got {m}, expected an integer >= 1")
+            if (self.dim * m) % self.groups:
+                raise SpecError(f"config key '{key}.groups': {self.groups} does not divide the level-{i} "
+                                f"width {self.dim * m} (dim x dim_mults[{i}])")
+        if self.pose_dim % self.attn_heads:
+            raise SpecError(f"config key '{key}.pose_dim': {self.pose_dim} is not divisible by "
+                            f"'{key}.attn_heads' ({self.attn_heads}), which the pose pooling needs")
 
 
 class Attention(nn.Module):
@@ -61,7 +116,7 @@ class WarpBlock(nn.Module):
     """What follows a person-UNet residual block at an attending resolution: self-attention over the person
     features and the pose tokens, then cross-attention to the matching garment-UNet block's features."""
 
-    def __init__(self, dim: int, cfg: UNetConfig):
+    def __init__(self, dim: int, cfg: ParallelUNetConfig):
         super().__init__()
         self.pose_proj = nn.Linear(cfg.pose_dim, dim)
         self.self_attn = Attention(dim, cfg.attn_heads, cfg.attn_dim_head, cfg.attention_backend)
@@ -81,38 +136,19 @@ class _Level(nn.Module):
     attends), then an optional resampling to the next level's width."""
 
     def __init__(self, ch: int, skip_ch: int, n_res: int, attends: bool, resample: nn.Module | None,
-                 cond_dim: int, cfg: UNetConfig):
+                 cond_dim: int, cfg: ParallelUNetConfig):
         super().__init__()
         self.res = nn.ModuleList(ResBlock(ch + skip_ch, ch, cond_dim, cfg.groups, cfg.dropout) for _ in range(n_res))
         self.attn = nn.ModuleList(WarpBlock(ch, cfg) for _ in range(n_res)) if attends else None
         self.resample = resample
 
 
-def drop_conditioning(cond: dict, drop: torch.Tensor) -> dict:
-    """Null the try-on conditioning (ca image, garment, both poses) where ``drop`` is True. A super-resolution
-    UNet's low-resolution input is kept: it is the image being super-resolved, not a guidance signal."""
-    keep = ~drop
-    out = dict(cond)
-    for key in GUIDED:
-        out[key] = cond[key] * keep.view(-1, *[1] * (cond[key].dim() - 1)).to(cond[key].dtype)
-    for key in ("person_pose_valid", "garment_pose_valid"):
-        out[key] = cond[key] & keep[:, None]
-    return out
-
-
 class ParallelUNet(nn.Module):
-    # What the cascade asks of every UNet (tryon_ds/cascade.py): the conditioning it reads (cond_keys), which of
-    # its inputs are noise-augmented, which classifier-free guidance drops, and what a preview shows beside it.
-    guided = GUIDED
-    preview = ("ca", "garment")
-
-    def __init__(self, cfg: UNetConfig, lowres_cond: bool = False, channels: int = 3):
+    def __init__(self, cfg: ParallelUNetConfig, super_resolves: bool = False, channels: int = 3):
         super().__init__()
-        self.cfg, self.lowres_cond = cfg, lowres_cond
+        self.cfg, self.super_resolves = cfg, super_resolves
+        self.conditioning = cfg.conditioning(super_resolves)
         self.checkpointing = cfg.checkpointing
-        extra = ("lowres",) if lowres_cond else ()  # a super-resolution UNet's upsampled low-res try-on
-        self.cond_keys = COND_KEYS + extra
-        self.noisy_inputs = ("ca", "garment") + extra
         cond_dim = cfg.cond_dim
         widths = [cfg.dim * m for m in cfg.dim_mults]
         n_levels = len(widths)
@@ -120,12 +156,12 @@ class ParallelUNet(nn.Module):
         top = attends.index(True)  # highest-resolution attending level: the garment decoder ends there
 
         self.time_embed = Embedder(cond_dim)
-        self.noise_level_embed = nn.ModuleDict({k: Embedder(cond_dim) for k in self.noisy_inputs})
+        self.noise_level_embed = nn.ModuleDict({k: Embedder(cond_dim) for k in self.conditioning.noisy})
         self.pose_tokens = PoseTokens(cfg.num_keypoints, cfg.pose_dim)
         self.pose_pool = nn.ModuleList(AttentionPool(cfg.pose_dim, cfg.attn_heads, cond_dim, cfg.attention_backend)
                                        for _ in range(2))  # the person's pose, the garment wearer's
 
-        in_ch = channels * (3 if lowres_cond else 2)  # z_t, ca image (, upsampled low-res try-on)
+        in_ch = channels * (3 if super_resolves else 2)  # z_t, ca image (, upsampled low-res try-on)
         self.person_in = nn.Conv2d(in_ch, widths[0], 7, padding=3)
         self.garment_in = nn.Conv2d(channels, widths[0], 7, padding=3)
 
@@ -153,15 +189,13 @@ class ParallelUNet(nn.Module):
     def _call(self, block: nn.Module, *args):
         return run_block(block, self.checkpointing, *args)
 
-    drop_conditioning = staticmethod(drop_conditioning)
-
     def _conditioning(self, t, cond, noise_levels):
         """The FiLM vector and the pose tokens."""
         tokens = self.pose_tokens(cond["person_pose"], cond["person_pose_valid"], cond["garment_pose"],
                                   cond["garment_pose_valid"])
         k = self.cfg.num_keypoints
         c = self.time_embed(t) + self.pose_pool[0](tokens[:, :k]) + self.pose_pool[1](tokens[:, k:])
-        for name in self.noisy_inputs:
+        for name in self.conditioning.noisy:
             # Levels are fractions in [0, 1]; the embedding's sinusoids want the timestep scale.
             c = c + self.noise_level_embed[name](noise_levels[name] * 1000)
         return c, tokens
@@ -192,12 +226,12 @@ class ParallelUNet(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, noise_levels: dict[str, torch.Tensor],
                 drop_cond: torch.Tensor | None = None) -> torch.Tensor:
-        """x_t: (B, C, H, W) noisy image; t: (B,) integer timesteps; cond: the tensors named in COND_KEYS
-        (and ``lowres`` for a super-resolution UNet), the conditioning images already noise-augmented to ``noise_levels``
-        ({name: (B,) fractions in [0, 1]} for each of NOISY_INPUTS); drop_cond: (B,) bool, True where the
-        try-on conditioning is replaced by its null value (classifier-free guidance)."""
+        """x_t: (B, C, H, W) noisy image; t: (B,) integer timesteps; cond: the tensors its conditioning's
+        ``keys`` name, the images already noise-augmented to ``noise_levels`` ({name: (B,) fractions in [0, 1]}
+        for each noisy input); drop_cond: (B,) bool, True where the try-on conditioning is replaced by its
+        null value (classifier-free guidance)."""
         if drop_cond is not None:
-            cond = drop_conditioning(cond, drop_cond)
+            cond = self.conditioning.drop(cond, drop_cond)
         if self.cfg.channels_last:  # the convolutions propagate the layout from their inputs
             x_t = x_t.contiguous(memory_format=torch.channels_last)
             cond = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in cond.items()}
@@ -215,7 +249,7 @@ class ParallelUNet(nn.Module):
             return self._call(level.attn[j], x, garment_feats[place + (j,)], pose_tokens)
 
         self._walk(self.garment_down, self.garment_mid, self.garment_up, self.garment_in(cond["garment"]), c, keep)
-        inputs = [x_t, cond["ca"]] + ([cond["lowres"]] if self.lowres_cond else [])
+        inputs = [x_t, cond["ca"]] + ([cond[LOWRES]] if self.super_resolves else [])
         x = self._walk(self.person_down, self.person_mid, self.person_up, self.person_in(torch.cat(inputs, dim=1)),
                        c, attend)
         return self.person_out(x)

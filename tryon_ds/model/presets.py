@@ -1,5 +1,5 @@
-"""Named UNet sizes: values for the keys of a UNet's config section (tryon_ds/config.py); any key given beside
-``preset`` in a config overrides the preset's value. The preset's family decides the architecture.
+"""Named UNet sizes: values for the keys of a UNet's entry in the cascade (tryon_ds/config.py); any key given
+beside ``preset`` in a config overrides the preset's value. The preset's family decides the architecture.
 
 Parallel-UNets (``PRESETS``; tryon_ds/model/parallel_unet.py), all with the paper's structure: UNet 1
 (128 px, 4 levels) attends at its two lowest resolutions (32 and 16 px), UNet 2 (256 px, 5 levels) at its
@@ -14,6 +14,7 @@ Efficient-UNets (``EFFICIENT_PRESETS``; tryon_ds/model/efficient_unet.py), the p
 - ``tiny-sr3``: the same structure at CPU size (64 -> 128 px on 32 px crops).
 tests/test_model.py checks the parameter counts on the meta device.
 """
+from .spec import SpecError
 
 _PAPER_ATTENTION = dict(attn_heads=8, attn_dim_head=64, cond_dim=768, pose_dim=512, groups=32)
 _UNET1 = (False, False, True, True)
@@ -41,3 +42,14 @@ EFFICIENT_PRESETS: dict[str, dict] = {
 
 # The UNet of the cascade each preset is made for: the tools' default when only a preset is named.
 POSITION = {"tiny": 1, "base": 1, "paper-base": 1, "tiny-sr": 2, "sr": 2, "paper-sr": 2, "tiny-sr3": 3, "sr1024": 3}
+
+
+def preset(name: str):
+    """The spec of a named preset: a ParallelUNetConfig or an EfficientUNetConfig by the preset's family."""
+    from .efficient_unet import EfficientUNetConfig
+    from .parallel_unet import ParallelUNetConfig
+
+    for cls, presets in ((ParallelUNetConfig, PRESETS), (EfficientUNetConfig, EFFICIENT_PRESETS)):
+        if name in presets:
+            return cls(preset=name, **presets[name])
+    raise SpecError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS) + sorted(EFFICIENT_PRESETS)}")

@@ -102,9 +102,9 @@ def evaluate_sr_alone(pipe: TryOnPipeline, number: int, shards: str, num: int, b
         if not batch:
             break
         batch = collate(batch)
-        cond = {k: batch[k].to(pipe.device) for k in model.unet.cond_keys if k != "lowres"}
-        sr = model.sample(cond, lowres=batch["lowres"].to(pipe.device), steps=steps, sampler=options["sampler"],
-                          guidance=options["guidance"], generator=pipe.generators(batch["key"], options["seed"])).cpu()
+        cond = {k: batch[k].to(pipe.device) for k in model.conditioning.keys}
+        sr = model.sample(cond, steps=steps, sampler=options["sampler"], guidance=options["guidance"],
+                          generator=pipe.generators(batch["key"], options["seed"])).cpu()
         bilinear = model.upsample(batch["lowres"])  # what the UNet starts from
         table.add(dict(zip(sr_methods(number), (sr, bilinear))), batch)
     return table

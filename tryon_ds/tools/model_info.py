@@ -14,7 +14,7 @@ import torch
 from ..cli import exit_on_user_error
 from ..config import add_config_args, config_from_args, preset
 from ..errors import UserError
-from ..model import ARCHITECTURES
+from ..model import SpecError, build_unet, super_resolves
 from ..model import parameter_count as count
 from ..model.presets import POSITION
 
@@ -47,13 +47,16 @@ def main(argv=None) -> None:
         cfg = config.unet(number)
     if number < 1:
         raise UserError(f"--unet {number}: UNets are numbered from 1")
-    if number == 1 and not cfg.INPUTS:
-        raise UserError(f"--unet 1: {cfg.preset!r} super-resolves a low-resolution image; it can be UNet 2 or later")
+    try:
+        cfg.conditioning(super_resolves(number))
+    except SpecError:
+        raise UserError(f"--unet 1: {cfg.preset!r} super-resolves a low-resolution image; it can be UNet 2 or later"
+                        ) from None
     with torch.device("meta"):
-        unet = ARCHITECTURES[cfg.ARCH](cfg, lowres_cond=number > 1)
+        unet = build_unet(cfg, super_resolves(number))
     total = count(unet)
     kind = {"parallel": "Parallel-UNet", "efficient": "Efficient-UNet"}[cfg.ARCH]
-    role = "super-resolution" if number > 1 else "base"
+    role = "super-resolution" if super_resolves(number) else "base"
     print(f"preset {cfg.preset!r}, unet{number} ({kind}, {role}): {total:,} parameters ({total / 1e6:.1f}M)")
     for name, n in breakdown(unet):
         print(f"  {name:<18} {n:>14,}  {100 * n / total:5.1f}%")

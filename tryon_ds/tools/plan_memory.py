@@ -21,7 +21,7 @@ import torch
 
 from ..cascade import CascadeUNet
 from ..cli import exit_on_user_error
-from ..config import UNET_SECTIONS, Config, add_config_args, config_from_args, find_config_file, preset
+from ..config import Config, add_config_args, config_from_args, find_config_file, preset
 from ..errors import UserError
 from ..model import DTYPES, parameter_count
 from ..model.blocks import ResBlock
@@ -69,8 +69,7 @@ def activations(config: Config, unet_number: int, micro_batch: int, precision: s
     while it is recomputed."""
     from ..cascade import random_batch
 
-    cfg = dataclasses.replace(config, **{key: dataclasses.replace(getattr(config, key), checkpointing=False)
-                                         for key in UNET_SECTIONS if getattr(config, key) is not None})
+    cfg = dataclasses.replace(config, unets=tuple(dataclasses.replace(u, checkpointing=False) for u in config.unets))
     with torch.device("meta"):
         model = CascadeUNet(cfg, unet_number).to(DTYPES[precision])
     weights = {p.untyped_storage()._cdata for p in model.parameters()}
@@ -156,7 +155,7 @@ def main(argv=None) -> None:
         size = args.image_size or ([{1: 128, 2: 256}.get(number, 1024)] if args.preset else config.image_size(number))
         config = config.with_unet(number, unet, (size[0], size[-1]))
     if args.crop_size:
-        if not hasattr(config.unet(number), "crop_size"):
+        if "crop_size" not in {f.name for f in dataclasses.fields(config.unet(number))}:
             raise UserError(f"--crop-size: unet{number} ({config.unet(number).preset}) does not train on crops")
         config = config.with_unet(number, dataclasses.replace(config.unet(number), crop_size=(args.crop_size[0],
                                                                                                args.crop_size[-1])))
@@ -190,7 +189,7 @@ def main(argv=None) -> None:
         return
     options = []
     if not args.checkpointing:
-        options.append(("activation checkpointing (unetN.checkpointing: true)", estimate(checkpointing=True)))
+        options.append(("activation checkpointing (the UNet's checkpointing: true)", estimate(checkpointing=True)))
     if args.zero < 3:
         options.append(("ZeRO-3 (ds_configs/zero3_*.json)", estimate(zero=3, ds={**ds, "zero_optimization": {
             **json.loads(find_config_file(default_ds(3, args.precision)).read_text())["zero_optimization"]}})))

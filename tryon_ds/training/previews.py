@@ -14,7 +14,7 @@ from ..cascade import CascadeUNet
 from ..config import Config
 from ..data.pipeline import shutdown_workers, to_device, val_loader
 from ..data.preprocess import image_grid
-from ..model import DTYPES
+from ..model import DTYPES, LOWRES
 
 
 class Previewer:
@@ -25,8 +25,8 @@ class Previewer:
         self.seconds = 0.0
 
     def columns(self) -> str:
-        names = {"lowres": "low-res input"}
-        shown = self.model.unet.preview if self.model is not None else ()
+        names = {LOWRES: "low-res input"}
+        shown = self.config.conditioning(self.config.train_unet_number).preview
         return " | ".join([names.get(n, n) for n in shown] + ["sample", "target"])
 
     def _first_batch(self) -> dict:
@@ -45,13 +45,13 @@ class Previewer:
             self.model = CascadeUNet(self.config, self.config.train_unet_number).to(self.device, self.dtype).eval()
             self.batch = self._first_batch()
         self.model.load_state_dict(weights)
-        unet, batch = self.model.unet, self.batch
+        batch = self.batch
         cond = {k: batch[k].to(self.dtype) if batch[k].is_floating_point() else batch[k]
-                for k in unet.cond_keys if k != "lowres"}
-        lowres = batch["lowres"].to(self.dtype) if self.model.super_resolves else None
-        out = self.model.sample(cond, lowres=lowres, steps=self.config.logging.preview_steps, sampler="ddim",
+                for k in self.model.conditioning.keys}
+        out = self.model.sample(cond, steps=self.config.logging.preview_steps, sampler="ddim",
                                 generator=torch.Generator(self.device).manual_seed(self.config.seed))
-        shown = [self.model.upsample(lowres) if name == "lowres" else batch[name] for name in unet.preview]
+        shown = [self.model.upsample(cond[LOWRES]) if name == LOWRES else batch[name]
+                 for name in self.model.conditioning.preview]
         grid = image_grid([*shown, out, batch["person"]])
         self.seconds = time.perf_counter() - start
         return grid
