@@ -10,7 +10,7 @@
 #   NUM_WORKERS     data-loader workers per task          (default: --cpus-per-task minus 2, at least 1)
 #   PYTHON          the Python to run                    (default: python)
 #   TRYON_REPO      the repository                       (default: the folder sbatch was run from)
-#   TORCHINDUCTOR_CACHE_DIR  torch.compile's cache (unetN.compile) (default: $TRYON_REPO/.cache/inductor)
+#   TORCHINDUCTOR_CACHE_DIR  torch.compile's cache (a UNet's compile key) (default: $TRYON_REPO/.cache/inductor)
 set -euo pipefail
 
 REPO=${TRYON_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}

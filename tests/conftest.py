@@ -114,16 +114,25 @@ def wait_for(path, proc, timeout=180):
 
 
 def rank_processes(launcher):
-    """The training processes under a deepspeed launcher (not the launcher's own helper processes, nor a
-    short-lived child that exited and is not reaped yet: a zombie has no command line to read)."""
+    """The training processes under a deepspeed launcher: not the launcher's own helper processes, not a
+    rank's data-loader workers (forked, with the rank's command line; a validation pass's workers come and
+    go), nor a short-lived child that exited and is not reaped yet (a zombie has no command line to read)."""
     def command_line(p):
         try:
             return " ".join(p.cmdline())
         except (psutil.ZombieProcess, psutil.NoSuchProcess):
             return ""
 
-    return [p for p in psutil.Process(launcher).children(recursive=True)
-            if "train.py" in (line := command_line(p)) and "deepspeed.launcher" not in line]
+    def parent(p):
+        try:
+            return p.ppid()
+        except psutil.NoSuchProcess:
+            return None
+
+    found = [p for p in psutil.Process(launcher).children(recursive=True)
+             if "train.py" in (line := command_line(p)) and "deepspeed.launcher" not in line]
+    pids = {p.pid for p in found}
+    return [p for p in found if parent(p) is not None and parent(p) not in pids]
 
 
 def completed(run_dir, unet=1):

@@ -2,7 +2,7 @@
 # The checks a cluster user cares about, on one GPU, within about 10 minutes:
 #   1. the training-step matrix (tools/bench/train.py --gpu): UNet 1 (base, micro-batch 16), UNet 2 (sr,
 #      micro-batch 8) and UNet 3 (sr1024 on 256 px crops, micro-batch 16) x bf16/fp16 x ZeRO-2/3 x
-#      sdpa/xformers, and each UNet compiled (unetN.compile) against eager in bf16 under ZeRO-2 and ZeRO-3,
+#      sdpa/xformers, and each UNet compiled (a UNet's compile key) against eager in bf16 under ZeRO-2 and ZeRO-3,
 #      STEPS steps each:
 #      it/s, samples/s, peak memory beside tools/plan_memory.py's estimate, MFU, finite losses, and the
 #      warm-up time (a compiled case's includes compiling); the inductor cache under $RESULTS/inductor;

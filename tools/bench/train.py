@@ -8,7 +8,7 @@ rank only its partition; the gradients it keeps; the optimizer's fp32 master cop
 beside tools/plan_memory.py's estimate of the same. GPU: UNet 1 (base preset, micro-batch 16), UNet 2 (sr
 preset, micro-batch 8) and UNet 3 (sr1024 on 256 px crops, micro-batch 16) in bf16 and fp16 under ZeRO-2
 and ZeRO-3, with each attention backend that runs
-there, channels_last for one case, and each UNet compiled (``unetN.compile``, in bf16 under ZeRO-2 and
+there, channels_last for one case, and each UNet compiled (a UNet's ``compile``, in bf16 under ZeRO-2 and
 ZeRO-3, its warm-up time in the JSON): it/s, samples/s, peak memory beside the planner's estimate,
 model-FLOPs utilisation (FLOPs of a step from ``torch.utils.flop_counter`` against the GPU's dense bf16
 peak) and whether every loss was finite. Every ``--log-freq`` steps it reads the loss scale and gradient

@@ -93,7 +93,7 @@ def unet_inputs(sample: dict, config, unet_number: int, rng: random.Random | Non
 
 
 def crop_inputs(sample: dict, config, unet_number: int, rng: random.Random) -> dict:
-    """Training inputs of a super-resolution UNet trained on crops (``unetN.crop_size``; Imagen's 1024 px
+    """Training inputs of a super-resolution UNet trained on crops (its ``crop_size``; Imagen's 1024 px
     model: 256 px crops): a random crop of the target at the UNet's size, the whole low-res image (the target
     at the previous UNet's size), and the crop's place (``crop``: top, left), where the UNet cuts the same
     crop from its upsampled low-res input. Only the target is read; it is flipped (``data.hflip_prob``) and
