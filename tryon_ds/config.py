@@ -366,8 +366,9 @@ def cascade_from_sections(data: dict) -> dict:
                     raise _unknown_key(f"diffusion.cond_noise.{name}", ["train_max", *sorted(set().union(*noisy))])
             for i, entry in enumerate(entries):
                 mine = {k: v for k, v in levels.items() if k in noisy[i]}
-                if mine:
-                    entries[i] = {**entry, "cond_noise": {**mine, **(entry.get("cond_noise") or {})}}
+                own = entry.get("cond_noise") or {} if isinstance(entry, dict) else None
+                if mine and isinstance(own, dict):  # an entry's own levels win; a wrong type is reported by the build
+                    entries[i] = {**entry, "cond_noise": {**mine, **own}}
                     aliases.update({f"unets.{i}.cond_noise.{k}": f"diffusion.cond_noise.{k}" for k in mine})
         data["diffusion"] = diffusion
     data["unets"] = entries
