@@ -110,10 +110,14 @@ class LoggingConfig:
     wandb_init_timeout_s: float = field(default=30.0, metadata=bounds(gt=0.0))
 
 
+# The training guide's two UNets (preset, image size, sampling steps): the default cascade, and what a file
+# written before ``unets`` (or the guide's config.json) starts from.
+GUIDE_CASCADE = (("base", (128, 128), 256), ("sr", (256, 256), 128))
+
+
 def default_cascade() -> tuple[UNetSpec, ...]:
-    """The training guide's two UNets: 128 px, then 256 px."""
-    return (dataclasses.replace(preset("base"), image_size=(128, 128), sample_steps=256),
-            dataclasses.replace(preset("sr"), image_size=(256, 256), sample_steps=128))
+    return tuple(dataclasses.replace(preset(name), image_size=size, sample_steps=steps)
+                 for name, size, steps in GUIDE_CASCADE)
 
 
 @dataclass
@@ -252,9 +256,8 @@ class Config:
 
     def to_dict(self) -> dict:
         """The config as a file of this release writes it (bundles, trainer_state.json): the cascade as a list."""
-        out = {f.name: dataclasses.asdict(self)[f.name] for f in dataclasses.fields(self)
-               if not f.metadata.get("internal")}
-        return out
+        whole = dataclasses.asdict(self)
+        return {f.name: whole[f.name] for f in dataclasses.fields(self) if not f.metadata.get("internal")}
 
     def with_unet(self, number: int, unet: UNetSpec, size: tuple[int, int] | None = None) -> "Config":
         """This config with UNet ``number`` replaced by ``unet`` (a cascade grown to it if need be: each new
@@ -277,7 +280,6 @@ class Config:
 # Keys of files written before ``unets`` (and of the guide's config.json), each with where it goes.
 SIZE_KEYS = ("base_image_size", "sr_image_size")  # the sizes of UNets 1 and 2
 PER_UNET_LISTS = {"timesteps": "timesteps", "diffusion.sample_steps": "sample_steps"}
-LEGACY_DEFAULTS = {"presets": ("base", "sr"), "sizes": ((128, 128), (256, 256)), "sample_steps": (256, 128)}
 SECTION = re.compile(r"^unet(\d+)$")
 
 
@@ -307,7 +309,7 @@ def cascade_from_sections(data: dict) -> dict:
             raise ConfigError(f"config key 'unets': got {entries!r}, expected a list of UNets")
         entries, legacy = [e for e in entries], False
     else:
-        entries, legacy = [{"preset": name} for name in LEGACY_DEFAULTS["presets"]], True
+        entries, legacy = [{"preset": name} for name, _, _ in GUIDE_CASCADE], True
     for n in sorted(sections):
         section, key = sections[n], f"unet{n}"
         if section is None and n > 2 and n > len(entries):
@@ -334,15 +336,15 @@ def cascade_from_sections(data: dict) -> dict:
             aliases.setdefault(f"unets.{n - 1}", f"unet{n}")
     for i, size_key in enumerate(SIZE_KEYS):
         if i < len(entries) and isinstance(entries[i], dict) and (size_key in data or legacy):
-            entries[i] = {**entries[i], "image_size": data.pop(size_key, LEGACY_DEFAULTS["sizes"][i])}
+            entries[i] = {**entries[i], "image_size": data.pop(size_key, GUIDE_CASCADE[i][1])}
             aliases[f"unets.{i}.image_size"] = size_key
         data.pop(size_key, None)
     lists = {"timesteps": data.pop("timesteps", None)}
     diffusion = dict(data.get("diffusion") or {}) if isinstance(data.get("diffusion"), dict) else None
     if diffusion is not None:
         lists["diffusion.sample_steps"] = diffusion.pop("sample_steps", None)
-    if legacy and lists.get("diffusion.sample_steps") is None and len(entries) == len(LEGACY_DEFAULTS["sample_steps"]):
-        lists["diffusion.sample_steps"] = list(LEGACY_DEFAULTS["sample_steps"])
+    if legacy and lists.get("diffusion.sample_steps") is None and len(entries) == len(GUIDE_CASCADE):
+        lists["diffusion.sample_steps"] = [steps for _, _, steps in GUIDE_CASCADE]
     for list_key, values in lists.items():
         if values is None:
             continue
