@@ -23,7 +23,7 @@ from .bundle import read_unet
 from .cascade import CascadeUNet
 from .config import Config
 from .data.pipeline import EVERYTHING, ValDataset, collate, resolve_shards
-from .data.preprocess import letterbox, normalise_pose, pose_tensors, to_image, unet_inputs
+from .data.preprocess import letterbox, normalise_pose, pose_tensors, to_device, to_image, unet_inputs
 from .data.sources import read_image, read_pose
 from .errors import UserError
 from .model import LOWRES
@@ -109,7 +109,7 @@ class TryOnPipeline:
                       select: Callable[[dict], bool] | None = None, rank: int = 0,
                       world_size: int = 1) -> Iterator[dict[int, dict]]:
         """The samples of ``shards`` in order, as ``generate`` takes them: {unet number: the batch prepared
-        at that UNet's size}, ``batch_size`` samples at a time; the first ``limit`` samples, or those
+        at that UNet's size (uint8 images, as the training pipeline makes them)}, ``batch_size`` samples at a time; the first ``limit`` samples, or those
         ``select`` (a predicate on the raw sample, called in the shards' order) takes; this rank's share of
         them. Each sample is decoded once for all the UNets."""
         urls = resolve_shards(shards, "validation")
@@ -140,8 +140,9 @@ class TryOnPipeline:
         out = {}
         for number, model in self.unets.items():
             # Each UNet's inputs from the prepared pictures, its low-res input the UNet before's output.
-            cond = {k: out[number - 1] if k == LOWRES else conds[number][k].to(self.device)
-                    for k in model.conditioning.keys}
+            cond = to_device({k: conds[number][k] for k in model.conditioning.keys if k != LOWRES}, self.device)
+            if LOWRES in model.conditioning.keys:
+                cond[LOWRES] = out[number - 1]
             out[number] = model.sample(cond, steps=steps[number - 1] if steps else None, sampler=sampler,
                                        guidance=guidance, generator=generator)
         return out

@@ -46,8 +46,8 @@ import torch.distributed as dist
 
 from tryon_ds.cli import exit_on_user_error
 from tryon_ds.config import Config, add_config_args, config_from_args, find_config_file
-from tryon_ds.data.pipeline import (RETRIED, TrainLoader, shard_urls, shutdown_workers, store_trouble, to_device,
-                                    val_loader)
+from tryon_ds.data.pipeline import RETRIED, Data, shutdown_workers, store_trouble
+from tryon_ds.data.preprocess import to_device
 from tryon_ds.data.shards import check_shard_size, read_manifest
 from tryon_ds.errors import UserError
 from tryon_ds.model import compiled_graphs, parameter_count
@@ -105,6 +105,7 @@ class Run:
     log: RunLogger | NullLogger
     root: Path  # this UNet's checkpoint folder
     zero: int
+    data: Data
     previewer: Previewer | None  # rank 0 only
 
 
@@ -158,7 +159,7 @@ def validate(run: Run, step: int, fallback: dict, stop: lifecycle.StopRequest) -
     repeats of its rows, which weigh zero. A stop request cuts it short."""
     config, world, engine = run.config, run.world, run.engine
     engine.eval()
-    batches = iter(val_loader(config, config.train_unet_number, world.rank, world.size, config.batch_size))
+    batches = iter(run.data.val(config.batch_size))
     total = torch.zeros(2, device=world.device)
     index = 0
     while True:
@@ -215,7 +216,7 @@ def train(args: argparse.Namespace, config: Config, world: distributed.World, st
     zero, accum = zero_stage(ds_config), config.gradient_accumulation_steps
     global_batch = config.batch_size * accum * world.size
     steps = total_steps(config, global_batch)
-    shard_urls(config, "train")  # a missing data path is an error now, not in a loader worker later
+    data = Data(config, unet, world.rank, world.size)
     check_shard_size(config, unet)
     root = checkpoint.unet_dir(config.checkpoint_dir, unet)
     ensure_writable({"checkpoint_dir": root, "output_dir": Path(config.output_dir), "log_dir": Path(config.log_dir)})
@@ -223,14 +224,14 @@ def train(args: argparse.Namespace, config: Config, world: distributed.World, st
     model, engine, scheduler, ema = ds_engine.build(config, ds_config, resume.load_from)
 
     log = RunLogger(config, steps, resume.step) if world.is_main else NullLogger()
-    run = Run(config, world, engine, ema, log, root, zero,
-              Previewer(config, world.device, precision(ds_config)) if world.is_main else None)
+    run = Run(config, world, engine, ema, log, root, zero, data,
+              Previewer(config, data, world.device, precision(ds_config)) if world.is_main else None)
     log.message(f"unet{unet}: {parameter_count(model) / 1e6:.2f}M parameters, ZeRO-{zero}, {precision(ds_config)}, "
                 f"{world.size} rank(s) x micro-batch {config.batch_size} x accumulation {accum} = {global_batch} "
                 f"per step; steps {resume.step} -> {steps}; {resume.describe()}")
     for note in resume.notes:
         log.message(note)
-    loader = TrainLoader(config, unet, world.rank, config.batch_size, world.size, accum, resume.step)
+    loader = data.train(config.batch_size, accum, resume.step)
     watchdog = lifecycle.Watchdog(config.dist_timeout_s, world.rank, world.size)
     try:
         batches, stand_in = iter(loader), None

@@ -29,7 +29,7 @@ from tryon_ds.cli import exit_on_user_error
 from tryon_ds.config import build_config, deep_merge, read_config_file
 from tryon_ds.data import sources
 from tryon_ds.data.pipeline import TrainLoader, collate
-from tryon_ds.data.preprocess import to_tensor, unet_inputs
+from tryon_ds.data.preprocess import unet_inputs
 from tryon_ds.data.shards import ShardOptions, write_shards
 from tryon_ds.data.sources import synthetic_samples
 from tryon_ds.data.synthetic import export_folders
@@ -57,7 +57,7 @@ class FolderDataset(Dataset):
         size = s.person.size
         out = {"key": s.key}
         for name in ("person", "ca", "garment"):
-            out[name] = to_tensor(getattr(s, name))
+            out[name] = getattr(s, name)
         for name in ("person_pose", "garment_pose"):
             pose = getattr(s, name)
             out[name] = torch.from_numpy(pose[:, :2] / np.array(size, np.float32))

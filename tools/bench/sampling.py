@@ -19,6 +19,7 @@ import time
 import torch
 
 from tryon_ds.cli import exit_on_user_error
+from tryon_ds.data.preprocess import to_device
 from tryon_ds.evaluation import QualityTable, tryon_candidates
 from tryon_ds.inference import TryOnPipeline
 
@@ -48,7 +49,8 @@ def main(argv=None) -> None:
             for conds in batches:
                 made = pipe.generate(conds, sampler=sampler, steps=(steps,), guidance=args.guidance, seed=args.seed,
                                      keys=conds[last]["key"])[last]
-                table.add({"try-on": made, **dict(list(tryon_candidates(made, conds[last]).items())[1:])}, conds[last])
+                batch = to_device(conds[last], torch.device("cpu"))
+                table.add({"try-on": made, **dict(list(tryon_candidates(made, batch).items())[1:])}, batch)
             seconds = time.perf_counter() - start
             row = table.rows()["try-on"]
             print(f"{sampler:<8}{steps:>6}{seconds:>9.1f}{row['psnr']:>8.2f}{row['psnr_region']:>13.2f}"

@@ -23,8 +23,8 @@ decodes only ``person.jpg``. A JPEG larger than the UNet needs is decoded at a r
 scaling by 1/2, 1/4 or 1/8 to the smallest size still at least the UNet's, then resized as before): UNet 1 reads
 shards written at 1024 px for UNet 3 about 13x faster per image, at a mean 0.5/255 from the full decode.
 
-Images travel from the loader workers to the trainer as uint8 (a quarter of the bytes of float32, pinned
-for the copy to a GPU) and become [-1, 1] floats on the device (``to_device``).
+Images travel from the decoder through the loader workers to the trainer as uint8 and become [-1, 1] floats
+on the device (``preprocess.to_device``).
 
 Bad samples (a corrupt or missing member, a pose of the wrong shape or with NaN) are skipped and counted;
 each batch carries its worker's counts so the trainer can report them. A shard that cannot be opened is
@@ -157,38 +157,6 @@ def collate(samples: list[dict]) -> dict:
             for k in keys}
 
 
-WIRE_IMAGES = ("person", "ca", "garment", "lowres")
-
-
-def to_wire(batch: dict) -> dict:
-    """Images in [-1, 1] -> uint8 for the trip from a loader worker (the mask, 0/1, likewise)."""
-    out = dict(batch)
-    for k in WIRE_IMAGES:
-        if k in out:
-            out[k] = ((out[k] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    if "mask" in out:
-        out["mask"] = out["mask"].to(torch.uint8)
-    return out
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """A batch from the loader on ``device``, images back in [-1, 1] as float32."""
-    out = {}
-    for k, v in batch.items():
-        if not torch.is_tensor(v):
-            out[k] = v
-            continue
-        v = v.to(device, non_blocking=True)
-        if v.dtype == torch.uint8:
-            v = v.float() / 127.5 - 1 if k in WIRE_IMAGES else v.float()
-        out[k] = v
-    return out
-
-
-def collate_to_wire(samples: list[dict]) -> dict:
-    return to_wire(collate(samples))
-
-
 # --------------------------------------------------------------------------- skip accounting
 RETRIED = "shard read again: "  # a count of reads retried, not of samples skipped
 UNREADABLE = "unreadable shard "
@@ -288,7 +256,7 @@ class TrainStream(IterableDataset):
             for k in range(skip, seg_len):
                 batch = [unet_inputs(sample, self.config, self.unet_number, rng_for(seed, position))
                          for seed, position, sample in (next(samples) for _ in range(self.batch_size))]
-                yield segment * seg_len + k, collate_to_wire(batch)
+                yield segment * seg_len + k, collate(batch)
             segment, skip = segment + 1, 0
 
     def __iter__(self):
@@ -355,7 +323,7 @@ def shutdown_workers(iterator) -> None:
 # --------------------------------------------------------------------------- validation
 class ValDataset(IterableDataset):
     """Every sample of ``urls`` exactly once over ``world_size`` ranks x the loader's workers, decoded as far
-    as ``inputs`` and turned into what the consumer wants by ``prepare`` (:func:`val_dataset`: one UNet's
+    as ``inputs`` and turned into what the consumer wants by ``prepare`` (:meth:`Data.val`: one UNet's
     inputs; inference: every UNet's at once, from one decode)."""
 
     def __init__(self, urls: list[str], num_keypoints: int, inputs: tuple[str, ...], prepare: Callable[[dict], dict],
@@ -389,16 +357,27 @@ class ValDataset(IterableDataset):
             yield self.prepare(sample)
 
 
-def val_dataset(urls: list[str], config: Config, unet_number: int, rank: int = 0, world_size: int = 1,
-                inputs: tuple[str, ...] | None = None) -> ValDataset:
-    """UNet ``unet_number``'s validation inputs (whole images, not augmented) of every sample of ``urls``:
-    what the UNet reads, or ``inputs`` (e.g. EVERYTHING, to measure it in the garment region)."""
-    return ValDataset(urls, config.num_keypoints, config.conditioning(unet_number).sample_inputs if inputs is None else inputs,
-                      functools.partial(unet_inputs, config=config, unet_number=unet_number), rank, world_size,
-                      config.image_size(unet_number), data=config.data)
+class Data:
+    """What a training run reads, from one place (open_clip's ``get_data``): ``train(...)``, this rank's
+    training micro-batches; ``val(...)``, a fresh pass over the validation set, this rank's share of it or,
+    with ``whole``, all of it in order (the previews' first samples). Both shard lists are resolved when it
+    is made, so a wrong path is an error at start-up rather than in a loader worker later."""
 
+    def __init__(self, config: Config, unet_number: int, rank: int = 0, world_size: int = 1):
+        self.config, self.unet_number, self.rank, self.world_size = config, unet_number, rank, world_size
+        shard_urls(config, "train")
+        self.val_urls = shard_urls(config, "val")
 
-def val_loader(config: Config, unet_number: int, rank: int, world_size: int, batch_size: int) -> DataLoader:
-    dataset = val_dataset(shard_urls(config, "val"), config, unet_number, rank, world_size)
-    return DataLoader(dataset, batch_size=batch_size, num_workers=config.data.num_workers, collate_fn=collate_to_wire,
-                      worker_init_fn=_worker_init, pin_memory=torch.cuda.is_available())
+    def train(self, batch_size: int, accumulation: int = 1, start_step: int = 0) -> TrainLoader:
+        return TrainLoader(self.config, self.unet_number, self.rank, batch_size, self.world_size, accumulation,
+                           start_step)
+
+    def val(self, batch_size: int, whole: bool = False) -> DataLoader:
+        """UNet ``unet_number``'s validation inputs: whole images, not augmented, each sample once."""
+        config, n = self.config, self.unet_number
+        rank, world_size = (0, 1) if whole else (self.rank, self.world_size)
+        dataset = ValDataset(self.val_urls, config.num_keypoints, config.conditioning(n).sample_inputs,
+                             functools.partial(unet_inputs, config=config, unet_number=n), rank, world_size,
+                             config.image_size(n), data=config.data)
+        return DataLoader(dataset, batch_size=batch_size, num_workers=config.data.num_workers, collate_fn=collate,
+                          worker_init_fn=_worker_init, pin_memory=torch.cuda.is_available())

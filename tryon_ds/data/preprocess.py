@@ -3,10 +3,13 @@ pipeline and inference prepare it the same way:
 
 1. ``letterbox`` to the shard size (aspect kept, white padding) and ``normalise_pose`` to that image:
    tools/make_shards.py stores this; inference does the same to its inputs at the last UNet's size;
-2. ``unet_inputs``: the PIL images as tensors (``to_tensor``), resized to one UNet's size (augmented there
-   when training), scaled to [-1, 1]; a super-resolution UNet also gets ``lowres``, the target at the
-   previous UNet's size. A UNet trained on crops takes, in training, a random crop of its target, cut from
-   the PIL image before anything becomes a tensor (``crop_inputs``).
+2. ``unet_inputs``: the PIL images as uint8 tensors (``pixels``), resized to one UNet's size (augmented
+   there when training); a super-resolution UNet also gets ``lowres``, the target at the previous UNet's
+   size. A UNet trained on crops takes, in training, a random crop of its target, cut from the PIL image
+   before anything becomes a tensor (``crop_inputs``).
+3. ``to_device``: a batch on the device, its images [-1, 1] floats there. Images stay uint8 from the decoder
+   to the device (a quarter of the bytes of float32 between loader workers and the trainer, pinned for the
+   copy to a GPU), so a target is the shard's own pixels wherever no resize or augmentation touched it.
 ``to_image`` and ``image_grid`` turn [-1, 1] tensors back into pictures.
 """
 from __future__ import annotations
@@ -50,10 +53,10 @@ def normalise_pose(pose: np.ndarray | None, scale: float, pad, size: tuple[int, 
     return out
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """A PIL image -> float (3, H, W) in [0, 1]."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+def pixels(img: Image.Image) -> torch.Tensor:
+    """A PIL image -> uint8 (C, H, W): 3 channels, 1 for a greyscale mask."""
+    arr = np.asarray(img if img.mode in ("RGB", "L") else img.convert("RGB"))
+    return torch.from_numpy(arr.reshape(*arr.shape[:2], -1).copy()).permute(2, 0, 1).contiguous()
 
 
 def pose_tensors(pose: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,32 +66,48 @@ def pose_tensors(pose: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def resize(img: torch.Tensor, size) -> torch.Tensor:
+    """Antialiased bilinear, uint8 or float (C, H, W) in, the same dtype out."""
     if tuple(img.shape[-2:]) == tuple(size):
         return img
     return F.interpolate(img[None], size=tuple(size), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
+IMAGE_KEYS = (*IMAGES, LOWRES)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch as the pipeline makes it (uint8 images, a 0/1 uint8 mask) on ``device``, images in [-1, 1] as
+    float32 there, the mask 0./1."""
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            v = v.to(device, non_blocking=True)
+            if v.dtype == torch.uint8:
+                v = v.float() / 127.5 - 1 if k in IMAGE_KEYS else v.float()
+        out[k] = v
+    return out
+
+
 def unet_inputs(sample: dict, config, unet_number: int, rng: random.Random | None = None) -> dict:
-    """One sample (PIL images) -> UNet ``unet_number``'s inputs: resized to its size, augmented there when
-    ``rng`` is given (training), images in [-1, 1]; a super-resolution UNet also gets ``lowres``, the target
-    at the previous UNet's size. Images absent from ``sample`` (inference has no target) are left out."""
+    """One sample (PIL images) -> UNet ``unet_number``'s inputs: uint8 images resized to its size, augmented
+    there when ``rng`` is given (training); a super-resolution UNet also gets ``lowres``, the target at the
+    previous UNet's size; the mask (where given) 0/1. Images absent from ``sample`` (inference has no target)
+    are left out."""
     if rng is not None and config.crop_size(unet_number) is not None:
         return crop_inputs(sample, config, unet_number, rng)
     out = dict(sample)
     size = config.image_size(unet_number)
     present = [name for name in IMAGES if name in sample]
     for name in present:
-        out[name] = resize(to_tensor(sample[name]), size)
+        out[name] = resize(pixels(sample[name]), size)
     if rng is not None:
         d = config.data
         out.pop("mask", None)
         out = augment(out, rng, d.hflip_prob, d.rotation_degrees, d.color_jitter)
     if config.conditioning(unet_number).super_resolves and "person" in out:
-        out[LOWRES] = resize(out["person"], config.image_size(unet_number - 1)) * 2 - 1
-    for name in present:
-        out[name] = out[name] * 2 - 1
+        out[LOWRES] = resize(out["person"], config.image_size(unet_number - 1))
     if "mask" in out:
-        out["mask"] = (resize(to_tensor(out["mask"])[:1], size) > 0.5).float()
+        out["mask"] = (resize(pixels(out["mask"])[:1], size) > 127).to(torch.uint8)
     return out
 
 
@@ -109,8 +128,8 @@ def crop_inputs(sample: dict, config, unet_number: int, rng: random.Random) -> d
     crop_h, crop_w = config.crop_size(unet_number)
     top, left = rng.randint(0, h - crop_h), rng.randint(0, w - crop_w)
     out = {k: v for k, v in sample.items() if k not in IMAGES and k != "mask"}
-    out["person"] = to_tensor(person.crop((left, top, left + crop_w, top + crop_h))) * 2 - 1
-    out[LOWRES] = to_tensor(person.resize((low_w, low_h), Image.BILINEAR)) * 2 - 1
+    out["person"] = pixels(person.crop((left, top, left + crop_w, top + crop_h)))
+    out[LOWRES] = pixels(person.resize((low_w, low_h), Image.BILINEAR))
     out["crop"] = torch.tensor([top, left])
     return out
 

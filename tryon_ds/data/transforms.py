@@ -5,7 +5,8 @@ ca image still lines up with the target and the garment's colours still match; k
 image: a flip mirrors x and swaps each left keypoint with its right twin, a rotation rotates them about
 the image centre (a keypoint rotated out of the frame becomes invalid).
 
-Images are float tensors (3, H, W) in [0, 1]; keypoints (K, 2) normalised (x, y) with a (K,) bool mask.
+``hflip``, ``rotate`` and ``colour_jitter`` take float images (3, H, W) in [0, 1]; ``augment`` takes and gives
+uint8 ones (the pipeline's), going through floats once, only when a rotation or a jitter needs them. Keypoints (K, 2) normalised (x, y) with a (K,) bool mask.
 Normalised coordinates follow ``grid_sample(align_corners=False)``: x = 0 is the left edge of pixel 0.
 """
 from __future__ import annotations
@@ -73,10 +74,14 @@ def colour_jitter(sample: dict, brightness: float, contrast: float, saturation: 
 
 
 def augment(sample: dict, rng: random.Random, hflip_prob: float, rotation_degrees: float, jitter: float) -> dict:
+    """A sample with uint8 images, augmented; its images uint8 again."""
     if rng.random() < hflip_prob:
-        sample = hflip(sample)
+        sample = hflip(sample)  # a flip is exact on uint8
+    if rotation_degrees <= 0 and jitter <= 0:
+        return sample
+    sample = {k: v.float() / 255 if k in IMAGES else v for k, v in sample.items()}
     if rotation_degrees > 0:
         sample = rotate(sample, rng.uniform(-rotation_degrees, rotation_degrees))
     if jitter > 0:
         sample = colour_jitter(sample, *(rng.uniform(1 - jitter, 1 + jitter) for _ in range(3)))
-    return sample
+    return {k: (v * 255).round().clamp(0, 255).to(torch.uint8) if k in IMAGES else v for k, v in sample.items()}

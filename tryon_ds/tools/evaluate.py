@@ -33,8 +33,7 @@ from PIL import Image
 
 from .. import atomic
 from ..cli import exit_on_user_error
-from ..data.pipeline import EVERYTHING, collate, resolve_shards, val_dataset
-from ..data.preprocess import image_grid
+from ..data.preprocess import image_grid, to_device
 from ..diffusion import SAMPLERS
 from ..errors import UserError
 from ..evaluation import (FieldMetrics, QualityTable, Quota, markdown, size_name, sr_methods, summarise,
@@ -93,15 +92,10 @@ def evaluate_sr_alone(pipe: TryOnPipeline, number: int, shards: str, num: int, b
                       options: dict) -> QualityTable:
     """UNet ``number`` alone on ``num`` pairs: from the true low-res image, against bilinear upsampling of it."""
     model = pipe.unets[number]
-    samples = iter(val_dataset(resolve_shards(shards, "validation"), pipe.configs[number], number,
-                               inputs=EVERYTHING))
     steps = options["steps"][number - 1] if options["steps"] else None
     table = QualityTable()
-    while table.count < num:
-        batch = [x for _, x in zip(range(min(batch_size, num - table.count)), samples)]
-        if not batch:
-            break
-        batch = collate(batch)
+    for conds in pipe.shard_batches(shards, batch_size, limit=num):
+        batch = to_device(conds[number], torch.device("cpu"))
         cond = {k: batch[k].to(pipe.device) for k in model.conditioning.keys}
         sr = model.sample(cond, steps=steps, sampler=options["sampler"], guidance=options["guidance"],
                           generator=pipe.generators(batch["key"], options["seed"])).cpu()
@@ -162,8 +156,9 @@ def run(args: argparse.Namespace, world: distributed.World) -> None:
     region, pictures = QualityTable(), []
     for batch, made in tryons(pipe, args.shards, Quota(args.num, args.unpaired), args.batch_size, options, work,
                               world):
-        targets = as_uint8(batch["person"])
-        field_metrics.add(batch["key"], batch["pair"], batch.get("category") or [""] * len(made), made, targets)
+        field_metrics.add(batch["key"], batch["pair"], batch.get("category") or [""] * len(made), made,
+                          batch["person"])
+        batch = to_device(batch, torch.device("cpu"))
         paired = [i for i, p in enumerate(batch["pair"]) if p == "paired"]
         if paired:
             chosen = _select(batch, paired)

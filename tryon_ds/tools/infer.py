@@ -22,7 +22,7 @@ from PIL import Image
 
 from .. import atomic
 from ..cli import exit_on_user_error
-from ..data.preprocess import image_grid, to_image
+from ..data.preprocess import image_grid, to_device, to_image
 from ..diffusion import SAMPLERS
 from ..errors import UserError
 from ..inference import TryOnPipeline
@@ -42,7 +42,7 @@ def run_shards(pipe: TryOnPipeline, args, options: dict) -> None:
         results = pipe.generate(conds, **options)
         for i, key in enumerate(conds[last]["key"]):
             atomic.save_image(to_image(results[last][i]), out_dir / f"{safe_name(key)}.png")
-        c = conds[last]
+        c = to_device(conds[last], torch.device("cpu"))
         rows.append(image_grid([c["ca"], c["garment"], results[last].cpu(), c["person"]]))
         done += len(conds[last]["key"])
     if not rows:

@@ -12,14 +12,14 @@ import torch
 
 from ..cascade import CascadeUNet
 from ..config import Config
-from ..data.pipeline import shutdown_workers, to_device, val_loader
-from ..data.preprocess import image_grid
+from ..data.pipeline import Data, shutdown_workers
+from ..data.preprocess import image_grid, to_device
 from ..model import DTYPES, LOWRES
 
 
 class Previewer:
-    def __init__(self, config: Config, device: torch.device, precision: str):
-        self.config, self.device = config, device
+    def __init__(self, config: Config, data: Data, device: torch.device, precision: str):
+        self.config, self.data, self.device = config, data, device
         self.dtype = DTYPES[precision]
         self.model = self.batch = None  # built at the first preview: runs that never preview never pay for it
         self.seconds = 0.0
@@ -30,7 +30,7 @@ class Previewer:
         return " | ".join([names.get(n, n) for n in shown] + ["sample", "target"])
 
     def _first_batch(self) -> dict:
-        batches = iter(val_loader(self.config, self.config.train_unet_number, 0, 1, self.config.logging.sample_count))
+        batches = iter(self.data.val(self.config.logging.sample_count, whole=True))
         batch = next(batches)
         shutdown_workers(batches)
         return to_device(batch, self.device)
