@@ -124,13 +124,13 @@ def test_three_stage_inference_from_the_guides_command_line_and_from_python_agre
     stages = pipe.generate(conds, steps=(2,), sampler="ddim")
     assert {n: tuple(v.shape[-2:]) for n, v in stages.items()} == {1: (32, 32), 2: (64, 64), 3: (128, 128)}
     r = run_tool(["tools/infer.py", "--checkpoint", str(bundle), "--shards", str(shards / "val-*.tar"),
-                  "--num", "1", "--steps", "3", "2", "--output_dir", str(tmp_path / "x")])
+                  "--max-samples", "1", "--steps", "3", "2", "--output_dir", str(tmp_path / "x")])
     assert r.returncode == 2 and "--steps takes one number, or one per UNet of the bundle (3); got 2" in r.stderr
 
 
 def test_infer_cli_on_validation_shards_writes_results_and_grid(trained, shards, tmp_path):
     _, bundle = trained
-    r = run_tool(["tools/infer.py", "--checkpoint", str(bundle), "--shards", str(shards / "val-*.tar"), "--num", "3",
+    r = run_tool(["tools/infer.py", "--checkpoint", str(bundle), "--shards", str(shards / "val-*.tar"), "--max-samples", "3",
                   "--batch_size", "2", "--output_dir", str(tmp_path), "--steps", "2", "--no-ema"])
     assert r.returncode == 0, r.stderr
     results = [p for p in tmp_path.glob("*.png") if p.name != "grid.png"]
@@ -169,7 +169,7 @@ def test_base_only_bundle_and_bad_bundles_fail_clearly(trained, tmp_path):
     with pytest.raises(UserError, match="does not match the unet1 of its config"):
         TryOnPipeline.from_pretrained(other)
     (base_only / "unet1" / "ema.safetensors").unlink()
-    r = run_tool(["tools/infer.py", "--checkpoint", str(base_only), "--shards", "x", "--num", "1"])
+    r = run_tool(["tools/infer.py", "--checkpoint", str(base_only), "--shards", "x", "--max-samples", "1"])
     assert r.returncode == 2 and "ema.safetensors is missing" in r.stderr
 
 
@@ -183,11 +183,16 @@ def dresscode_test(trained, tmp_path_factory):
     return root / "s" / "test-*.tar"
 
 
-def _evaluate(bundle, shards, out, ranks=1, extra=()):
-    cmd = ["tools/evaluate.py", "--checkpoint", str(bundle), "--shards", str(shards), "--steps", "2",
-           "--sampler", "dpmpp", "--batch_size", "3", "--eval-size", "64x64", "--json", str(out), *extra]
-    if ranks > 1:
+def _evaluate(bundle, shards, out, ranks=1, extra=(), launcher="deepspeed"):
+    what = ["--results", str(bundle)] if "--results" in extra else ["--checkpoint", str(bundle), "--steps", "2",
+                                                                     "--sampler", "dpmpp"]
+    extra = [e for e in extra if e != "--results"]
+    cmd = ["tools/evaluate.py", *what, "--shards", str(shards), "--batch_size", "3", "--eval-size", "64x64",
+           "--json", str(out), *extra]
+    if ranks > 1 and launcher == "deepspeed":  # the README's commands, as written
         cmd = ["-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port()), *cmd]
+    elif ranks > 1:
+        cmd = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port()), *cmd]
     r = run_tool(cmd, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return json.loads(out.read_text()), r
@@ -201,6 +206,8 @@ def test_evaluate_reports_the_fields_table_per_category_and_skips_what_has_no_we
     _, bundle = trained
     save(tmp_path / "inception.pt")
     weights = ["--inception_weights", str(tmp_path / "inception.pt")]
+    cache = tmp_path / "cache"
+    weights += ["--reference-cache", str(cache)]
     report, r = _evaluate(bundle, dresscode_test, tmp_path / "q.json", extra=weights)
     field = report["field"]
     assert set(field) == {"all", "lower_body", "upper_body"} and set(field["all"]) == {f"{SIZE}x{SIZE}", "64x64"}
@@ -208,11 +215,21 @@ def test_evaluate_reports_the_fields_table_per_category_and_skips_what_has_no_we
         paired, unpaired = row["paired"], row["unpaired"]
         assert paired["n"] == 4 and unpaired["n"] == 4
         assert 0 < paired["ssim"] <= 1 and paired["psnr"] > 0 and paired["lpips"] is None
-        assert paired["fid"] is not None and unpaired["kid_x1000"] is not None
-    assert field["upper_body"]["64x64"]["paired"]["n"] == 2
-    assert any("LPIPS skipped: no alexnet-owt-7be5be79.pth given" in note for note in report["skipped"])
+        assert paired["fid"] is not None and unpaired["kid_x1000"] is not None and unpaired["kid_x1000_std"] >= 0
+        # The reference set: each test person once, although each is in a paired and an unpaired sample.
+        assert row["reference_n"] == 4 and unpaired["kid_subset_size"] == 4
+    assert field["upper_body"]["64x64"]["reference_n"] == 2 and field["upper_body"]["64x64"]["paired"]["n"] == 2
+    assert any("LPIPS (alex) skipped: no alexnet-owt-7be5be79.pth given" in note for note in report["skipped"])
     md = (tmp_path / "q.md").read_text()
-    assert "| upper_body | 64x64 | 2 |" in md and "LPIPS skipped" in md
+    assert "| upper_body | 64x64 | 2 | 2 |" in md and "LPIPS (alex) skipped" in md
+    assert "KID on subsets smaller than 1000 images" in md and "border of 5 pixels" in md
+    assert "computed and kept in" in r.stdout and len(list(cache.glob("reference-*.npz"))) == 2
+    # Another subset of the same test set reads the reference set from the cache: the same real side.
+    again, r = _evaluate(bundle, dresscode_test, tmp_path / "q2.json", extra=[*weights, "--max-samples", "1"])
+    assert f"reference set: 4 test person(s), from {cache}" in r.stdout
+    assert again["field"]["all"]["64x64"]["reference_n"] == 4 and again["field"]["all"]["64x64"]["paired"]["n"] == 1
+    assert_reports_close(again["field"]["all"]["64x64"]["unpaired"], field["all"]["64x64"]["unpaired"], rel=1e-3,
+                         abs_=1e-3)
     assert report["pairs"] == 4 and "margins" in report  # the garment-region table, on the paired samples
     assert Image.open(tmp_path / "q_unpaired.png").size == (3 * SIZE, 4 * SIZE)
     assert not (tmp_path / "q.json.tryons").exists()  # the work folder goes once the report is written
@@ -231,6 +248,27 @@ def test_a_killed_evaluation_resumes_from_its_saved_try_ons(trained, dresscode_t
                          extra=["--save-images", str(tmp_path / "a")])
     saved = sorted(p.name for p in (tmp_path / "a").glob("*.png"))
     assert len(saved) == 8 and all(name.startswith("dc_") for name in saved)
+    # That folder measured as another method's results: the run's own numbers, through the same code.
+    measured, _ = _evaluate(tmp_path / "a", dresscode_test, tmp_path / "r.json", extra=["--results"])
+    assert_reports_close(measured["field"], whole["field"], rel=1e-3, abs_=1e-3)
+    assert_reports_close(measured["rows"], whole["rows"], rel=1e-3, abs_=1e-3)
+    # Named as LaDI-VTON names its results (PERSON_GARMENT, the release's file names), in sub-folders, one
+    # of them missing: the same numbers for the rest, and the missing one named.
+    import webdataset as wds
+    from tryon_ds.tools.infer import safe_name
+    ladi = tmp_path / "ladi"
+    tests = list(wds.WebDataset(sorted(str(p) for p in dresscode_test.parent.glob(dresscode_test.name)),
+                                shardshuffle=False))
+    for sample in tests[1:]:
+        meta = json.loads(sample["json"])
+        person, garment = (Path(meta["source"][role]).stem for role in ("person", "garment"))
+        target = ladi / meta["category"] / f"{person}_{garment}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / "a" / f"{safe_name(sample['__key__'])}.png", target)
+    theirs, _ = _evaluate(ladi, dresscode_test, tmp_path / "l.json", extra=["--results"])
+    assert sum(row["paired"]["n"] + row["unpaired"]["n"] for row in [theirs["field"]["all"]["64x64"]]) == 7
+    assert any(f"1 test sample(s) have no result in {ladi}" in note and tests[0]["__key__"] in note
+               for note in theirs["skipped"])
     images = tmp_path / "b"
     cmd = [sys.executable, "tools/evaluate.py", "--checkpoint", str(bundle), "--shards", str(dresscode_test),
            "--steps", "2", "--sampler", "dpmpp", "--batch_size", "1", "--eval-size", "64x64", "--json",
@@ -253,6 +291,17 @@ def test_a_killed_evaluation_resumes_from_its_saved_try_ons(trained, dresscode_t
     # last bits: a try-on pixel may round the other way.
     assert_reports_close(resumed["field"], whole["field"], rel=1e-3, abs_=1e-3)
     assert_reports_close(resumed["rows"], whole["rows"], rel=1e-3, abs_=1e-3)
+
+
+def test_torchrun_passes_the_flags_a_user_adds_to_an_evaluation_on_2_ranks(trained, dresscode_test, tmp_path):
+    """The README's torchrun command with the subset flags (``--num`` was taken by torchrun as a prefix of its
+    own ``--numa-binding``): both ranks measure, the report counts what was asked."""
+    _, bundle = trained
+    report, _ = _evaluate(bundle, dresscode_test, tmp_path / "t.json", ranks=2, launcher="torchrun",
+                          extra=["--max-samples", "3", "--max-unpaired", "1", "--lpips-net", "squeeze"])
+    row = report["field"]["all"]["64x64"]
+    assert (row["paired"]["n"], row["unpaired"]["n"]) == (3, 1) and report["lpips_net"] == "squeeze"
+    assert any("LPIPS (squeeze) skipped: no squeezenet1_1-b8a52dc0.pth" in note for note in report["skipped"])
 
 
 def test_the_python_api_reads_pictures_and_poses_as_make_shards_does(trained, shards, tmp_path):

@@ -25,7 +25,7 @@ def test_four_unets_train_consolidate_and_sample(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
     meta = json.loads((bundle / "unet4" / "config.json").read_text())
     assert [u["preset"] for u in meta["config"]["unets"]] == ["tiny", "tiny-sr", "tiny-sr", "tiny-sr3"]
-    r = run_tool(["tools/infer.py", "--checkpoint", str(bundle), "--shards", str(shards / "val-*.tar"), "--num", "2",
+    r = run_tool(["tools/infer.py", "--checkpoint", str(bundle), "--shards", str(shards / "val-*.tar"), "--max-samples", "2",
                   "--steps", "2", "--sampler", "ddim", "--output_dir", str(tmp_path / "out")])
     assert r.returncode == 0, r.stderr[-2000:]
     results = sorted((tmp_path / "out").glob("*.png"))

@@ -55,6 +55,27 @@ def test_viton_hd_test_persons_never_reach_train_or_val(viton):
     assert "of the training split" in manifest["splits"]["val"]["source"]
 
 
+def test_a_releases_test_split_is_stored_losslessly_so_targets_are_its_pixels(tmp_path):
+    """Train and val are JPEG (--jpeg-quality); the test split is PNG: at the release's own size (no resize
+    to letterbox) a test person decodes to the release's file's pixels exactly, and the training pipeline's
+    reader takes either."""
+    from tryon_ds.data.pipeline import decode
+    write_viton_hd(tmp_path / "v")
+    r = make_shards(tmp_path / "v", "--out", tmp_path / "s", "--image-size", f"{SIZE[1]}x{SIZE[0]}",
+                    "--val-fraction", 0.3, "--skip-bad")
+    assert r.returncode == 0, r.stderr
+    train = shard_samples(tmp_path / "s", "train")
+    assert train and all("person.jpg" in s and "person.png" not in s for s in train)
+    test = shard_samples(tmp_path / "s", "test")
+    assert test and all({"person.png", "ca.png", "garment.png"} <= set(s) and "person.jpg" not in s for s in test)
+    for sample in test:
+        source = json.loads(sample["json"])["source"]["person"]
+        stored = np.asarray(Image.open(io.BytesIO(sample["person.png"])))
+        assert np.array_equal(stored, np.asarray(Image.open(source).convert("RGB"))), source
+        decoded = decode(sample, 18, ("ca", "garment", "person_pose", "garment_pose"))
+        assert np.array_equal(np.asarray(decoded["person"]), stored) and decoded["ca"].size == (SIZE[0], SIZE[1])
+
+
 def test_viton_hd_test_split_keeps_paired_and_unpaired_marked(viton):
     truth, out, _ = viton
     test = {s["__key__"]: json.loads(s["json"]) for s in shard_samples(out, "test")}

@@ -1,6 +1,7 @@
 """The field's metrics against independent computations on known inputs: FID (clean-fid's formula), KID
-(its unbiased estimator), SSIM (torchmetrics), LPIPS (lpips v0.1's formula, with the same weights read from
-files as torchvision and lpips name them), the clean resize (PIL's bicubic per channel)."""
+(its unbiased estimator, and its spread over subsets), SSIM (scikit-image's implementation of the published
+convention), LPIPS (lpips v0.1's formula for each of its nets, with the same weights read from files as
+torchvision and lpips name them), the clean resize (PIL's bicubic per channel)."""
 import sys
 from pathlib import Path
 
@@ -52,22 +53,63 @@ def test_fid_is_zero_for_a_set_against_itself_and_the_closed_form_for_two_gaussi
 
 
 def test_kid_is_the_unbiased_mmd_of_the_cubic_polynomial_kernel():
-    """With as many samples as the subset size, every subset is the whole set: the average equals the formula."""
+    """With as many samples as the subset size, every subset is the whole set: the average equals the formula,
+    and the subsets do not spread."""
     g = torch.Generator().manual_seed(0)
     real, fake = torch.randn(30, 8, generator=g, dtype=torch.float64), torch.randn(30, 8, generator=g, dtype=torch.float64) + 0.3
     m, d = 30, 8
     k = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
     off = ~torch.eye(m, dtype=torch.bool)
     mmd = k(real, real)[off].sum() / (m * (m - 1)) + k(fake, fake)[off].sum() / (m * (m - 1)) - 2 * k(real, fake).mean()
-    assert metrics.kernel_distance(real, fake, num_subsets=5, max_subset_size=1000) == pytest.approx(float(mmd), rel=1e-9)
+    mean, std = metrics.kernel_distance(real, fake, num_subsets=5, max_subset_size=1000)
+    assert mean == pytest.approx(float(mmd), rel=1e-9) and std < 1e-12
 
 
-def test_ssim_is_torchmetrics_and_the_clean_resize_is_pils_bicubic_per_channel():
-    from torchmetrics.image import StructuralSimilarityIndexMeasure
+def test_kids_spread_is_the_std_of_the_subsets_mmd_as_torch_fidelity_reports_it():
+    """On subsets smaller than the sets, each subset's unbiased MMD^2 (torch-fidelity's ``mmd2``, another
+    arrangement of the sums) from the same draws: their mean and their (population) std."""
+    g = torch.Generator().manual_seed(3)
+    real, fake = torch.randn(40, 6, generator=g, dtype=torch.float64), torch.randn(30, 6, generator=g, dtype=torch.float64) + 0.2
+    mean, std = metrics.kernel_distance(real, fake, num_subsets=50, max_subset_size=10, seed=7)
+    draws, values = torch.Generator().manual_seed(7), []
+    for _ in range(50):
+        x = fake[torch.randperm(30, generator=draws)[:10]]
+        y = real[torch.randperm(40, generator=draws)[:10]]
+        kxx, kyy, kxy = ((a @ b.T / 6 + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        off = ~torch.eye(10, dtype=torch.bool)
+        values.append(float(kxx[off].mean() + kyy[off].mean() - 2 * kxy.mean()))
+    assert mean == pytest.approx(float(np.mean(values)), rel=1e-9)
+    assert std == pytest.approx(float(np.std(values)), rel=1e-9) and std > 0
+
+
+@pytest.mark.parametrize("size", [(64, 48), (256, 192), (37, 23)])
+def test_ssim_is_the_published_convention_whatever_torchmetrics_is_installed(size):
+    """scikit-image's structural_similarity with Gaussian weights (sigma 1.5, population covariance), which
+    crops the window's border as torchmetrics did up to 1.4.1 and LaDI-VTON's 0.11.4: equal to 1e-12. The
+    installed torchmetrics (>= 1.4.2 averages the whole padded map) is measurably another number."""
+    from skimage.metrics import structural_similarity
+    g = torch.Generator().manual_seed(size[0])
+    a = torch.rand(2, 3, *size, generator=g)
+    b = (a + 0.3 * torch.rand(2, 3, *size, generator=g) - 0.15).clamp(0, 1)
+    ours = metrics.ssim(a, b)
+    for i in range(2):
+        expected = structural_similarity(a[i].permute(1, 2, 0).double().numpy(), b[i].permute(1, 2, 0).double().numpy(),
+                                         gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                         data_range=1.0, channel_axis=2)
+        assert float(ours[i]) == pytest.approx(float(expected), abs=1e-12)
+    assert float(metrics.ssim(a, a).min()) == pytest.approx(1.0, abs=1e-12)
+    try:
+        from torchmetrics.functional.image import structural_similarity_index_measure as installed
+    except ImportError:
+        return
+    # A smooth picture and a gamma of it, where the padded border's windows see another structure.
+    ramp = torch.linspace(0, 1, size[1])[None, None, None, :].expand(1, 3, *size)
+    picture = (ramp + 0.05 * torch.rand(1, 3, *size, generator=g)).clamp(0, 1)
+    assert abs(float(installed(picture, ramp ** 1.5, data_range=1.0)) - float(metrics.ssim(picture, ramp ** 1.5))) > 0.003
+
+
+def test_the_clean_resize_is_pils_bicubic_per_channel():
     g = torch.Generator().manual_seed(0)
-    a, b = torch.rand(3, 3, 40, 30, generator=g), torch.rand(3, 3, 40, 30, generator=g)
-    reference = StructuralSimilarityIndexMeasure(data_range=1.0, gaussian_kernel=True, kernel_size=11, sigma=1.5)
-    assert float(metrics.ssim(a, b).mean()) == pytest.approx(float(reference(a, b)), rel=1e-6)
     images = torch.randint(0, 256, (2, 3, 37, 23), generator=g, dtype=torch.uint8)
     out = metrics.clean_resize(images)
     for i in range(2):
@@ -76,44 +118,101 @@ def test_ssim_is_torchmetrics_and_the_clean_resize_is_pils_bicubic_per_channel()
             np.testing.assert_array_equal(out[i, c].numpy(), np.asarray(channel).clip(0, 255))
 
 
-def _alexnet_and_lins(tmp_path):
-    """Random weights under torchvision's AlexNet names and lpips' v0.1 names, saved as their files are."""
+# torchvision's layouts, written out here rather than read from tryon_ds: {features index: weight shape}.
+ALEX = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}
+FIRES = {3: (64, 16, 64), 4: (128, 16, 64), 6: (128, 32, 128), 7: (256, 32, 128), 9: (256, 48, 192),
+         10: (384, 48, 192), 11: (384, 64, 256), 12: (512, 64, 256)}  # squeezenet1_1: inplanes, squeeze, expand
+VGG_BLOCKS = [[(0, 3, 64), (2, 64, 64)], [(5, 64, 128), (7, 128, 128)], [(10, 128, 256), (12, 256, 256), (14, 256, 256)],
+              [(17, 256, 512), (19, 512, 512), (21, 512, 512)], [(24, 512, 512), (26, 512, 512), (28, 512, 512)]]
+LIN_CHANNELS = {"alex": (64, 192, 384, 256, 256), "squeeze": (64, 128, 256, 384, 384, 512, 512),
+                "vgg": (64, 128, 256, 512, 512)}
+TRUNK_FILES = {"alex": "alexnet-owt-7be5be79.pth", "squeeze": "squeezenet1_1-b8a52dc0.pth", "vgg": "vgg16-397923af.pth"}
+
+
+def _trunk_shapes(net):
+    if net == "alex":
+        return {f"features.{i}": s for i, s in ALEX.items()}
+    if net == "vgg":
+        return {f"features.{i}": (o, c, 3, 3) for block in VGG_BLOCKS for i, c, o in block}
+    shapes = {"features.0": (64, 3, 3, 3)}
+    for i, (inplanes, squeeze, expand) in FIRES.items():
+        shapes.update({f"features.{i}.squeeze": (squeeze, inplanes, 1, 1),
+                       f"features.{i}.expand1x1": (expand, squeeze, 1, 1),
+                       f"features.{i}.expand3x3": (expand, squeeze, 3, 3)})
+    return shapes
+
+
+def _trunk_and_lins(tmp_path, net):
+    """Random weights under torchvision's names and lpips' v0.1 names, saved as their files are."""
     g = torch.Generator().manual_seed(0)
-    shapes = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}
     trunk = {}
-    for i, shape in shapes.items():
-        trunk[f"features.{i}.weight"] = torch.randn(shape, generator=g) * (2 / np.prod(shape[1:])) ** 0.5
-        trunk[f"features.{i}.bias"] = torch.randn(shape[0], generator=g) * 0.01
+    for name, shape in _trunk_shapes(net).items():
+        trunk[f"{name}.weight"] = torch.randn(shape, generator=g) * (2 / np.prod(shape[1:])) ** 0.5
+        trunk[f"{name}.bias"] = torch.randn(shape[0], generator=g) * 0.01
     trunk["classifier.1.weight"] = torch.randn(4, 4, generator=g)  # the classifier is there too, and unused
-    lins = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
-            for k, c in enumerate(metrics.LPIPS.CHANNELS)}
-    torch.save(trunk, tmp_path / "alexnet-owt-7be5be79.pth")
-    torch.save(lins, tmp_path / "alex.pth")
+    lins = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for k, c in enumerate(LIN_CHANNELS[net])}
+    torch.save(trunk, tmp_path / TRUNK_FILES[net])
+    torch.save(lins, tmp_path / f"{net}.pth")
     return trunk, lins
 
 
-def test_lpips_is_the_lpips_formula_with_the_files_weights(tmp_path):
-    trunk, lins = _alexnet_and_lins(tmp_path)
-    model = metrics.LPIPS.from_files(tmp_path / "alexnet-owt-7be5be79.pth", tmp_path / "alex.pth", torch.device("cpu"))
-    g = torch.Generator().manual_seed(1)
-    x0, x1 = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1, torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+def _taps(net, trunk, x):
+    """lpips.pretrained_networks' taps of torchvision's features, written as functional calls."""
+    def conv(x, name, **kw):
+        return F.relu(F.conv2d(x, trunk[f"{name}.weight"], trunk[f"{name}.bias"], **kw))
 
-    def direct(x):  # lpips.pretrained_networks.alexnet: relu1 .. relu5 of torchvision's features
-        x = (x - torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1)) / torch.tensor([.458, .448, .450]).view(1, 3, 1, 1)
-        conv = lambda x, i, **kw: F.relu(F.conv2d(x, trunk[f"features.{i}.weight"], trunk[f"features.{i}.bias"], **kw))  # noqa: E731
-        r1 = conv(x, 0, stride=4, padding=2)
-        r2 = conv(F.max_pool2d(r1, 3, 2), 3, padding=2)
-        r3 = conv(F.max_pool2d(r2, 3, 2), 6, padding=1)
-        r4 = conv(r3, 8, padding=1)
-        return [r1, r2, r3, r4, conv(r4, 10, padding=1)]
+    if net == "alex":
+        r1 = conv(x, "features.0", stride=4, padding=2)
+        r2 = conv(F.max_pool2d(r1, 3, 2), "features.3", padding=2)
+        r3 = conv(F.max_pool2d(r2, 3, 2), "features.6", padding=1)
+        r4 = conv(r3, "features.8", padding=1)
+        return [r1, r2, r3, r4, conv(r4, "features.10", padding=1)]
+    if net == "vgg":
+        taps = []
+        for b, block in enumerate(VGG_BLOCKS):
+            x = F.max_pool2d(x, 2, 2) if b else x
+            for i, _, _ in block:
+                x = conv(x, f"features.{i}", padding=1)
+            taps.append(x)
+        return taps
+
+    def fire(x, i):
+        x = conv(x, f"features.{i}.squeeze")
+        return torch.cat([conv(x, f"features.{i}.expand1x1"), conv(x, f"features.{i}.expand3x3", padding=1)], 1)
+
+    def pool(x):
+        return F.max_pool2d(x, 3, 2, ceil_mode=True)
+
+    r1 = conv(x, "features.0", stride=2)
+    r2 = fire(fire(pool(r1), 3), 4)
+    r3 = fire(fire(pool(r2), 6), 7)
+    r4 = fire(pool(r3), 9)
+    r5 = fire(r4, 10)
+    r6 = fire(r5, 11)
+    return [r1, r2, r3, r4, r5, r6, fire(r6, 12)]
+
+
+@pytest.mark.parametrize("net", ["alex", "squeeze", "vgg"])
+def test_lpips_is_the_lpips_formula_with_the_files_weights_for_each_net(tmp_path, net):
+    trunk, lins = _trunk_and_lins(tmp_path, net)
+    model = metrics.LPIPS.from_files(net, tmp_path / TRUNK_FILES[net], tmp_path / f"{net}.pth", torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    x0, x1 = torch.rand(2, 3, 64, 48, generator=g) * 2 - 1, torch.rand(2, 3, 64, 48, generator=g) * 2 - 1
+
+    def scaled(x):  # lpips' ScalingLayer
+        return (x - torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1)) / torch.tensor([.458, .448, .450]).view(1, 3, 1, 1)
 
     total = 0
-    for k, (a, b) in enumerate(zip(direct(x0), direct(x1))):
+    for k, (a, b) in enumerate(zip(_taps(net, trunk, scaled(x0)), _taps(net, trunk, scaled(x1)))):
         na = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
         nb = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
         total = total + ((na - nb) ** 2 * lins[f"lin{k}.model.1.weight"]).sum(1).mean(dim=(1, 2))
     torch.testing.assert_close(model(x0, x1), total, rtol=1e-5, atol=1e-6)
     assert torch.equal(model(x0, x0), torch.zeros(2))
+    other = "vgg" if net != "vgg" else "alex"  # another net's linear layers: one line naming both files
+    _trunk_and_lins(tmp_path, other)
+    with pytest.raises(UserError, match=f"not torchvision's .* and lpips' v0.1 {net}.pth"):
+        metrics.LPIPS.from_files(net, tmp_path / TRUNK_FILES[net], tmp_path / f"{other}.pth", torch.device("cpu"))
 
 
 def test_metric_weights_come_from_flags_or_the_environment_and_a_missing_one_names_its_file(tmp_path, monkeypatch):
@@ -131,4 +230,4 @@ def test_metric_weights_come_from_flags_or_the_environment_and_a_missing_one_nam
         metrics.weight_path("alexnet", str(tmp_path / "nowhere.pth"))
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="bad.pth: not a readable weights file"):
-        metrics.LPIPS.from_files(tmp_path / "bad.pth", tmp_path / "bad.pth", torch.device("cpu"))
+        metrics.LPIPS.from_files("alex", tmp_path / "bad.pth", tmp_path / "bad.pth", torch.device("cpu"))

@@ -11,7 +11,7 @@ from .errors import UserError
 
 # Import names of the packages setup.cfg installs (checked before anything imports them).
 REQUIRED = ("torch", "deepspeed", "webdataset", "braceexpand", "einops", "yaml", "PIL", "numpy", "safetensors",
-            "tqdm", "tensorboard", "wandb", "torchmetrics")
+            "tqdm", "tensorboard", "wandb")
 INSTALL = "pip install torch==2.13.0 && pip install -e .   (from the repository root; see README.md)"
 
 

@@ -7,28 +7,37 @@
   ``cleanfid/inception_torchscript.py``); FID = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)) with unbiased
   covariances (``cleanfid/fid.py: frechet_distance``; the trace of the square root taken from the eigenvalues
   of S1 S2, which are those of its square root squared); KID the unbiased MMD^2 with the polynomial kernel
-  (x.y / d + 1)^3 over 100 random subsets of at most 1000 (``kernel_distance``), reported x 1000;
-- **SSIM** as torchmetrics (Gaussian window 11, sigma 1.5, data range 1), per image;
-- **LPIPS** as the ``lpips`` package, v0.1, AlexNet (``lpips/lpips.py``): inputs in [-1, 1] shifted and scaled
-  by its ScalingLayer, AlexNet's relu1..relu5 features (torchvision's ``alexnet().features``) each normalised
-  over channels, squared differences weighted by its v0.1 linear layers, averaged over space, summed.
+  (x.y / d + 1)^3 over 100 random subsets of at most 1000 (``kernel_distance``), reported x 1000 with its
+  standard deviation over the subsets (as torch-fidelity reports it);
+- **SSIM** as the published try-on tables computed it (LaDI-VTON's torchmetrics 0.11.4, every torchmetrics up
+  to 1.4.1, scikit-image's ``structural_similarity(gaussian_weights=True, sigma=1.5,
+  use_sample_covariance=False)``): an 11x11 Gaussian window of sigma 1.5, data range 1, the map averaged
+  without its border of 5 pixels, which the window would have read from padding. torchmetrics 1.4.2 (its PR
+  #2721) averages the whole reflect-padded map instead (0.0066 apart at 256x192): the SSIM here is computed by
+  this module, so which torchmetrics is installed cannot change it;
+- **LPIPS** as the ``lpips`` package, v0.1 (``lpips/lpips.py``), with the net each paper used (LaDI-VTON
+  AlexNet, the default; CatVTON SqueezeNet; VGG): inputs in [-1, 1] shifted and scaled by its ScalingLayer,
+  the trunk's features at lpips' slices (torchvision's ``alexnet``/``squeezenet1_1``/``vgg16().features``)
+  each normalised over channels, squared differences weighted by the v0.1 linear layers, averaged over
+  space, summed.
 
-No weights are downloaded: the Inception (TorchScript), AlexNet (torchvision's ``alexnet-owt-7be5be79.pth``) and
-the LPIPS linear layers (the ``lpips`` wheel's ``lpips/weights/v0.1/alex.pth``) are read from local files
-(:class:`MetricWeights`), the ``.pth`` ones with ``torch.load(weights_only=True)``, which loads tensors and
-refuses code. A metric whose file is missing is skipped with a line naming the file and where to get it.
+No weights are downloaded: the Inception (TorchScript), the LPIPS trunk (torchvision's file) and the LPIPS
+linear layers (the ``lpips`` wheel's ``lpips/weights/v0.1/<net>.pth``) are read from local files
+(``WEIGHT_FILES``), the ``.pth`` ones with ``torch.load(weights_only=True)``, which loads tensors and refuses
+code. A metric whose file is missing is skipped with a line naming the file and where to get it.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 from .errors import UserError
 
@@ -53,9 +62,14 @@ WEIGHT_FILES = {
                             "FID and KID"),
     "alexnet": WeightFile("--alexnet_weights", "TRYON_ALEXNET_WEIGHTS", "alexnet-owt-7be5be79.pth",
                           "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth (torchvision's AlexNet)",
-                          "LPIPS"),
-    "lpips": WeightFile("--lpips_weights", "TRYON_LPIPS_WEIGHTS", "alex.pth",
-                        "lpips/weights/v0.1/alex.pth inside the lpips wheel (pip download lpips==0.1.4 --no-deps, "
+                          "LPIPS (alex)"),
+    "squeezenet": WeightFile("--squeezenet_weights", "TRYON_SQUEEZENET_WEIGHTS", "squeezenet1_1-b8a52dc0.pth",
+                             "https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth (torchvision's "
+                             "SqueezeNet 1.1)", "LPIPS (squeeze)"),
+    "vgg16": WeightFile("--vgg16_weights", "TRYON_VGG16_WEIGHTS", "vgg16-397923af.pth",
+                        "https://download.pytorch.org/models/vgg16-397923af.pth (torchvision's VGG16)", "LPIPS (vgg)"),
+    "lpips": WeightFile("--lpips_weights", "TRYON_LPIPS_WEIGHTS", "<net>.pth (alex.pth, squeeze.pth or vgg.pth)",
+                        "lpips/weights/v0.1/<net>.pth inside the lpips wheel (pip download lpips==0.1.4 --no-deps, "
                         "then unzip)", "LPIPS"),
 }
 
@@ -130,58 +144,135 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
 
 
 def kernel_distance(real: torch.Tensor, fake: torch.Tensor, num_subsets: int = KID_SUBSETS,
-                    max_subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> float:
+                    max_subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> tuple[float, float]:
     """KID as clean-fid's kernel_distance(feats1=real, feats2=fake): the unbiased MMD^2 of the cubic polynomial
-    kernel, averaged over ``num_subsets`` subsets drawn without replacement (seeded here, so it repeats)."""
+    kernel, averaged over ``num_subsets`` subsets drawn without replacement (seeded here, so it repeats); and
+    its standard deviation over the subsets (torch-fidelity's ``kernel_inception_distance_std``), which says
+    how much the draw of subsets moves it: small sets move it a lot."""
     real, fake = real.double(), fake.double()
     n = real.shape[1]
     m = min(len(real), len(fake), max_subset_size)
     generator = torch.Generator().manual_seed(seed)
-    t = 0.0
+    values = []
     for _ in range(num_subsets):
         x = fake[torch.randperm(len(fake), generator=generator)[:m]]
         y = real[torch.randperm(len(real), generator=generator)[:m]]
         a = (x @ x.T / n + 1) ** 3 + (y @ y.T / n + 1) ** 3
         b = (x @ y.T / n + 1) ** 3
-        t += float((a.sum() - a.diagonal().sum()) / (m - 1) - b.sum() * 2 / m)
-    return t / num_subsets / m
+        values.append(float((a.sum() - a.diagonal().sum()) / (m - 1) - b.sum() * 2 / m) / m)
+    return float(np.mean(values)), float(np.std(values))
 
 
-# --------------------------------------------------------------------------- SSIM (torchmetrics)
+# --------------------------------------------------------------------------- SSIM (the published convention)
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
+SSIM_BORDER = SSIM_WINDOW // 2
+
+
+def ssim_map(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The SSIM map of (N, C, H, W) images in [0, 1] where the window lies inside the image: (N, C, H - 10,
+    W - 10), in float64. Gaussian-weighted means and (population) covariances, C1 = 0.01^2, C2 = 0.03^2."""
+    x = torch.arange(SSIM_WINDOW, dtype=torch.float64) - SSIM_BORDER
+    g = torch.exp(-x ** 2 / (2 * SSIM_SIGMA ** 2))
+    g = g / g.sum()
+    channels = pred.shape[1]
+    window = (g[:, None] * g[None, :]).expand(channels, 1, SSIM_WINDOW, SSIM_WINDOW).to(pred.device)
+    a, b = pred.double(), target.double()
+    mu_a, mu_b, aa, bb, ab = (F.conv2d(t, window, groups=channels) for t in (a, b, a * a, b * b, a * b))
+    var_a, var_b, cov = aa - mu_a ** 2, bb - mu_b ** 2, ab - mu_a * mu_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+
+
 def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM of (N, 3, H, W) images in [0, 1]: torchmetrics' defaults (Gaussian 11, sigma 1.5)."""
-    return structural_similarity_index_measure(pred.float(), target.float(), data_range=1.0, reduction="none")
+    """Per-image SSIM of (N, 3, H, W) images in [0, 1], the border-cropped map's mean (float64)."""
+    return ssim_map(pred, target).mean(dim=(1, 2, 3))
 
 
-# --------------------------------------------------------------------------- LPIPS (lpips v0.1, AlexNet)
-class LPIPS(nn.Module):
-    """lpips.LPIPS(net="alex", version="0.1") in eval mode, its AlexNet trunk and linear layers from files."""
+# --------------------------------------------------------------------------- LPIPS (lpips v0.1)
+class Fire(nn.Module):
+    """torchvision's SqueezeNet Fire module (its parameter names, so its weight file loads as it is)."""
 
-    CHANNELS = (64, 192, 384, 256, 256)
-    SLICES = ((0, 2), (2, 5), (5, 8), (8, 10), (10, 12))  # torchvision's alexnet().features up to relu1..relu5
-
-    def __init__(self):
+    def __init__(self, inplanes: int, squeeze: int, expand1x1: int, expand3x3: int):
         super().__init__()
+        self.squeeze = nn.Conv2d(inplanes, squeeze, 1)
+        self.expand1x1 = nn.Conv2d(squeeze, expand1x1, 1)
+        self.expand3x3 = nn.Conv2d(squeeze, expand3x3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.squeeze(x))
+        return torch.cat([F.relu(self.expand1x1(x)), F.relu(self.expand3x3(x))], 1)
+
+
+def _alexnet() -> nn.Sequential:  # torchvision.models.alexnet().features
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2), nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(),
+        nn.MaxPool2d(3, 2), nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(), nn.Conv2d(384, 256, 3, padding=1),
+        nn.ReLU(), nn.Conv2d(256, 256, 3, padding=1), nn.ReLU())
+
+
+def _squeezenet() -> nn.Sequential:  # torchvision.models.squeezenet1_1().features
+    def pool():
+        return nn.MaxPool2d(3, 2, ceil_mode=True)
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 3, stride=2), nn.ReLU(), pool(), Fire(64, 16, 64, 64), Fire(128, 16, 64, 64), pool(),
+        Fire(128, 32, 128, 128), Fire(256, 32, 128, 128), pool(), Fire(256, 48, 192, 192), Fire(384, 48, 192, 192),
+        Fire(384, 64, 256, 256), Fire(512, 64, 256, 256))
+
+
+def _vgg16() -> nn.Sequential:  # torchvision.models.vgg16().features (configuration "D", no batch norm)
+    layers, channels = [], 3
+    for width in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"):
+        if width == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
+            channels = width
+    return nn.Sequential(*layers)
+
+
+@dataclass(frozen=True)
+class LpipsNet:
+    """One of lpips' trunks: which weight file holds it, how to build it, where lpips taps it
+    (``lpips/pretrained_networks.py``: the slices of ``features`` whose outputs it compares) and the widths there."""
+    weights: str  # the WEIGHT_FILES kind of its torchvision file
+    build: Callable[[], nn.Sequential]
+    slices: tuple[tuple[int, int], ...]
+    channels: tuple[int, ...]
+
+
+LPIPS_NETS = {
+    "alex": LpipsNet("alexnet", _alexnet, ((0, 2), (2, 5), (5, 8), (8, 10), (10, 12)), (64, 192, 384, 256, 256)),
+    "squeeze": LpipsNet("squeezenet", _squeezenet, ((0, 2), (2, 5), (5, 8), (8, 10), (10, 11), (11, 12), (12, 13)),
+                        (64, 128, 256, 384, 384, 512, 512)),
+    "vgg": LpipsNet("vgg16", _vgg16, ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30)), (64, 128, 256, 512, 512)),
+}
+
+
+class LPIPS(nn.Module):
+    """lpips.LPIPS(net=..., version="0.1") in eval mode, its trunk and linear layers from files."""
+
+    def __init__(self, net: str = "alex"):
+        super().__init__()
+        self.net, spec = net, LPIPS_NETS[net]
+        self.slices = spec.slices
         self.register_buffer("shift", torch.tensor([-.030, -.088, -.188])[None, :, None, None])
         self.register_buffer("scale", torch.tensor([.458, .448, .450])[None, :, None, None])
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2), nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(),
-            nn.MaxPool2d(3, 2), nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(), nn.Conv2d(384, 256, 3, padding=1),
-            nn.ReLU(), nn.Conv2d(256, 256, 3, padding=1), nn.ReLU())
-        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self.CHANNELS)
+        self.features = spec.build()
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in spec.channels)
         self.eval()
 
     @classmethod
-    def from_files(cls, alexnet: Path, lpips: Path, device: torch.device) -> "LPIPS":
-        model = cls()
-        trunk = {k[len("features."):]: v for k, v in _state_dict(alexnet).items() if k.startswith("features.")}
-        lins = {f"{k[3]}.weight": v for k, v in _state_dict(lpips).items()}  # "lin3.model.1.weight" -> "3.weight"
+    def from_files(cls, net: str, trunk: Path, lins: Path, device: torch.device) -> "LPIPS":
+        model = cls(net)
+        features = {k[len("features."):]: v for k, v in _state_dict(trunk).items() if k.startswith("features.")}
+        # lpips names its layers "lin3.model.1.weight" (a Dropout, then the 1x1 convolution): -> "3.weight".
+        layers = {f"{k.split('.')[0][3:]}.weight": v for k, v in _state_dict(lins).items() if k.startswith("lin")}
         try:
-            model.features.load_state_dict(trunk)
-            model.lins.load_state_dict(lins)
+            model.features.load_state_dict(features)
+            model.lins.load_state_dict(layers)
         except RuntimeError as err:
-            raise UserError(f"{alexnet} / {lpips}: not torchvision's AlexNet and lpips' v0.1 alex.pth "
-                            f"({str(err).splitlines()[0]})") from None
+            raise UserError(f"{trunk} / {lins}: not torchvision's {LPIPS_NETS[net].weights} and lpips' v0.1 "
+                            f"{net}.pth ({str(err).splitlines()[0]})") from None
         return model.to(device)
 
     @staticmethod
@@ -193,7 +284,7 @@ class LPIPS(nn.Module):
         """Per-image LPIPS of (N, 3, H, W) images in [-1, 1]."""
         x0, x1 = (in0.float() - self.shift) / self.scale, (in1.float() - self.shift) / self.scale
         total = torch.zeros(len(in0), device=in0.device)
-        for (start, stop), lin in zip(self.SLICES, self.lins):
+        for (start, stop), lin in zip(self.slices, self.lins):
             x0, x1 = self.features[start:stop](x0), self.features[start:stop](x1)
             diff = (self._normalise(x0) - self._normalise(x1)) ** 2
             total += lin(diff).mean(dim=(1, 2, 3))

@@ -19,7 +19,7 @@ shards, else by sample index.
 
 A sample is decoded only as far as the UNet reads it: its target and the inputs the UNet is conditioned on
 (its conditioning's ``sample_inputs``); UNet 3, conditioned on the low-res image alone, which is derived from the target,
-decodes only ``person.jpg``. A JPEG larger than the UNet needs is decoded at a reduced scale (libjpeg's DCT
+decodes only the person image. A JPEG larger than the UNet needs is decoded at a reduced scale (libjpeg's DCT
 scaling by 1/2, 1/4 or 1/8 to the smallest size still at least the UNet's, then resized as before): UNet 1 reads
 shards written at 1024 px for UNet 3 about 13x faster per image, at a mean 0.5/255 from the full decode.
 
@@ -55,9 +55,9 @@ from ..seeding import rng_for, seed_for
 from .preprocess import pose_tensors, unet_inputs
 from .remote import read_shards
 
-# A sample's fields and the shard members they are read from.
-MEMBERS = {"person": "person.jpg", "ca": "ca.jpg", "garment": "garment.jpg", "person_pose": "person_pose.npy",
-           "garment_pose": "garment_pose.npy"}
+# A sample's fields and the shard members they are read from (a test split's images are PNG: lossless targets).
+MEMBERS = {"person": ("person.jpg", "person.png"), "ca": ("ca.jpg", "ca.png"), "garment": ("garment.jpg", "garment.png"),
+           "person_pose": ("person_pose.npy",), "garment_pose": ("garment_pose.npy",)}
 # Everything a sample can hold: what inference and evaluation read (the mask where the shards have it).
 EVERYTHING = ("ca", "garment", "person_pose", "garment_pose", "mask")
 
@@ -128,24 +128,28 @@ def decode(raw: dict, num_keypoints: int, inputs: tuple[str, ...] = EVERYTHING,
     ``mask`` among the inputs is read where the shard has one. ``size``: what the images will be resized to,
     if the consumer needs no more (a JPEG is then decoded at a reduced scale)."""
     wanted = ["person", *(name for name in inputs if name in MEMBERS)]
-    missing = [MEMBERS[name] for name in wanted if MEMBERS[name] not in raw]
+    member = {name: next((m for m in MEMBERS[name] if m in raw), None) for name in wanted}
+    missing = [MEMBERS[name][0] for name in wanted if member[name] is None]
     if missing:
         raise BadSample(f"missing member(s) {', '.join(missing)}")
     sample = {"key": raw["__key__"]}
     for name in wanted:
         if name.endswith("_pose"):
-            sample[name], sample[f"{name}_valid"] = _pose(raw, MEMBERS[name], num_keypoints)
+            sample[name], sample[f"{name}_valid"] = _pose(raw, member[name], num_keypoints)
         else:
-            sample[name] = _image(raw, MEMBERS[name], size)
+            sample[name] = _image(raw, member[name], size)
     if len({sample[name].size for name in wanted if not name.endswith("_pose")}) > 1:
         raise BadSample("images of different sizes")
     if "mask" in inputs and "mask.png" in raw:
         sample["mask"] = _image(raw, "mask.png")
     # Whether the person wears this garment (a ground truth exists) or another's (a release's unpaired test),
-    # and DressCode's category, by which the evaluation reports too.
+    # DressCode's category, by which the evaluation reports too, and the release's file names (person, garment),
+    # by which other methods name their results.
     try:
         meta = json.loads(raw["json"]) if "json" in raw else {}
         sample["pair"], sample["category"] = meta.get("pair", "paired"), meta.get("category", "")
+        source = meta.get("source") or {}
+        sample["source"] = tuple(Path(str(source.get(role, ""))).stem for role in ("person", "garment"))
     except (ValueError, AttributeError) as err:
         raise BadSample(f"unreadable json ({type(err).__name__})") from None
     return sample

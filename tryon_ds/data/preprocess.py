@@ -95,19 +95,25 @@ def unet_inputs(sample: dict, config, unet_number: int, rng: random.Random | Non
     are left out."""
     if rng is not None and config.crop_size(unet_number) is not None:
         return crop_inputs(sample, config, unet_number, rng)
-    out = dict(sample)
-    size = config.image_size(unet_number)
-    present = [name for name in IMAGES if name in sample]
-    for name in present:
-        out[name] = resize(pixels(sample[name]), size)
     if rng is not None:
         d = config.data
-        out.pop("mask", None)
+        out = at_size({k: v for k, v in sample.items() if k != "mask"}, config.image_size(unet_number))
         out = augment(out, rng, d.hflip_prob, d.rotation_degrees, d.color_jitter)
+    else:
+        out = at_size(sample, config.image_size(unet_number))
     if config.conditioning(unet_number).super_resolves and "person" in out:
         out[LOWRES] = resize(out["person"], config.image_size(unet_number - 1))
-    if "mask" in out:
-        out["mask"] = (resize(pixels(out["mask"])[:1], size) > 127).to(torch.uint8)
+    return out
+
+
+def at_size(sample: dict, size: tuple[int, int]) -> dict:
+    """A sample's PIL images (and mask, 0/1) as uint8 tensors at ``size``; its other fields as they are."""
+    out = dict(sample)
+    for name in IMAGES:
+        if name in sample:
+            out[name] = resize(pixels(sample[name]), size)
+    if "mask" in sample:
+        out["mask"] = (resize(pixels(sample["mask"])[:1], size) > 127).to(torch.uint8)
     return out
 
 

@@ -1,7 +1,10 @@
 """Writing WebDataset shards: the sample format, the splits, the manifest and resumable writing.
 
 A sample in a shard holds ``__key__`` and
-    person.jpg, ca.jpg, garment.jpg    letterboxed to the shard's image size (aspect kept, padded)
+    person.jpg, ca.jpg, garment.jpg    letterboxed to the shard's image size (aspect kept, padded); JPEG at
+                                       ``--jpeg-quality`` in train and val, PNG (``person.png``, ...) in a
+                                       release's test split, whose person images are the evaluation's targets:
+                                       they keep the release's pixels (q95 would change them, BENCHMARKS.md)
     person_pose.npy, garment_pose.npy  (K, 3) float32: x, y normalised to that image in [0, 1], valid (0/1)
     mask.png                           optional: the region the ca image removed (synthetic data has it)
     json                               key, source files, original sizes, whether the garment has a pose, the
@@ -38,7 +41,7 @@ from ..errors import UserError
 from .preprocess import letterbox, normalise_pose
 from .sources import LoadedSample, SampleError, SourceSample, load_sample
 
-FORMAT_VERSION = 2  # 2: a release's test split kept apart, samples marked paired/unpaired
+FORMAT_VERSION = 3  # 2: a release's test split kept apart, samples marked paired/unpaired; 3: test images PNG
 SHARD_NAME = re.compile(r"^(train|val|test)-(?:p\d{4}-)?\d{6}\.tar$")  # pNNNN-: written by part NNNN
 SPLITS = ("train", "val", "test")
 # Kinds of problem, to count why samples were left out: (what the message says, how the count names it).
@@ -92,9 +95,13 @@ class Part:
 
 
 # --------------------------------------------------------------------------- one sample
-def _jpeg(img: Image.Image, quality: int) -> bytes:
+def _image_bytes(img: Image.Image, quality: int | None) -> bytes:
+    """JPEG at ``quality``, or PNG (lossless) when it is None."""
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
+    if quality is None:
+        img.save(buf, format="PNG")
+    else:
+        img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
@@ -116,11 +123,13 @@ def encode_sample(s: LoadedSample, opts: ShardOptions) -> dict:
     person, scale, pad = letterbox(s.person, size)
     ca, _, _ = letterbox(s.ca, size)
     garment, g_scale, g_pad = letterbox(s.garment, size)
+    lossless = s.meta.get("split") == "test"
+    ext, quality = ("png", None) if lossless else ("jpg", opts.jpeg_quality)
     sample = {
         "__key__": shard_key(s.key),
-        "person.jpg": _jpeg(person, opts.jpeg_quality),
-        "ca.jpg": _jpeg(ca, opts.jpeg_quality),
-        "garment.jpg": _jpeg(garment, opts.jpeg_quality),
+        f"person.{ext}": _image_bytes(person, quality),
+        f"ca.{ext}": _image_bytes(ca, quality),
+        f"garment.{ext}": _image_bytes(garment, quality),
         "person_pose.npy": _npy(normalise_pose(s.person_pose, scale, pad, size, opts.num_keypoints)),
         "garment_pose.npy": _npy(normalise_pose(s.garment_pose, g_scale, g_pad, size, opts.num_keypoints)),
         "json": json.dumps({"key": s.key, "person_size": list(s.person.size), "garment_size": list(s.garment.size),

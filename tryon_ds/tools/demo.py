@@ -93,12 +93,12 @@ def main(argv=None) -> None:
         _run([py, "tools/consolidate_checkpoint.py", str(out / "checkpoints" / f"unet{unet}"), "--out", str(bundle)])
     val = str(shards / "val-*.tar")
     sampling = ["--guidance", str(args.guidance)] + (["--steps", "4", "3", "3"] if args.quick else [])
-    _run([py, "tools/infer.py", "--checkpoint", str(bundle), "--shards", val, "--num", "8",
+    _run([py, "tools/infer.py", "--checkpoint", str(bundle), "--shards", val, "--max-samples", "8",
           "--output_dir", str(out / "results"), *sampling])
     table = out / "quality.json"
     # The field's table too, at the cascade's 128 px and at 64x64; FID/KID and LPIPS need weight files the
     # demo does not download (the table says which), the rest is computed.
-    _run([py, "tools/evaluate.py", "--checkpoint", str(bundle), "--shards", val, "--num", str(args.eval_pairs),
+    _run([py, "tools/evaluate.py", "--checkpoint", str(bundle), "--shards", val, "--max-samples", str(args.eval_pairs),
           "--eval-size", "64x64", "--sr-alone", str(args.sr_alone_pairs), "--json", str(table), *sampling])
 
     quality = json.loads(table.read_text())

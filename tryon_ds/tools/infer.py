@@ -4,7 +4,7 @@ One pair (the original training guide's command line):
     python tools/infer.py --checkpoint bundle/ --ca_image ca.jpg --garment_image garment.jpg \\
         --person_pose person.npy --garment_pose garment.npy --output result.jpg
 Validation samples from shards, in batches, with a grid (ca | garment | result | target):
-    python tools/infer.py --checkpoint bundle/ --shards 'shards/val-*.tar' --num 8 --output_dir results/
+    python tools/infer.py --checkpoint bundle/ --shards 'shards/val-*.tar' --max-samples 8 --output_dir results/
 
 Poses are .npy arrays (K, 2) or (K, 3) or OpenPose JSON, in the pixels of their image; leave out
 --garment_pose for a flat product image. Runs UNet 1, then every later UNet the bundle holds (UNet 2 to
@@ -38,7 +38,7 @@ def run_shards(pipe: TryOnPipeline, args, options: dict) -> None:
     out_dir = Path(args.output_dir)
     last = pipe.last
     rows, done = [], 0
-    for conds in pipe.shard_batches(args.shards, args.batch_size, limit=args.num):
+    for conds in pipe.shard_batches(args.shards, args.batch_size, limit=args.max_samples):
         results = pipe.generate(conds, **options)
         for i, key in enumerate(conds[last]["key"]):
             atomic.save_image(to_image(results[last][i]), out_dir / f"{safe_name(key)}.png")
@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     p.add_argument("--garment_pose")
     p.add_argument("--output", help="result image (one pair)")
     p.add_argument("--shards", help="validation shards to try on, instead of one pair")
-    p.add_argument("--num", type=int, default=8)
+    p.add_argument("--max-samples", type=int, default=8, metavar="N", help="with --shards: the first N samples")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--output_dir", default="results")
     p.add_argument("--sampler", choices=SAMPLERS)

@@ -147,7 +147,7 @@ def preview_sheet(shards: Path, path: Path, rows: int = 6) -> None:
     paired = (s for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)
               if json.loads(s["json"]).get("pair", "paired") == "paired")  # an unpaired one repeats a person
     samples = [s for _, s in zip(range(rows), paired)]
-    images = [[Image.open(io.BytesIO(s[f"{k}.jpg"])).convert("RGB") for k in ("person", "ca", "garment")]
+    images = [[Image.open(io.BytesIO(s.get(f"{k}.jpg") or s[f"{k}.png"])).convert("RGB") for k in ("person", "ca", "garment")]
               for s in samples]
     w, h = images[0][0].size
     sheet = Image.new("RGB", (3 * w, len(images) * h), "white")
