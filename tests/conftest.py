@@ -63,6 +63,15 @@ def command(run_dir, shards, ranks=2, ds="cpu_zero2", steps=STEPS, extra=()):
             "--master_port", str(free_port()), *train]
 
 
+def rank_commands(run_dir, shards, extra=(), steps=20):
+    """Two ranks as srun starts them: separate processes, rank and world from the environment, no launcher
+    watching over them."""
+    cmd = command(run_dir, shards, ranks=1, steps=steps, extra=extra)
+    port = str(free_port())
+    return [(cmd, {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in (0, 1)]
+
+
 def run(cmd, timeout=300, env=None):
     # One thread per process whatever the world size, so runs compared across world sizes sum alike.
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,

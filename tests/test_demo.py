@@ -37,8 +37,8 @@ def test_demo_quick_runs_every_stage(tmp_path):
     assert set(field) == {"128x128", "64x64"} and 0 < field["64x64"]["paired"]["ssim"] <= 1
     assert field["128x128"]["paired"]["fid"] is None and field["128x128"]["paired"]["lpips"] is None
     assert "FID and KID skipped: no inception-2015-12-05.pt given" in r.stdout
-    assert "LPIPS skipped: no alexnet-owt-7be5be79.pth given" in r.stdout
-    assert "| all | 128x128 | 4 |" in r.stdout
+    assert "LPIPS (alex) skipped: no alexnet-owt-7be5be79.pth given" in r.stdout
+    assert "| all | 128x128 | - | 4 |" in r.stdout  # no reference set without the Inception
 
 
 def test_region_metrics_only_see_the_garment_region():

@@ -1,6 +1,7 @@
 """What the trainer reads from DeepSpeed's engines, on real engines of every ZeRO stage and precision the CPU
 runs (tests/helpers/engine_probe.py, 2 ranks): the loss scale, its exhaustion, fp32 reduction in the bf16
 configs, the EMA of the fp32 master weights, and the memory planner against the bytes the engines hold."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -112,6 +113,17 @@ def test_plan_memory_cli_says_whether_it_fits_and_what_to_change():
     assert tight.returncode == 0, tight.stderr
     assert "does NOT fit in 24 GB" in tight.stdout and "activation checkpointing" in tight.stdout
     assert "ZeRO-3" in tight.stdout and "micro-batch" in tight.stdout.split("what would fit instead:")[1]
+
+
+def test_the_planner_counts_an_ema_only_when_the_run_keeps_one():
+    from tryon_ds.tools.plan_memory import GIB, plan
+    config = build_config({"base_image_size": [128, 128], "unet1": {"preset": "tiny"}})
+    ds = {"zero_optimization": {"stage": 3}}
+    kept = plan(config, 1, 1, 3, "fp32", 2, False, ds, activation_bytes=0.0)
+    dropped = plan(dataclasses.replace(config, use_ema=False), 1, 1, 3, "fp32", 2, False, ds, activation_bytes=0.0)
+    ema = "EMA (fp32, like the master)"
+    assert kept[ema] == kept["fp32 master"] > 0 and dropped[ema] == 0.0
+    assert sum(kept.values()) - sum(dropped.values()) == kept[ema] and kept[ema] < GIB
 
 
 def test_checkpointing_shrinks_planned_activations():

@@ -1,8 +1,11 @@
-"""SIGKILL of a rank while a checkpoint is being written: the half-written checkpoint is never the one
---resume auto picks, and the resumed run reproduces the uninterrupted losses. (SIGKILL of the whole job
-between checkpoints: tests/test_train.py::test_kill_then_resume_auto_reproduces_losses...)"""
+"""SIGKILL of a rank while a checkpoint is being written, or a stop request that cannot be answered in time
+(SIGTERM while a step cannot finish, then SIGKILL after the grace, as SLURM's scancel does): the
+half-written checkpoint is never the one --resume auto picks, and the resumed run reproduces the
+uninterrupted losses. (SIGKILL of the whole job between checkpoints:
+tests/test_train.py::test_kill_then_resume_auto_reproduces_losses...)"""
 import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -19,9 +22,15 @@ STEPS = 20
 EXTRA = ["--set", "checkpoint_freq=5", "--set", "dist_timeout_s=60"]
 
 
-def test_rank_killed_while_writing_a_checkpoint(shards, tmp_path):
-    reference = tmp_path / "reference"
-    run(command(reference, shards, steps=STEPS, extra=EXTRA))
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("reference")
+    run(command(folder, shards, steps=STEPS, extra=EXTRA))
+    return folder
+
+
+@pytest.mark.parametrize("ending", ["rank killed", "stop request unanswered within the grace"])
+def test_rank_killed_while_writing_a_checkpoint(shards, reference, tmp_path, ending):
 
     killed = tmp_path / "killed"
     cmd = command(killed, shards, steps=STEPS, extra=EXTRA)
@@ -44,7 +53,13 @@ def test_rank_killed_while_writing_a_checkpoint(shards, tmp_path):
     writing = killed / "ckpt" / "unet1" / "step00000010"
     assert writing.is_dir() and not (writing / "COMPLETE").exists()
     assert completed(killed) == ["step00000005"]
-    victim.kill()
+    if ending == "rank killed":
+        victim.kill()
+    else:  # the job asked to stop while rank 1 cannot finish; then, after the grace, SIGKILL to every process
+        for p in rank_processes(proc.pid):
+            p.send_signal(signal.SIGTERM)
+        time.sleep(2)
+        os.killpg(proc.pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode != 0, out[-2000:]
     assert completed(killed) == ["step00000005"]

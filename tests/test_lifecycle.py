@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from conftest import ROOT, Run, command, completed, free_port, rank_processes
+from conftest import ROOT, Run, command, completed, free_port, rank_commands, rank_processes
 from tryon_ds.training import lifecycle
 
 WORKERS = ["--set", "data.num_workers=2"]
@@ -65,14 +65,6 @@ def test_a_stop_signal_at_any_moment_saves_and_exits_0(shards, tmp_path, moment)
         assert "step00000003" in completed(tmp_path)
 
 
-def rank_commands(run_dir, shards, extra=()):
-    """The two ranks as srun starts them: separate processes, rank and world from the environment."""
-    cmd = command(run_dir, shards, ranks=1, steps=20, extra=[*WORKERS, *extra])
-    port = str(free_port())
-    return [(cmd, {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2",
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in (0, 1)]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("when", ["at start", "mid-run on one rank"])
 def test_a_user_error_is_printed_once_and_every_rank_exits_2(shards, tmp_path, when):
@@ -87,7 +79,7 @@ def test_a_user_error_is_printed_once_and_every_rank_exits_2(shards, tmp_path, w
         (tmp_path / "ckpt" / "unet1").mkdir(parents=True)
         (tmp_path / "ckpt" / "unet1" / "step00000005").write_text("in the way")
         expected = "could not write the step-5 checkpoint"
-    runs = [Run(cmd, env) for cmd, env in rank_commands(tmp_path, shards, extra)]
+    runs = [Run(cmd, env) for cmd, env in rank_commands(tmp_path, shards, [*WORKERS, *extra])]
     codes = [r.end(bound=120) for r in runs]
     assert codes == [2, 2], [r.err[-2000:] for r in runs]
     stderr = "".join(r.err for r in runs)
@@ -157,3 +149,34 @@ def test_tryon_train_from_any_folder_finds_the_shipped_configs(shards, tmp_path)
     r = subprocess.run(["tryon-train", "--config", "my.yaml", "--deepspeed_config", "mine.json"], cwd=work,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and f"DeepSpeed config 'mine.json' does not exist (in the current folder {work})" in r.stderr
+
+
+def test_a_dead_peer_is_described_by_its_signal_or_exit_status_while_unreaped():
+    """What a surviving rank can tell of a peer on its host, read from /proc as an unrelated process would."""
+    import os
+    import socket
+    import sys
+
+    from tryon_ds.training import lifecycle
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    failed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        killed.send_signal(signal.SIGKILL)
+        for p in (killed, failed):  # ended, not yet reaped: zombies, as under a launcher that polls
+            while open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+                time.sleep(0.01)
+        host = socket.gethostname()
+        peers = ((host, os.getpid()), (host, killed.pid), (host, failed.pid), (host, running.pid), ("elsewhere", 1))
+        assert lifecycle.dead_peers(peers, 0) == [f"rank 1 (pid {killed.pid}) was killed by SIGKILL (out of memory?)",
+                                                  f"rank 2 (pid {failed.pid}) exited with status 3"]
+        killed.wait()
+        assert lifecycle.dead_peers(peers[:2], 0) == [f"rank 1 (pid {killed.pid}) has ended"]
+        assert lifecycle.dead_peers(((host, os.getpid()), ("elsewhere", 2)), 0) == [
+            "a rank on elsewhere stopped answering (its own log says why)"]
+        assert lifecycle.lost_peer(RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:406. GLHF"))
+        assert not lifecycle.lost_peer(RuntimeError("CUDA out of memory"))
+    finally:
+        for p in (killed, failed, running):
+            p.kill()
+            p.wait()

@@ -226,6 +226,15 @@ class FieldMetrics:
                 self.records[key]["sizes"][size_name(size)] = entry
 
 
+def _recorded_sha256(manifest: Path) -> dict[str, str]:
+    """{shard name: SHA-256} as tools/make_shards.py recorded them; empty without a readable manifest."""
+    try:
+        return {e["name"]: e["sha256"] for split in json.loads(manifest.read_text()).get("shards", {}).values()
+                for e in split if e.get("sha256")}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return {}
+
+
 class ReferenceSet:
     """The real side of FID and KID: the Inception features of every test person's ground truth, each person
     once (by the pixels of their image, so a person in both a paired and an unpaired sample counts once), in a
@@ -249,22 +258,15 @@ class ReferenceSet:
 
     @staticmethod
     def cache_key(urls: list[str], size: tuple[int, int], base: tuple[int, int], network: Path) -> str:
-        digest = hashlib.sha256()
-        shards = []
+        digest, shards, manifests = hashlib.sha256(), [], {}
         for url in urls:
             path = Path(url)
             entry: object = url
             if path.is_file():
-                manifest = path.parent / "manifest.json"
-                recorded = {}
-                if manifest.is_file():
-                    try:
-                        recorded = {e["name"]: e.get("sha256") for split in json.loads(manifest.read_text())
-                                    .get("shards", {}).values() for e in split}
-                    except (ValueError, AttributeError, KeyError, TypeError):
-                        recorded = {}
+                if path.parent not in manifests:
+                    manifests[path.parent] = _recorded_sha256(path.parent / "manifest.json")
                 stat = path.stat()
-                entry = [path.name, recorded.get(path.name) or f"{stat.st_size}:{stat.st_mtime_ns}"]
+                entry = [path.name, manifests[path.parent].get(path.name) or f"{stat.st_size}:{stat.st_mtime_ns}"]
             shards.append(entry)
         with open(network, "rb") as f:
             network_sha = hashlib.file_digest(f, "sha256").hexdigest()

@@ -109,9 +109,9 @@ class TryOnPipeline:
                       select: Callable[[dict], bool] | None = None, rank: int = 0,
                       world_size: int = 1) -> Iterator[dict[int, dict]]:
         """The samples of ``shards`` in order, as ``generate`` takes them: {unet number: the batch prepared
-        at that UNet's size (uint8 images, as the training pipeline makes them)}, ``batch_size`` samples at a time; the first ``limit`` samples, or those
-        ``select`` (a predicate on the raw sample, called in the shards' order) takes; this rank's share of
-        them. Each sample is decoded once for all the UNets."""
+        at that UNet's size (uint8 images, as the training pipeline makes them)}, ``batch_size`` samples at a
+        time; the first ``limit`` samples, or those ``select`` (a predicate on the raw sample, called in the
+        shards' order) takes; this rank's share of them. Each sample is decoded once for all the UNets."""
         urls = resolve_shards(shards, "validation")
 
         def prepare(sample: dict) -> dict[int, dict]:

@@ -232,7 +232,7 @@ def train(args: argparse.Namespace, config: Config, world: distributed.World, st
     for note in resume.notes:
         log.message(note)
     loader = data.train(config.batch_size, accum, resume.step)
-    watchdog = lifecycle.Watchdog(config.dist_timeout_s, world.rank, world.size)
+    watchdog = lifecycle.Watchdog(config.dist_timeout_s, world.rank, world.size, world.peers)
     try:
         batches, stand_in = iter(loader), None
 
@@ -343,6 +343,10 @@ def main(argv=None) -> None:
             train(args, config, world, stop)
     except UserError as err:
         lifecycle.fail(str(err), world.rank, world.size)
+    except RuntimeError as err:
+        if not lifecycle.lost_peer(err):
+            raise
+        lifecycle.peer_died(err, world.rank, world.peers)
     distributed.teardown()
 
 

@@ -108,7 +108,7 @@ def main(argv=None) -> None:
     print(f"  training samples and logs: {out / 'outputs' / 'samples'}, {out / 'logs'} (tensorboard --logdir)")
     print(f"  quality table: {table}\n")
     print("The field's protocol (paired: the person in their own garment; this split has no unpaired samples):")
-    print(markdown(quality["field"], quality["skipped"]) + "\n")
+    print(markdown(quality["field"], quality["skipped"], quality["lpips_net"]) + "\n")
     print(format_table(quality["rows"], quality["pairs"], quality["region_pixels"]))
     m = quality["margins"]
     print(f"  inside the garment region the cascade beats the better baseline by {m['psnr_region']:+.2f} dB PSNR "

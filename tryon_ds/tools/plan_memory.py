@@ -32,9 +32,9 @@ BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 GIB = 2 ** 30
 
 
-def model_states(n: int, zero: int, precision: str, gpus: int, ds: dict) -> dict[str, float]:
+def model_states(n: int, zero: int, precision: str, gpus: int, ds: dict, ema: bool = True) -> dict[str, float]:
     """Bytes per GPU of parameters, gradients, the fp32 master copy, Adam's two moments and the EMA (which
-    averages the master copy and is partitioned like it)."""
+    averages the master copy and is partitioned like it; none with ``use_ema: false``)."""
     p = BYTES[precision]
     accum = BYTES.get(ds.get("data_types", {}).get("grad_accum_dtype"), p)
     offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
@@ -44,7 +44,7 @@ def model_states(n: int, zero: int, precision: str, gpus: int, ds: dict) -> dict
            # ZeRO-1/2/3 keep an fp32 master partition even in fp32 training; ZeRO-0 needs one only in fp16/bf16.
            "fp32 master": 4 * n / shard if (zero >= 1 or precision != "fp32") else 0.0,
            "optimizer (Adam moments)": 8 * n / shard,
-           "EMA (fp32, like the master)": 4 * n / shard}
+           "EMA (fp32, like the master)": 4 * n / shard if ema else 0.0}
     if offload:  # the master copy and the moments live in host memory; ZeRO-3 hands the EMA its partition on GPU
         out["fp32 master"] = out["optimizer (Adam moments)"] = 0.0
     return out
@@ -108,11 +108,18 @@ def plan(config: Config, unet_number: int, micro_batch: int, zero: int, precisio
     """Bytes per GPU by what holds them; ``activation_bytes`` when already traced."""
     with torch.device("meta"):
         n = parameter_count(CascadeUNet(config, unet_number))
-    rows = model_states(n, zero, precision, gpus, ds)
+    rows = model_states(n, zero, precision, gpus, ds, config.use_ema)
     rows["activations"] = (activations(config, unet_number, micro_batch, precision, checkpointing)
                            if activation_bytes is None else activation_bytes)
     rows["DeepSpeed buffers"] = buffers(ds, precision)
     return rows
+
+
+def preset_config(config: Config, name: str, number: int, image_size: list[int] | None = None) -> tuple[Config, int]:
+    """``config`` with preset ``name`` as UNet ``number``, at ``image_size`` (H [W]) or the size the preset is
+    for at that place (128 px for UNet 1, 256 for UNet 2, 1024 for UNet 3)."""
+    size = image_size or [{1: 128, 2: 256}.get(number, 1024)]
+    return config.with_unet(number, preset(name), (size[0], size[-1])), number
 
 
 def default_ds(zero: int, precision: str) -> str:
@@ -150,10 +157,10 @@ def main(argv=None) -> None:
         raise UserError("--micro-batch and --gpus take positive integers")
     config = config_from_args(args)
     number = args.unet or (POSITION.get(args.preset) if args.preset else config.train_unet_number)
-    if args.preset or args.image_size:
-        unet = preset(args.preset) if args.preset else config.unet(number)
-        size = args.image_size or ([{1: 128, 2: 256}.get(number, 1024)] if args.preset else config.image_size(number))
-        config = config.with_unet(number, unet, (size[0], size[-1]))
+    if args.preset:
+        config, number = preset_config(config, args.preset, number, args.image_size)
+    elif args.image_size:
+        config = config.with_unet(number, config.unet(number), (args.image_size[0], args.image_size[-1]))
     if args.crop_size:
         if "crop_size" not in {f.name for f in dataclasses.fields(config.unet(number))}:
             raise UserError(f"--crop-size: unet{number} ({config.unet(number).preset}) does not train on crops")

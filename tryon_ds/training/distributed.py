@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class World:
     size: int
     local_rank: int
     device: torch.device
+    peers: tuple[tuple[str, int], ...] = ()  # each rank's (host, pid): who a failed collective lost
 
     @property
     def is_main(self) -> bool:
@@ -62,7 +64,9 @@ def setup(timeout_s: float = 1800) -> World:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    world = World(int(env["RANK"]), int(env["WORLD_SIZE"]), local_rank, device)
+    peers = [None] * int(env["WORLD_SIZE"])
+    torch.distributed.all_gather_object(peers, (socket.gethostname(), os.getpid()))
+    world = World(int(env["RANK"]), int(env["WORLD_SIZE"]), local_rank, device, tuple(map(tuple, peers)))
     if device.type == "cpu":
         _unlink_shm_buffer(world.rank)
     return world

@@ -7,6 +7,9 @@
 - ``fail``: a user error in a multi-rank run is printed once, by the first rank that meets it, on a line of
   its own, and every rank exits with status 2: the error is posted in the process group's key-value store,
   where the other ranks' watchdogs find it even while they wait inside a collective.
+- ``peer_died``: a collective that fails because a peer went away (killed for memory, crashed) ends this
+  rank with one line naming the rank that died and how, as far as this machine can tell (``dead_peers``),
+  not the backend's page of C++ frames; the last complete checkpoint stands.
 - ``reap_children_at_exit``: data-loader workers ignore SIGTERM (the launcher signals the whole process
   tree, and a worker dying mid-batch would fail the step), so a path that forgets to shut them down would
   hang the exit joining them; at exit, any still alive after a grace period are killed.
@@ -17,9 +20,11 @@ import atexit
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -61,8 +66,8 @@ class Watchdog:
     without an active exception", after the run's work is done (seen in CI on a rank whose exit was slow,
     after a compiled run)."""
 
-    def __init__(self, timeout: float, rank: int, world_size: int):
-        self.timeout, self.rank, self.world_size = timeout, rank, world_size
+    def __init__(self, timeout: float, rank: int, world_size: int, peers: tuple = ()):
+        self.timeout, self.rank, self.world_size, self.peers = timeout, rank, world_size, peers
         self.last = time.monotonic()
         self.store = _store() if world_size > 1 else None
         self._done = threading.Event()
@@ -83,8 +88,10 @@ class Watchdog:
                 os._exit(2)  # another rank printed the error; this one may be stuck in a collective
             idle = time.monotonic() - self.last
             if idle > self.timeout:
+                dead = dead_peers(self.peers, self.rank)
                 sys.stderr.write(f"error: rank {self.rank}: no training progress for {idle:.0f} s (dist_timeout_s="
-                                 f"{self.timeout:g}); another rank died or hangs. Exiting.\n")
+                                 f"{self.timeout:g}); {'; '.join(dead) if dead else 'another rank died or hangs'}. "
+                                 "Exiting.\n")
                 sys.stderr.flush()
                 os._exit(3)
 
@@ -123,6 +130,81 @@ def fail(message: str, rank: int, world_size: int) -> None:
         sys.stderr.flush()
     sys.stdout.flush()
     os._exit(2)
+
+
+# How gloo and NCCL word a collective that lost its peer.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+             "NCCL communicator was aborted", "NCCL error", "Socket Timeout")
+
+
+def lost_peer(err: BaseException) -> bool:
+    return isinstance(err, RuntimeError) and any(text in str(err) for text in PEER_GONE)
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer has killed in this process's memory cgroup (v2 or v1)."""
+    try:
+        cgroup = Path("/proc/self/cgroup").read_text().strip().splitlines()
+        paths = [Path("/sys/fs/cgroup") / line.split(":", 2)[2].lstrip("/") / "memory.events" for line in cgroup
+                 if line.startswith("0::")]
+        paths += [Path("/sys/fs/cgroup/memory.events"), Path("/sys/fs/cgroup/memory/memory.oom_control")]
+        for path in paths:
+            if path.is_file():
+                for line in path.read_text().splitlines():
+                    if line.startswith("oom_kill "):
+                        return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+OOM_KILLS_AT_START = oom_kills()
+
+
+def _how_it_ended(pid: int) -> str | None:
+    """How process ``pid`` (not our child) ended, while its parent has not yet reaped it; None if it runs."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return "has ended"  # already reaped by its launcher: how is in the launcher's log
+    if fields[0] not in ("Z", "X"):
+        return None
+    status = int(fields[49]) if len(fields) > 49 else 0  # field 52 of stat: waitpid's status
+    if os.WIFSIGNALED(status):
+        sig = signal.Signals(os.WTERMSIG(status))
+        return f"was killed by {sig.name}" + (" (out of memory?)" if sig == signal.SIGKILL else "")
+    return f"exited with status {os.WEXITSTATUS(status)}" if os.WIFEXITED(status) else "has ended"
+
+
+def dead_peers(peers: tuple, rank: int) -> list[str]:
+    """What this machine can tell about the other ranks that are gone: those on this host by their pid
+    (the signal or exit status while their launcher has not reaped them), and whether the kernel's OOM
+    killer has killed a process in this rank's memory cgroup (the job's, under SLURM) since it started."""
+    host, out = socket.gethostname(), []
+    for other, (peer_host, pid) in enumerate(peers):
+        if other != rank and peer_host == host:
+            how = _how_it_ended(pid)
+            if how is not None:
+                out.append(f"rank {other} (pid {pid}) {how}")
+    kills = oom_kills()
+    if kills is not None and OOM_KILLS_AT_START is not None and kills > OOM_KILLS_AT_START:
+        out.append(f"the kernel's OOM killer killed {kills - OOM_KILLS_AT_START} process(es) in this rank's memory "
+                   "cgroup since it started: out of memory")
+    remote = sorted({h for h, _ in peers} - {host})
+    if not out and remote:
+        out.append(f"a rank on {', '.join(remote)} stopped answering (its own log says why)")
+    return out
+
+
+def peer_died(err: BaseException, rank: int, peers: tuple) -> None:
+    """One line instead of the backend's frames when a collective lost its peer, then exit 1."""
+    dead = dead_peers(peers, rank)
+    first = str(err).split(". ")[0].split("] ")[-1]
+    sys.stderr.write(f"error: rank {rank}: a collective failed: {'; '.join(dead) or first}. This rank stops too; "
+                     "the last complete checkpoint stands.\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def reap_children_at_exit(grace_s: float = WORKER_GRACE_S) -> None:
