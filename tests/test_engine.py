@@ -126,6 +126,21 @@ def test_the_planner_counts_an_ema_only_when_the_run_keeps_one():
     assert sum(kept.values()) - sum(dropped.values()) == kept[ema] and kept[ema] < GIB
 
 
+def test_the_optimizer_steps_temporaries_follow_the_optimizer_and_never_add_to_the_activations():
+    """ZeRO's fp32 gradient copy, and torch's single-tensor AdamW's two temporaries where it is not fused (the
+    CPU configs): three partition-sized copies measured on real ZeRO-2 and ZeRO-3 engines (BENCHMARKS.md)."""
+    from tryon_ds.tools.plan_memory import STEP, peak, step_transient
+    n = 10 ** 6
+    configs = {name: json.loads((ROOT / "ds_configs" / f"{name}.json").read_text())
+               for name in ("cpu_zero3", "zero3_bf16", "zero3_bf16_offload", "cpu_zero0")}
+    assert step_transient(n, 3, 2, configs["cpu_zero3"]) == 3 * 4 * n / 2
+    assert step_transient(n, 3, 2, configs["zero3_bf16"]) == 4 * n / 2  # fused AdamW: the gradient copy only
+    assert step_transient(n, 3, 2, configs["zero3_bf16_offload"]) == 0.0  # the step runs on the host
+    assert step_transient(n, 0, 2, configs["cpu_zero0"]) == 2 * 4 * n
+    rows = {"parameters": 5.0, "activations": 3.0, STEP: 2.0}
+    assert peak(rows) == 8.0 and peak({**rows, STEP: 4.0}) == 9.0
+
+
 def test_checkpointing_shrinks_planned_activations():
     from tryon_ds.tools.plan_memory import activations
     config = build_config({"base_image_size": [128, 128], "unet1": {"preset": "base"}})

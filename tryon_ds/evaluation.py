@@ -268,8 +268,8 @@ class ReferenceSet:
                 stat = path.stat()
                 entry = [path.name, manifests[path.parent].get(path.name) or f"{stat.st_size}:{stat.st_mtime_ns}"]
             shards.append(entry)
-        with open(network, "rb") as f:
-            network_sha = hashlib.file_digest(f, "sha256").hexdigest()
+        from .training.checkpoint import sha256_of
+        network_sha = sha256_of(network)
         digest.update(json.dumps({"version": ReferenceSet.VERSION, "shards": shards, "size": list(size),
                                   "base": list(base), "network": network_sha}).encode())
         return digest.hexdigest()[:24]

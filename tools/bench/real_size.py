@@ -33,9 +33,11 @@ import torch
 import yaml
 
 from tryon_ds.cascade import CascadeUNet, random_batch
-from tryon_ds.config import Config, deep_merge, parse_override
+from tryon_ds.bundle import read_unet
+from tryon_ds.config import Config, build_config, deep_merge, parse_override
 from tryon_ds.model.presets import POSITION
-from tryon_ds.tools.plan_memory import GIB, plan, preset_config
+from tryon_ds.tools.plan_memory import GIB, peak, plan, preset_config
+from tryon_ds.training.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,8 +54,10 @@ class PeakMemory:
         while not self._done.wait(0.2):
             try:
                 for p in self.root.children(recursive=True):
-                    line = " ".join(p.cmdline())
-                    if "train.py" in line and "deepspeed.launcher" not in line:
+                    # a rank: not the launchers (whose command lines name the script too), nor a rank's data-loader
+                    # workers (forks whose resident pages are mostly the rank's own, shared: they would count twice)
+                    line, parent = " ".join(p.cmdline()), " ".join(p.parent().cmdline())
+                    if "train.py" in line and "deepspeed.launcher" not in line and "deepspeed.launcher" in parent:
                         rank = p.environ().get("RANK", "?")
                         self.peak[rank] = max(self.peak.get(rank, 0), p.memory_info().rss)
             except psutil.Error:
@@ -107,7 +111,10 @@ def main() -> None:
                  "log_dir": str(work / "logs"), "batch_size": args.micro_batch, "train_unet_number": number,
                  "mixed_precision": args.precision if args.precision != "fp32" else "no",
                  "log_freq": 1, "validation_freq": 10 ** 6, "sample_freq": 10 ** 6, "checkpoint_freq": args.steps,
-                 "data": {"num_workers": 1}}
+                 # the preview at the last step runs, for its memory, at one image and one DDIM step: a 1024 px
+                 # image takes sr1024 about a minute per step on two CPU cores
+                 "logging": {"sample_count": 1, "preview_steps": 1},
+                 "data": {"num_workers": 0}}  # the model's memory: no loader worker (a fork of the rank)
     for item in args.set:
         overrides = deep_merge(overrides, parse_override(item))
     settings = deep_merge(config.to_dict(), overrides)
@@ -117,26 +124,25 @@ def main() -> None:
     ds["zero_optimization"].update(reduce_bucket_size=int(args.bucket), stage3_prefetch_bucket_size=int(args.bucket),
                                    overlap_comm=False)
     (work / "ds.json").write_text(json.dumps(ds))
-    from tryon_ds.config import build_config
     config = build_config(settings)
-    planned = sum(plan(config, number, args.micro_batch, 3, args.precision, args.ranks, args.checkpointing, ds).values())
+    planned = peak(plan(config, number, args.micro_batch, 3, args.precision, args.ranks, args.checkpointing, ds))
 
-    train = [py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks), "tryon_ds/train.py",
+    train = [py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks), "--master_port", str(free_port()),
+             "tryon_ds/train.py",
              "--config", str(work / "config.yaml"), "--deepspeed_config", str(work / "ds.json")]
-    first, peak, _ = timed([*train, "--max_steps", str(args.steps)], env)
+    first, held, _ = timed([*train, "--max_steps", str(args.steps)], env)
     ckpt = work / "ckpt" / f"unet{number}" / f"step{args.steps:08d}"
     ckpt_bytes = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
-    resumed, peak_resumed, _ = timed([*train, "--max_steps", str(args.steps + 1), "--resume", "auto"], env)
+    resumed, held_resumed, _ = timed([*train, "--max_steps", str(args.steps + 1), "--resume", "auto"], env)
     bundle = work / "bundle"
     start = time.perf_counter()
     subprocess.run([py, "tools/consolidate_checkpoint.py", str(work / "ckpt" / f"unet{number}"), "--out",
                     str(bundle)], cwd=ROOT, check=True, capture_output=True)
     consolidated = time.perf_counter() - start
-    from tryon_ds.bundle import read_unet
     start = time.perf_counter()
     cfg, weights, _ = read_unet(bundle, number, ema=config.use_ema)
     model = CascadeUNet(cfg, number).eval()
-    model.load_state_dict(weights)
+    model.unet.load_state_dict({k: v.float() for k, v in weights.items()})  # as TryOnPipeline loads a bundle
     cond = {k: v for k, v in random_batch(cfg, number, 1).items() if k in model.conditioning.keys}
     with torch.no_grad():
         image = model.sample(cond, steps=1, sampler="ddim")
@@ -146,9 +152,10 @@ def main() -> None:
           f"micro-batch {args.micro_batch}, EMA {'on' if config.use_ema else 'off'}, checkpointing "
           f"{'on' if args.checkpointing else 'off'}, buckets {args.bucket:g}; torch {torch.__version__}")
     print(f"  planned per rank: {planned / GIB:.2f} GiB")
-    for rank in sorted(set(peak) | set(peak_resumed)):
-        print(f"  rank {rank}: peak {peak.get(rank, 0) / GIB:.2f} GiB (resumed run: {peak_resumed.get(rank, 0) / GIB:.2f}), "
-              f"{max(peak.get(rank, 0), peak_resumed.get(rank, 0)) / planned:.2f}x the plan")
+    for rank in sorted(set(held) | set(held_resumed)):
+        most = max(held.get(rank, 0), held_resumed.get(rank, 0))
+        print(f"  rank {rank}: peak {held.get(rank, 0) / GIB:.2f} GiB (resumed run: {held_resumed.get(rank, 0) / GIB:.2f}), "
+              f"{most / planned:.2f}x the plan")
     print(f"  checkpoint on disk: {ckpt_bytes / GIB:.2f} GiB")
     print(f"  seconds: build + {args.steps} steps + save {first:.0f}; load + 1 step + save {resumed:.0f}; "
           f"consolidation {consolidated:.0f}; bundle load + 1 sampling step {sampled:.0f} "

@@ -74,7 +74,7 @@ def worker(args) -> None:
     from tryon_ds.model import parameter_count
     from tryon_ds.model.attention import xops
     from tryon_ds.cascade import random_batch
-    from tryon_ds.tools.plan_memory import plan
+    from tryon_ds.tools.plan_memory import peak as planned_peak, plan
     from tryon_ds.training import distributed, engine as ds_engine
     from tryon_ds.training.ds_config import build_ds_config, zero_stage
 
@@ -125,8 +125,8 @@ def worker(args) -> None:
             torch.cuda.synchronize()
         step_s = (time.perf_counter() - start) / args.steps
         finite = bool(torch.isfinite(torch.stack(losses)).all())
-        planned = sum(plan(config, n, case["batch"], zero_stage(ds), case["precision"], world.size,
-                           case.get("checkpointing", False), ds).values())
+        planned = planned_peak(plan(config, n, case["batch"], zero_stage(ds), case["precision"], world.size,
+                                    case.get("checkpointing", False), ds))
         r = {**variant, "warm_up_s": warm_up_s, "step_s": step_s, "it_s": 1 / step_s,
              "samples_per_s": case["batch"] * world.size / step_s,
              "losses_finite": finite, "loss_scales": scales, "planned_gib": planned / 2**30,

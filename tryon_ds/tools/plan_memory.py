@@ -1,5 +1,5 @@
-"""Memory per GPU of a training run, before renting the GPUs: model states, EMA, activations and DeepSpeed's
-buffers, whether it fits, and what to change if not.
+"""Memory per GPU of a training run, before renting the GPUs: model states, EMA, activations, the optimizer
+step's temporaries and DeepSpeed's buffers, whether it fits, and what to change if not.
 
     python tools/plan_memory.py --preset base --micro-batch 16 --zero 2 --precision bf16 --gpus 16
     python tools/plan_memory.py --preset sr --micro-batch 8 --zero 3 --precision bf16 --gpus 8 --checkpointing
@@ -8,8 +8,10 @@ buffers, whether it fits, and what to change if not.
 Model states follow DeepSpeed's layout for the ZeRO stage and precision (what tools/bench/train.py measures
 on real engines); activations are what autograd keeps for backward, traced on the ``meta`` device for that
 preset, micro-batch and image size (the crop size, for a UNet trained on crops; no memory is used); the buffers are read from the DeepSpeed config the
-run would use (``ds_configs/zero{2,3}_{precision}.json``, or ``--deepspeed_config``). Not counted: the CUDA
-context and allocator fragmentation (typically 1-3 GB).
+run would use (``ds_configs/zero{2,3}_{precision}.json``, or ``--deepspeed_config``); the optimizer step's
+temporaries from its optimizer settings. Not counted: the CUDA context and allocator fragmentation (on a CPU
+rank, the libraries and the interpreter), and rank 0's preview between steps (a copy of the model, and
+sampling no more pixels per forward than a training micro-batch).
 """
 from __future__ import annotations
 
@@ -48,6 +50,29 @@ def model_states(n: int, zero: int, precision: str, gpus: int, ds: dict, ema: bo
     if offload:  # the master copy and the moments live in host memory; ZeRO-3 hands the EMA its partition on GPU
         out["fp32 master"] = out["optimizer (Adam moments)"] = 0.0
     return out
+
+
+STEP = "optimizer step (transient)"
+
+
+def step_transient(n: int, zero: int, gpus: int, ds: dict) -> float:
+    """Bytes the optimizer step allocates while it runs, over the model states: ZeRO's fp32 copy of this
+    rank's gradient partition (stage 3's ``_prepare_fp32_grad_for_sub_group``, stage 1/2's flattened
+    partition) and the Adam update's temporaries: none in a fused kernel (``fused: true`` in the shipped GPU
+    configs; DeepSpeed's own FusedAdam and CPU Adam), two in torch's single-tensor AdamW (``torch_adam``
+    without ``fused``, as the CPU configs run it: ``exp_avg_sq.sqrt() / bias_correction``), as real ZeRO-2 and
+    ZeRO-3 engines hold them (BENCHMARKS.md). None on the GPU with the optimizer offloaded to the CPU."""
+    if ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu":
+        return 0.0
+    adam = ds.get("optimizer", {}).get("params", {})
+    copies = (1 if zero >= 1 else 0) + (2 if adam.get("torch_adam") and not adam.get("fused") else 0)
+    return 4.0 * n * copies / (gpus if zero >= 1 else 1)
+
+
+def peak(rows: dict[str, float]) -> float:
+    """The most a rank holds at once: the activations (forward and backward) and the optimizer step's
+    temporaries are never held together, so the larger of the two counts."""
+    return sum(rows.values()) - min(rows.get("activations", 0.0), rows.get(STEP, 0.0))
 
 
 def buffers(ds: dict, precision: str) -> float:
@@ -111,6 +136,7 @@ def plan(config: Config, unet_number: int, micro_batch: int, zero: int, precisio
     rows = model_states(n, zero, precision, gpus, ds, config.use_ema)
     rows["activations"] = (activations(config, unet_number, micro_batch, precision, checkpointing)
                            if activation_bytes is None else activation_bytes)
+    rows[STEP] = step_transient(n, zero, gpus, ds)
     rows["DeepSpeed buffers"] = buffers(ds, precision)
     return rows
 
@@ -130,7 +156,8 @@ def default_ds(zero: int, precision: str) -> str:
 
 def _table(rows: dict[str, float]) -> str:
     lines = [f"  {name:<30}{value / GIB:9.2f} GiB" for name, value in rows.items()]
-    return "\n".join(lines + [f"  {'total':<30}{sum(rows.values()) / GIB:9.2f} GiB"])
+    return "\n".join(lines + [f"  {'total (peak)':<30}{peak(rows) / GIB:9.2f} GiB   (the larger of activations and the "
+                               "step's temporaries: never held at once)"])
 
 
 @exit_on_user_error
@@ -182,7 +209,7 @@ def main(argv=None) -> None:
                     per_sample[o["checkpointing"]] * o["micro_batch"])
 
     rows = estimate()
-    total = sum(rows.values())
+    total = peak(rows)
     size = "x".join(map(str, config.image_size(number)))
     crop = config.crop_size(number)
     size += f" on {'x'.join(map(str, crop))} crops" if crop else ""
@@ -203,13 +230,13 @@ def main(argv=None) -> None:
     offload = {**ds, "zero_optimization": {**ds["zero_optimization"], "offload_optimizer": {"device": "cpu"}}}
     options.append(("optimizer offload to CPU (ds_configs/zero3_bf16_offload.json)", estimate(ds=offload)))
     for mb in range(args.micro_batch - 1, 0, -1):
-        if sum(estimate(micro_batch=mb).values()) <= budget:
+        if peak(estimate(micro_batch=mb)) <= budget:
             options.append((f"micro-batch {mb} (more gradient_accumulation_steps keep the global batch)",
                             estimate(micro_batch=mb)))
             break
     print("what would fit instead:")
     for what, r in options:
-        t = sum(r.values())
+        t = peak(r)
         print(f"  {what}: {t / GIB:.1f} GiB ({'fits' if t <= budget else 'still too large'})")
 
 

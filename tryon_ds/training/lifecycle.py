@@ -144,10 +144,13 @@ def lost_peer(err: BaseException) -> bool:
 def oom_kills() -> int | None:
     """How many processes the kernel's OOM killer has killed in this process's memory cgroup (v2 or v1)."""
     try:
-        cgroup = Path("/proc/self/cgroup").read_text().strip().splitlines()
-        paths = [Path("/sys/fs/cgroup") / line.split(":", 2)[2].lstrip("/") / "memory.events" for line in cgroup
-                 if line.startswith("0::")]
-        paths += [Path("/sys/fs/cgroup/memory.events"), Path("/sys/fs/cgroup/memory/memory.oom_control")]
+        paths = []
+        for line in Path("/proc/self/cgroup").read_text().strip().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":  # v2: one hierarchy
+                paths.append(Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.events")
+            elif "memory" in controllers.split(","):  # v1: the memory controller's own hierarchy
+                paths.append(Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.oom_control")
         for path in paths:
             if path.is_file():
                 for line in path.read_text().splitlines():

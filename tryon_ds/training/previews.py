@@ -1,6 +1,9 @@
-"""Sample grids during training, cheaply: one model built once on rank 0 in the run's precision, loaded with
-the weights gathered to rank 0, sampled with a few DDIM steps on the first validation samples (the same
-held-out samples at every preview, whole images even for a UNet trained on crops). A row per sample: what
+"""Sample grids during training, cheaply: a model built on rank 0 in the run's precision for the preview and
+dropped after it, loaded with the weights gathered to rank 0 (which go before sampling starts), sampled with
+a few DDIM steps on the first validation samples (the same held-out samples at every preview, whole images
+even for a UNet trained on crops), a few at a time: no forward holds more pixels than a training micro-batch,
+so a preview needs no more activation memory than a training step (whole images of a UNet trained on crops,
+all at once, are what took rank 0 of a real-size run out of memory; BENCHMARKS.md). A row per sample: what
 the UNet is conditioned on (its ``preview`` inputs: ca | garment for a Parallel-UNet, the upsampled low-res
 image for UNet 3), then the sample and the target. The other ranks wait meanwhile, so the log says what
 each preview cost."""
@@ -21,8 +24,11 @@ class Previewer:
     def __init__(self, config: Config, data: Data, device: torch.device, precision: str):
         self.config, self.data, self.device = config, data, device
         self.dtype = DTYPES[precision]
-        self.model = self.batch = None  # built at the first preview: runs that never preview never pay for it
+        self.batch = None  # read at the first preview: runs that never preview never pay for it
         self.seconds = 0.0
+        n = config.train_unet_number
+        whole, trained = config.image_size(n), config.crop_size(n) or config.image_size(n)
+        self.chunk = max(1, config.batch_size * trained[0] * trained[1] // (whole[0] * whole[1]))
 
     def columns(self) -> str:
         names = {LOWRES: "low-res input"}
@@ -37,21 +43,25 @@ class Previewer:
 
     @torch.no_grad()
     def render(self, weights: dict):
-        """A grid of the first ``logging.sample_count`` validation samples from ``weights`` (a whole state dict)."""
+        """A grid of the first ``logging.sample_count`` validation samples from ``weights`` (a whole state dict,
+        emptied here once loaded: the gathered copy is not kept while sampling)."""
         start = time.perf_counter()
-        if self.model is None:
-            # Eager even when the UNet trains compiled: a preview is seconds of sampling, its own graph (another
-            # module, batch and grad mode) would take longer to compile than all the previews of a run.
-            self.model = CascadeUNet(self.config, self.config.train_unet_number).to(self.device, self.dtype).eval()
+        # Eager even when the UNet trains compiled: a preview is seconds of sampling, its own graph (another
+        # module, batch and grad mode) would take longer to compile than all the previews of a run.
+        model = CascadeUNet(self.config, self.config.train_unet_number).to(self.device, self.dtype).eval()
+        model.load_state_dict(weights)
+        weights.clear()
+        if self.batch is None:
             self.batch = self._first_batch()
-        self.model.load_state_dict(weights)
         batch = self.batch
         cond = {k: batch[k].to(self.dtype) if batch[k].is_floating_point() else batch[k]
-                for k in self.model.conditioning.keys}
-        out = self.model.sample(cond, steps=self.config.logging.preview_steps, sampler="ddim",
-                                generator=torch.Generator(self.device).manual_seed(self.config.seed))
-        shown = [self.model.upsample(cond[LOWRES]) if name == LOWRES else batch[name]
-                 for name in self.model.conditioning.preview]
+                for k in model.conditioning.keys}
+        generator = torch.Generator(self.device).manual_seed(self.config.seed)
+        out = torch.cat([model.sample({k: v[i:i + self.chunk] for k, v in cond.items()},
+                                      steps=self.config.logging.preview_steps, sampler="ddim", generator=generator)
+                         for i in range(0, len(batch["person"]), self.chunk)])
+        shown = [model.upsample(cond[LOWRES]) if name == LOWRES else batch[name]
+                 for name in model.conditioning.preview]
         grid = image_grid([*shown, out, batch["person"]])
         self.seconds = time.perf_counter() - start
         return grid
