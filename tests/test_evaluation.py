@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tryon_ds import metrics
-from tryon_ds.evaluation import ReferenceSet, markdown, summarise
+from tryon_ds.evaluation import ReferenceSet, markdown, size_name, summarise
 
 
 def _records(rng, keys, pairs, categories):
@@ -63,15 +63,19 @@ def test_the_reference_cache_is_keyed_by_the_shards_the_size_and_the_network(ref
     network = tmp_path / "inception.pt"
     network.write_bytes(b"weights")
     urls = [str(shards / "test-000000.tar")]
-    key = ReferenceSet.cache_key(urls, (8, 6), (8, 6), network)
-    assert key == ReferenceSet.cache_key(urls, (8, 6), (8, 6), network)
-    assert key != ReferenceSet.cache_key(urls, (16, 12), (8, 6), network)
-    assert key != ReferenceSet.cache_key(urls, (8, 6), (16, 12), network)
+
+    def cache_file(size, base):
+        return ReferenceSet.cache_paths(tmp_path / "cache", urls, [(16, 12), size], base, network)[size_name(size)]
+
+    cached = cache_file((8, 6), (8, 6))
+    assert cached == cache_file((8, 6), (8, 6))
+    assert cached != cache_file((16, 12), (8, 6))
+    assert cached != cache_file((8, 6), (16, 12))
     (shards / "manifest.json").write_text(json.dumps({"shards": {"test": [{"name": "test-000000.tar", "sha256": "bb"}]}}))
-    assert key != ReferenceSet.cache_key(urls, (8, 6), (8, 6), network)
+    assert cached != cache_file((8, 6), (8, 6))
     network.write_bytes(b"other weights")
-    assert ReferenceSet.cache_key(urls, (8, 6), (8, 6), network) != key
-    paths = {"8x6": tmp_path / "cache" / f"reference-{key}.npz"}
+    assert cache_file((8, 6), (8, 6)) != cached
+    paths = {"8x6": cached}
     ref.save(paths)
     again = ReferenceSet.load(paths)
     assert again.categories == ref.categories and np.array_equal(again.features["8x6"], ref.features["8x6"])

@@ -186,7 +186,7 @@ class FieldMetrics:
 
     def __init__(self, sizes: list[tuple[int, int]], weights: dict[str, Path | None], device: torch.device,
                  lpips_net: str = "alex"):
-        self.sizes, self.device, self.lpips_net = sizes, device, lpips_net
+        self.sizes, self.device = sizes, device
         self.notes = []
         self.inception = self.lpips = None
         if weights.get("inception"):
@@ -257,8 +257,10 @@ class ReferenceSet:
         return list(self.features[size][self.rows(group)])
 
     @staticmethod
-    def cache_key(urls: list[str], size: tuple[int, int], base: tuple[int, int], network: Path) -> str:
-        digest, shards, manifests = hashlib.sha256(), [], {}
+    def cache_paths(cache: Path, urls: list[str], sizes: list[tuple[int, int]], base: tuple[int, int],
+                    network: Path) -> dict[str, Path]:
+        """{size name: its cache file}; what the sizes share (the shards, the network's SHA-256) read once."""
+        shards, manifests = [], {}
         for url in urls:
             path = Path(url)
             entry: object = url
@@ -269,10 +271,10 @@ class ReferenceSet:
                 entry = [path.name, manifests[path.parent].get(path.name) or f"{stat.st_size}:{stat.st_mtime_ns}"]
             shards.append(entry)
         from .training.checkpoint import sha256_of
-        network_sha = sha256_of(network)
-        digest.update(json.dumps({"version": ReferenceSet.VERSION, "shards": shards, "size": list(size),
-                                  "base": list(base), "network": network_sha}).encode())
-        return digest.hexdigest()[:24]
+        shared = {"version": ReferenceSet.VERSION, "shards": shards, "base": list(base), "network": sha256_of(network)}
+        return {size_name(size): cache / "reference-{}.npz".format(
+                    hashlib.sha256(json.dumps({**shared, "size": list(size)}).encode()).hexdigest()[:24])
+                for size in sizes}
 
     @classmethod
     def load(cls, paths: dict[str, Path]) -> "ReferenceSet | None":
@@ -374,8 +376,7 @@ def markdown(report: dict, notes: list[str], lpips_net: str = "alex") -> str:
         "FID and KID against the reference set: every test person's ground truth in the test shards, each once "
         "(per category for a category's rows), whatever subset was generated; clean-fid's resize and Inception",
         "SSIM: Gaussian window 11, sigma 1.5, the map's border of 5 pixels left out (torchmetrics <= 1.4.1, "
-        "LaDI-VTON, scikit-image); LPIPS v0.1 with " + {"alex": "AlexNet", "squeeze": "SqueezeNet",
-                                                          "vgg": "VGG16"}[lpips_net],
+        f"LaDI-VTON, scikit-image); LPIPS v0.1 with {metrics.LPIPS_NETS[lpips_net].title}",
         f"KID: mean ± std over {metrics.KID_SUBSETS} random subsets of at most {metrics.KID_SUBSET_SIZE} images"]
     if small:
         listed = ", ".join(f"{g} ({n})" for g, n in sorted(small))

@@ -235,16 +235,17 @@ class LpipsNet:
     """One of lpips' trunks: which weight file holds it, how to build it, where lpips taps it
     (``lpips/pretrained_networks.py``: the slices of ``features`` whose outputs it compares) and the widths there."""
     weights: str  # the WEIGHT_FILES kind of its torchvision file
+    title: str  # as a table names it
     build: Callable[[], nn.Sequential]
     slices: tuple[tuple[int, int], ...]
     channels: tuple[int, ...]
 
 
 LPIPS_NETS = {
-    "alex": LpipsNet("alexnet", _alexnet, ((0, 2), (2, 5), (5, 8), (8, 10), (10, 12)), (64, 192, 384, 256, 256)),
-    "squeeze": LpipsNet("squeezenet", _squeezenet, ((0, 2), (2, 5), (5, 8), (8, 10), (10, 11), (11, 12), (12, 13)),
+    "alex": LpipsNet("alexnet", "AlexNet", _alexnet, ((0, 2), (2, 5), (5, 8), (8, 10), (10, 12)), (64, 192, 384, 256, 256)),
+    "squeeze": LpipsNet("squeezenet", "SqueezeNet", _squeezenet, ((0, 2), (2, 5), (5, 8), (8, 10), (10, 11), (11, 12), (12, 13)),
                         (64, 128, 256, 384, 384, 512, 512)),
-    "vgg": LpipsNet("vgg16", _vgg16, ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30)), (64, 128, 256, 512, 512)),
+    "vgg": LpipsNet("vgg16", "VGG16", _vgg16, ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30)), (64, 128, 256, 512, 512)),
 }
 
 
@@ -253,7 +254,7 @@ class LPIPS(nn.Module):
 
     def __init__(self, net: str = "alex"):
         super().__init__()
-        self.net, spec = net, LPIPS_NETS[net]
+        spec = LPIPS_NETS[net]
         self.slices = spec.slices
         self.register_buffer("shift", torch.tensor([-.030, -.088, -.188])[None, :, None, None])
         self.register_buffer("scale", torch.tensor([.458, .448, .450])[None, :, None, None])

@@ -125,7 +125,8 @@ def _pose(raw: dict, name: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 def decode(raw: dict, num_keypoints: int, inputs: tuple[str, ...] = EVERYTHING,
            size: tuple[int, int] | None = None) -> dict:
     """The target and ``inputs`` of a raw shard sample (PIL images, pose tensors); nothing else is decoded.
-    ``mask`` among the inputs is read where the shard has one. ``size``: what the images will be resized to,
+    ``mask`` among the inputs is read where the shard has one; ``source`` gives the release's (person, garment)
+    file names from the sample's json. ``size``: what the images will be resized to,
     if the consumer needs no more (a JPEG is then decoded at a reduced scale)."""
     wanted = ["person", *(name for name in inputs if name in MEMBERS)]
     member = {name: next((m for m in MEMBERS[name] if m in raw), None) for name in wanted}
@@ -143,13 +144,14 @@ def decode(raw: dict, num_keypoints: int, inputs: tuple[str, ...] = EVERYTHING,
     if "mask" in inputs and "mask.png" in raw:
         sample["mask"] = _image(raw, "mask.png")
     # Whether the person wears this garment (a ground truth exists) or another's (a release's unpaired test),
-    # DressCode's category, by which the evaluation reports too, and the release's file names (person, garment),
-    # by which other methods name their results.
+    # and DressCode's category, by which the evaluation reports too; with ``source`` among the inputs, the
+    # release's file names (person, garment), by which other methods name their results.
     try:
         meta = json.loads(raw["json"]) if "json" in raw else {}
         sample["pair"], sample["category"] = meta.get("pair", "paired"), meta.get("category", "")
-        source = meta.get("source") or {}
-        sample["source"] = tuple(Path(str(source.get(role, ""))).stem for role in ("person", "garment"))
+        if "source" in inputs:
+            source = meta.get("source") or {}
+            sample["source"] = tuple(Path(str(source.get(role, ""))).stem for role in ("person", "garment"))
     except (ValueError, AttributeError) as err:
         raise BadSample(f"unreadable json ({type(err).__name__})") from None
     return sample

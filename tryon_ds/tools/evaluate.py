@@ -40,7 +40,6 @@ import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
@@ -76,12 +75,10 @@ def _load_png(path: Path, size: tuple[int, int]) -> torch.Tensor | None:
     """A saved try-on as uint8 (3, H, W), or None if it is missing or not a whole image of that size."""
     try:
         with Image.open(path) as img:
-            array = np.asarray(img.convert("RGB"))
+            image = pixels(img.convert("RGB"))
     except (OSError, ValueError):
         return None
-    if array.shape[:2] != tuple(size):
-        return None
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return image if tuple(image.shape[-2:]) == tuple(size) else None
 
 
 def tryons(pipe: TryOnPipeline, shards: str, quota: Quota, batch_size: int, options: dict, work: Path,
@@ -155,7 +152,7 @@ def results(folder: ResultsFolder, shards: str, quota: Quota, batch_size: int, d
     """As ``tryons``, from a folder: (this rank's batch at the results' size, their try-ons as uint8) over the
     quota's samples that have a result; the keys of those that have none go to ``missing``."""
     size = tuple(folder.size)
-    samples = iter(ValDataset(resolve_shards(shards, "test"), NO_POSES, ("ca", "garment", "mask"),
+    samples = iter(ValDataset(resolve_shards(shards, "test"), NO_POSES, ("ca", "garment", "mask", "source"),
                               lambda sample: at_size(sample, size), world.rank, world.size, size, quota, data))
     while chunk := [s for _, s in zip(range(batch_size), samples)]:
         found = [(s, folder.find(s["key"], s["source"])) for s in chunk]
@@ -183,7 +180,7 @@ def reference_set(shards: str, sizes: list[tuple[int, int]], base: tuple[int, in
         return None
     urls = resolve_shards(shards, "test")
     names = [size_name(s) for s in sizes]
-    paths = {size_name(s): cache / f"reference-{ReferenceSet.cache_key(urls, s, base, network)}.npz" for s in sizes}
+    paths = ReferenceSet.cache_paths(cache, urls, sizes, base, network)
     reference = ReferenceSet.load(paths) if world.is_main else None
     cached = torch.tensor([1.0 if reference is not None else 0.0])
     dist.broadcast(cached, src=0)
