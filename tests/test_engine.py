@@ -4,6 +4,7 @@ configs, the EMA of the fp32 master weights, and the memory planner against the 
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,8 +12,10 @@ import pytest
 import torch
 
 from conftest import ROOT, free_port, run_tool
+from tryon_ds.cascade import CascadeUNet
 from tryon_ds.config import build_config, read_config_file
 from tryon_ds.errors import ConfigError
+from tryon_ds.model import parameter_count
 from tryon_ds.training.ds_config import build_ds_config
 
 
@@ -84,6 +87,7 @@ def test_ema_averages_the_fp32_master_weights_partitioned_like_them(probe):
         assert v["ema_dtypes"] == ["torch.float32"] and v["ema_names_match"], name
         assert v["ema_rounds_to_module"], name
         assert v["ema_finer_than_module"] == (v["precision"] == "bf16"), name
+        assert v["streamed_equal"] and v["streamed_buckets"] > 1, name  # handed to a preview bucket by bucket
         states = v["states"]
         held = states["master"] if states["master"] else states["params"]  # fp32 ZeRO-0: the weights are the master
         assert states["ema"] == held, name
@@ -115,6 +119,22 @@ def test_plan_memory_cli_says_whether_it_fits_and_what_to_change():
     assert "ZeRO-3" in tight.stdout and "micro-batch" in tight.stdout.split("what would fit instead:")[1]
 
 
+def test_the_planner_counts_what_rank_0_builds_between_steps():
+    """A preview model in the run's dtype where the run previews; on a CPU rank, the whole fp32 EMA gathered
+    for a checkpoint where that is more (on a GPU node it is host memory)."""
+    from tryon_ds.tools.plan_memory import PREVIEW, plan
+    config = build_config({"base_image_size": [128, 128], "unet1": {"preset": "tiny"}})
+    quiet = dataclasses.replace(config, sample_freq=0)
+    n = parameter_count(CascadeUNet(config, 1))
+
+    def between(cfg, cpu=False):
+        return plan(cfg, 1, 1, 3, "bf16", 2, False, {}, activation_bytes=0.0, cpu=cpu)[PREVIEW]
+
+    assert between(config) == 2 * n and between(quiet) == 0.0
+    assert between(config, cpu=True) == between(quiet, cpu=True) == 4 * n
+    assert between(dataclasses.replace(quiet, use_ema=False), cpu=True) == 0.0
+
+
 def test_the_planner_counts_an_ema_only_when_the_run_keeps_one():
     from tryon_ds.tools.plan_memory import GIB, plan
     config = build_config({"base_image_size": [128, 128], "unet1": {"preset": "tiny"}})
@@ -129,7 +149,7 @@ def test_the_planner_counts_an_ema_only_when_the_run_keeps_one():
 def test_the_optimizer_steps_temporaries_follow_the_optimizer_and_never_add_to_the_activations():
     """ZeRO's fp32 gradient copy, and torch's single-tensor AdamW's two temporaries where it is not fused (the
     CPU configs): three partition-sized copies measured on real ZeRO-2 and ZeRO-3 engines (BENCHMARKS.md)."""
-    from tryon_ds.tools.plan_memory import STEP, peak, step_transient
+    from tryon_ds.tools.plan_memory import PREVIEW, STEP, peak, step_transient
     n = 10 ** 6
     configs = {name: json.loads((ROOT / "ds_configs" / f"{name}.json").read_text())
                for name in ("cpu_zero3", "zero3_bf16", "zero3_bf16_offload", "cpu_zero0")}
@@ -137,8 +157,48 @@ def test_the_optimizer_steps_temporaries_follow_the_optimizer_and_never_add_to_t
     assert step_transient(n, 3, 2, configs["zero3_bf16"]) == 4 * n / 2  # fused AdamW: the gradient copy only
     assert step_transient(n, 3, 2, configs["zero3_bf16_offload"]) == 0.0  # the step runs on the host
     assert step_transient(n, 0, 2, configs["cpu_zero0"]) == 2 * 4 * n
+    # ZeRO-3 steps one sub-group at a time (5e4 elements here: a tenth of this rank's partition)
+    grouped = {**configs["cpu_zero3"], "zero_optimization": {"stage": 3, "sub_group_size": 5e4}}
+    assert step_transient(n, 3, 2, grouped) == 3 * 4 * 5e4
+    assert step_transient(n, 2, 2, {**grouped, "zero_optimization": {"stage": 2, "sub_group_size": 5e4}}) == 3 * 4 * n / 2
     rows = {"parameters": 5.0, "activations": 3.0, STEP: 2.0}
     assert peak(rows) == 8.0 and peak({**rows, STEP: 4.0}) == 9.0
+    assert peak(rows, cpu=True) == 10.0  # a CPU rank's heap keeps the activations' blocks through the step
+    previewed = {**rows, PREVIEW: 6.0}  # rank 0's preview model, between steps
+    assert peak(previewed) == 11.0 and peak(previewed, cpu=True) == 14.0
+
+
+def test_an_offloaded_optimizer_is_planned_in_host_memory_and_counted_on_a_cpu_rank():
+    """DeepSpeed's CPU Adam keeps the fp32 master, the moments and an fp32 gradient partition on the host
+    (stage 3's sub-group gradient buffers), and steps in place; on a CPU rank those bytes are the rank's own."""
+    from tryon_ds.tools.plan_memory import STEP, plan, plan_host
+    config = build_config({"base_image_size": [64, 64], "unet1": {"preset": "tiny"}, "use_ema": False})
+    offload = json.loads((ROOT / "ds_configs" / "zero3_bf16_offload.json").read_text())
+    n = 4 * parameter_count(CascadeUNet(config, 1)) / 2  # fp32 bytes of one rank's half
+    host = plan_host(config, 1, 3, 2, offload)
+    assert host == {"fp32 master (host)": n, "optimizer (Adam moments, host)": 2 * n, "fp32 gradients (host)": n,
+                    STEP + " (host)": 0.0}
+    gpu = plan(config, 1, 1, 3, "bf16", 2, False, offload, activation_bytes=0.0)
+    assert gpu["fp32 master"] == gpu["optimizer (Adam moments)"] == gpu[STEP] == 0.0
+    cpu = plan(config, 1, 1, 3, "bf16", 2, False, offload, activation_bytes=0.0, cpu=True)
+    assert sum(cpu.values()) == sum(gpu.values()) + sum(host.values())
+    torch_adam = {**offload, "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
+    assert plan_host(config, 1, 3, 2, torch_adam)[STEP + " (host)"] == 2 * n  # torch's AdamW on the host
+    assert plan(config, 1, 1, 3, "bf16", 2, False, torch_adam, activation_bytes=0.0, cpu=True)[STEP] == 2 * n
+    assert plan_host(config, 1, 3, 2, json.loads((ROOT / "ds_configs" / "zero3_bf16.json").read_text())) == {}
+
+
+def test_plan_memory_cli_on_cpu_ranks_counts_the_offload_and_offers_sub_groups():
+    cpu = run_tool(["tools/plan_memory.py", "--preset", "base", "--micro-batch", "1", "--zero", "3", "--precision",
+                    "fp32", "--gpus", "1", "--cpu", "--gpu-memory", "25"])
+    assert cpu.returncode == 0, cpu.stderr
+    assert "1 CPU rank(s)" in cpu.stdout and "does NOT fit in 25 GB per rank" in cpu.stdout
+    options = cpu.stdout.split("what would fit instead:")[1]
+    assert '"sub_group_size": 1e8' in options and '"fused": true' in options and "host memory" not in options
+    gpu = run_tool(["tools/plan_memory.py", "--preset", "sr", "--micro-batch", "8", "--zero", "3", "--precision",
+                    "bf16", "--gpus", "1", "--gpu-memory", "20"])
+    assert gpu.returncode == 0, gpu.stderr
+    assert re.search(r"optimizer offload to CPU \(\S+, \+ [\d.]+ GiB of host memory per rank\)", gpu.stdout)
 
 
 def test_checkpointing_shrinks_planned_activations():
@@ -163,8 +223,8 @@ def test_diffusion_tables_follow_the_batch_device():
 @pytest.mark.slow
 def test_gpu_check_dry_run_sets_up_and_runs_its_plumbing(tmp_path):
     """tools/gpu_check.sh --dry-run on CPU: the wheels a GPU node lacks are fetched (from the package
-    registry) and fit Python 3.12; the matrix (a compiled UNet under ZeRO-3 among it) and the trainer run at
-    the tiny size; the JSON and the table are written."""
+    registry) and fit Python 3.12; the matrix (a compiled UNet under ZeRO-3 among it), the trainer and the
+    real-size check run at the tiny size; the JSON and the table are written."""
     env = {**os.environ, "WHEELS_DIR": str(tmp_path / "whl"), "RESULTS": str(tmp_path / "results"),
            "PYTHON": sys.executable}
     fetch = subprocess.run(["tools/gpu_check.sh", "--fetch-wheels"], cwd=ROOT, env=env, capture_output=True,
@@ -181,4 +241,8 @@ def test_gpu_check_dry_run_sets_up_and_runs_its_plumbing(tmp_path):
     assert any(row.get("channels_last") for row in ran)
     assert [(row["unet"], row["zero"]) for row in ran if row.get("compile")] == [(2, 3)]
     assert report["trainer"]["cpu_zero3"]["done"]
-    assert "planned" in (tmp_path / "results" / "gpu_check.txt").read_text()
+    table = (tmp_path / "results" / "gpu_check.txt").read_text()
+    assert "planned" in table
+    # the real-size check's plumbing, at the tiny size: trained, resumed, consolidated, sampled
+    assert re.search(r"tiny as UNet 1 .*\n.*planned per rank.*\n.*rank 0: private memory .*x the plan", table)
+    assert "bundle load + 1 sampling step" in table

@@ -53,7 +53,8 @@ def test_zero_matches_single_process_and_validation_loss_falls(zero_runs, refere
     entries = [json.loads(line) for line in (run_dir / "out" / "metrics_unet1.jsonl").read_text().splitlines()]
     logged = {e["step"]: e["val/loss"] for e in entries if "val/loss" in e}
     assert sorted(logged) == [10, 20, 30] and [round(v, 4) for v in logged.values()] == val
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s"} <= set(entries[0])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "memory/peak_gib"} <= set(entries[0])
+    assert 0.1 < entries[0]["memory/peak_gib"] < 8  # a tiny UNet's CPU rank: its libraries and a little more
     assert (run_dir / "ckpt" / "unet1" / f"step{STEPS:08d}" / "COMPLETE").is_file()
     assert "2 rank(s) x micro-batch 4" in result.stdout
     assert "unet1: 1.89M parameters" in result.stdout  # the whole model's, also once ZeRO-3 has partitioned it
@@ -94,8 +95,9 @@ def test_kill_then_resume_auto_reproduces_losses_and_resumes_at_another_world_si
     assert "resumed from" in resumed.stdout
     uninterrupted = losses(zero_runs["cpu_zero3"][0])
     got = losses(killed)
-    resumed_at = int(re.search(r"resumed from \S*step(\d{8})", resumed.stdout).group(1))
+    resumed_at = int(re.search(r"resumed from \S*step(\d{8}) \(loaded in \d+\.\d s\)", resumed.stdout).group(1))
     assert resumed_at >= 10 and STEPS - resumed_at >= 10
+    assert re.search(rf"step {STEPS}: checkpoint \S*step{STEPS:08d} \(\d+\.\d s\)", resumed.stdout)
     for step in range(resumed_at + 1, STEPS + 1):
         assert abs(got[step] - uninterrupted[step]) <= 1e-6, (step, got[step], uninterrupted[step])
 

@@ -7,15 +7,19 @@
 #      it/s, samples/s, peak memory beside tools/plan_memory.py's estimate, MFU, finite losses, and the
 #      warm-up time (a compiled case's includes compiling); the inductor cache under $RESULTS/inductor;
 #   2. the trainer itself (tryon_ds/train.py) in fp16 under ZeRO-2 and ZeRO-3, base preset, on synthetic
-#      shards, logging every 10 steps (the fp16 log path reads the loss scale).
+#      shards, logging every 10 steps (the fp16 log path reads the loss scale);
+#   3. the shipped presets at their real size end to end (tools/bench/real_size.py): base as UNet 1, sr as
+#      UNet 2 and sr1024 as UNet 3, in bf16 on this one GPU under ZeRO-3: 2 steps, checkpoint, resume, 1 step,
+#      consolidation, one sampling step; the allocator's peak beside the planner's (REAL_SIZE=0 skips it:
+#      about 2 minutes a preset).
 # Writes $RESULTS/gpu_check.json and $RESULTS/gpu_check.txt (and copies them to $OUT when that is set).
 #
 #   tools/gpu_check.sh --fetch-wheels   # here, with PyPI: the wheels a GPU node's Python lacks, into .whl/
 #   tools/gpu_check.sh                  # on the GPU node: installs .whl/ offline, runs the checks
 #   tools/gpu_check.sh --dry-run        # anywhere (CPU): the same set-up and plumbing at the tiny size
 #
-# Settings: PYTHON (python3), STEPS (60), RESULTS (runs/gpu_check), WHEELS_DIR (.whl), PY_VERSION of the node's
-# Python (3.12). The node's own torch is kept; xformers is used only if a wheel for that torch is
+# Settings: PYTHON (python3), STEPS (60), REAL_SIZE (1), RESULTS (runs/gpu_check), WHEELS_DIR (.whl),
+# PY_VERSION of the node's Python (3.12). The node's own torch is kept; xformers is used only if a wheel for that torch is
 # in .whl/ (its wheels pin one torch version).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -110,6 +114,18 @@ for r in "${runs[@]}"; do
     rm -rf "/tmp/gpu_check_ckpt/$ds"
 done
 
+# ---- 3. the shipped presets at their real size (the dry run: the tiny preset in fp32)
+if [ "${REAL_SIZE:-1}" = 1 ]; then
+    if [ $DRY = 1 ]; then presets=(tiny); prec=fp32; else presets=(base sr sr1024); prec=bf16; fi
+    : > "$RESULTS/real_size.txt"
+    for preset in "${presets[@]}"; do
+        $PYTHON tools/bench/real_size.py --preset "$preset" --precision "$prec" --ranks 1 \
+            --work "/tmp/gpu_check_real_size/$preset" 2>&1 | tail -6 | tee -a "$RESULTS/real_size.txt" \
+            || status=1
+        rm -rf "/tmp/gpu_check_real_size/$preset"
+    done
+fi
+
 # ---- the JSON and the table
 $PYTHON - "$RESULTS" <<'EOF'
 import json, re, sys
@@ -132,6 +148,8 @@ lines = [table(matrix), ""]
 for name, t in trainer.items():
     lines.append(f"train.py {name}: {'finished' if t['done'] else 'FAILED'}; losses {t['losses'][-3:]}; "
                  f"loss scale {t['loss_scales'][-1:] or 'n/a'}; samples/s {t['samples_per_s'][-1:]}; preview {t['preview']}")
+if (results / "real_size.txt").exists():
+    lines += ["", "real size (tools/bench/real_size.py):", (results / "real_size.txt").read_text().rstrip()]
 (results / "gpu_check.txt").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF

@@ -139,10 +139,10 @@ class Config:
     cosine_decay_max_steps: int = field(default=50000, metadata=bounds(ge=1))
     # After warm-up: cosine decay to min_lr_ratio over cosine_decay_max_steps, or constant (the paper).
     lr_schedule: Literal["cosine", "constant"] = "cosine"
-    validation_freq: int = field(default=1000, metadata=bounds(ge=1))
+    validation_freq: int = field(default=1000, metadata=bounds(ge=0))  # 0: no validation
     checkpoint_freq: int = field(default=5000, metadata=bounds(ge=1))
     log_freq: int = field(default=100, metadata=bounds(ge=1))
-    sample_freq: int = field(default=2000, metadata=bounds(ge=1))
+    sample_freq: int = field(default=2000, metadata=bounds(ge=0))  # 0: no preview (a model copy on rank 0)
     train_unet_number: int = field(default=1, metadata=bounds(ge=1))
     use_ema: bool = True
     # true picks bf16 where the DeepSpeed config does not say; "fp16"/"bf16"/"no" are explicit.

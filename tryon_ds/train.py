@@ -23,6 +23,7 @@ import contextlib
 import math
 import signal
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,10 +188,16 @@ def validate(run: Run, step: int, fallback: dict, stop: lifecycle.StopRequest) -
 
 def preview(run: Run, step: int) -> None:
     """A sample grid from the EMA weights (the raw ones without an EMA), gathered to and drawn on rank 0."""
-    weights = run.ema.full_state_dict() if run.ema is not None else ds_engine.raw_state_dict(run.engine,
-                                                                                              run.world.is_main)
-    if run.world.is_main:
-        path = run.log.images(step, run.previewer.render(weights), run.previewer.columns())
+    def gather(into=None):  # a collective: every rank takes part, rank 0 from inside its preview
+        if run.ema is not None:
+            run.ema.full_state_dict(into=into)
+        else:
+            ds_engine.raw_state_dict(run.engine, run.world.is_main, into=into)
+
+    if not run.world.is_main:
+        gather()
+    else:
+        path = run.log.images(step, run.previewer.render(gather), run.previewer.columns())
         columns = run.previewer.columns().replace("sample", "EMA sample" if run.ema else "sample")
         run.log.message(f"step {step}: samples ({columns}) in {path} "
                         f"({run.previewer.seconds:.1f} s, {run.config.logging.preview_steps} DDIM steps)")
@@ -198,6 +205,7 @@ def preview(run: Run, step: int) -> None:
 
 def save(run: Run, step: int) -> None:
     state = checkpoint.trainer_state(step, run.config, run.world.size, run.zero)
+    start = time.perf_counter()
     try:
         ckpt = checkpoint.save(run.engine, run.ema, run.root, step, state, run.config.logging.keep_checkpoints,
                                run.world.is_main)
@@ -205,7 +213,7 @@ def save(run: Run, step: int) -> None:
         kept = [p.name for p in checkpoint.complete_checkpoints(run.root)]
         raise UserError(f"could not write the step-{step} checkpoint under {run.root} ({err}); "
                         f"the earlier checkpoints are intact: {', '.join(kept) or 'none'}") from None
-    run.log.message(f"step {step}: checkpoint {ckpt}")
+    run.log.message(f"step {step}: checkpoint {ckpt} ({time.perf_counter() - start:.1f} s)")
 
 
 def train(args: argparse.Namespace, config: Config, world: distributed.World, stop: lifecycle.StopRequest) -> None:
@@ -221,14 +229,16 @@ def train(args: argparse.Namespace, config: Config, world: distributed.World, st
     root = checkpoint.unet_dir(config.checkpoint_dir, unet)
     ensure_writable({"checkpoint_dir": root, "output_dir": Path(config.output_dir), "log_dir": Path(config.log_dir)})
     resume = checkpoint.plan_resume(root, args.resume, world, ds_config)
-    model, engine, scheduler, ema = ds_engine.build(config, ds_config, resume.load_from)
+    model, engine, scheduler, ema = ds_engine.build(config, ds_config)
+    loaded_s = ds_engine.load(engine, ema, resume.load_from) if resume.load_from else None
 
     log = RunLogger(config, steps, resume.step) if world.is_main else NullLogger()
     run = Run(config, world, engine, ema, log, root, zero, data,
               Previewer(config, data, world.device, precision(ds_config)) if world.is_main else None)
     log.message(f"unet{unet}: {parameter_count(model) / 1e6:.2f}M parameters, ZeRO-{zero}, {precision(ds_config)}, "
                 f"{world.size} rank(s) x micro-batch {config.batch_size} x accumulation {accum} = {global_batch} "
-                f"per step; steps {resume.step} -> {steps}; {resume.describe()}")
+                f"per step; steps {resume.step} -> {steps}; {resume.describe()}"
+                + (f" (loaded in {loaded_s:.1f} s)" if loaded_s is not None else ""))
     for note in resume.notes:
         log.message(note)
     loader = data.train(config.batch_size, accum, resume.step)

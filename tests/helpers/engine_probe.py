@@ -54,6 +54,10 @@ for name, mixed in CASES:
     states = train_steps(engine, ema, config)
     full_ema = ema.full_state_dict()
     module = ds_engine.raw_state_dict(engine, world.is_main)  # the module's own (bf16 or fp32) weights
+    # what a preview takes: the same weights handed over a bucket at a time (small buckets: several of them)
+    streamed_ema, streamed_module, buckets = {}, {}, []
+    ema.full_state_dict(bucket_numel=4096, into=lambda b: (streamed_ema.update(b), buckets.append(len(b))))
+    ds_engine.raw_state_dict(engine, world.is_main, bucket_numel=4096, into=streamed_module.update)
     scale = ds_engine.loss_scale(engine)
     states["ema"] = sum(s.numel() * s.element_size() for s in ema.shadow)
     planned = model_states(sum(v.numel() for v in engine.module.state_dict().values()) if zero_stage(ds) < 3
@@ -72,6 +76,10 @@ for name, mixed in CASES:
             "ema_rounds_to_module": all(torch.equal(full_ema[k].to(engine.module.unet.person_in.weight.dtype).float(),
                                                     module[k]) for k in names),
             "ema_finer_than_module": any(not torch.equal(full_ema[k], module[k]) for k in names),
+            "streamed_equal": (sorted(streamed_ema) == names and sorted(streamed_module) == sorted(module)
+                               and all(torch.equal(streamed_ema[k], full_ema[k]) for k in names)
+                               and all(torch.equal(streamed_module[k], module[k]) for k in module)),
+            "streamed_buckets": len(buckets),
             "states": states, "planned": planned,
         }
     del model, engine, ema

@@ -6,12 +6,17 @@ For a preset at its place in the cascade: synthetic shards at the UNet's size, t
 it (``deepspeed --num_gpus R tryon_ds/train.py``, ZeRO-3 with the buckets given) for ``--steps`` steps with a
 checkpoint at the last, resumed for one step more (``--resume auto``), the checkpoint consolidated into a
 bundle (tools/consolidate_checkpoint.py), and one sampling step at the UNet's size from the bundle. Prints per
-rank the peak memory (the largest resident set seen, polled every 0.2 s: what a CPU rank holds; on a GPU
-node, host memory only) beside tools/plan_memory.py's figure for the same settings (preset, micro-batch,
-ZeRO stage, precision, ranks, EMA, checkpointing, the DeepSpeed config's buckets), the checkpoint's size on
-disk, and the seconds each stage took.
+rank the peak memory beside tools/plan_memory.py's figure for the same settings (preset, micro-batch, ZeRO
+stage, precision, ranks, EMA, checkpointing, the DeepSpeed config's buckets and sub-groups, an offloaded
+optimizer): on CPU ranks the largest private memory seen (anonymous and shared-memory pages, polled every
+0.2 s; the resident set besides) against the planner's CPU-rank total, on a GPU the allocator's peak the
+trainer logs (``memory/peak_gib``, rank 0); the checkpoint's size on disk; and the seconds of a step (the
+first, the last, the first after the resume), each save, the load, the consolidation and the sampling step.
 
     python tools/bench/real_size.py --preset sr1024 --ranks 1 --set use_ema=false
+    python tools/bench/real_size.py --preset base --sub-group 1e8 --checkpointing --set use_ema=false  # 24 GiB
+    python tools/bench/real_size.py --preset sr --sub-group 1e8 --checkpointing --set use_ema=false --set sample_freq=0
+    python tools/bench/real_size.py --preset sr --precision bf16                                      # a GPU
 """
 import sys
 from pathlib import Path
@@ -23,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import tempfile
 import threading
@@ -42,11 +48,19 @@ from tryon_ds.training.distributed import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def private_bytes(pid: int) -> int:
+    """A process's anonymous and shared-memory resident pages: its resident set less the pages mapped from
+    files (libraries, a checkpoint a resume reads mapped), which the kernel can drop rather than go out of memory."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return sum(int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssShmem"))
+
+
 class PeakMemory:
-    """The largest resident set of each rank process under ``pid`` (a launcher), polled in a thread."""
+    """The largest private memory (``private_bytes``) and resident set of each rank process under ``pid`` (a
+    launcher), polled in a thread."""
 
     def __init__(self, pid: int):
-        self.root, self.peak, self._done = psutil.Process(pid), {}, threading.Event()
+        self.root, self.peak, self.rss, self._done = psutil.Process(pid), {}, {}, threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
 
@@ -59,25 +73,26 @@ class PeakMemory:
                     line, parent = " ".join(p.cmdline()), " ".join(p.parent().cmdline())
                     if "train.py" in line and "deepspeed.launcher" not in line and "deepspeed.launcher" in parent:
                         rank = p.environ().get("RANK", "?")
-                        self.peak[rank] = max(self.peak.get(rank, 0), p.memory_info().rss)
-            except psutil.Error:
+                        self.peak[rank] = max(self.peak.get(rank, 0), private_bytes(p.pid))
+                        self.rss[rank] = max(self.rss.get(rank, 0), p.memory_info().rss)
+            except (psutil.Error, OSError):
                 pass
 
-    def stop(self) -> dict:
+    def stop(self) -> "PeakMemory":
         self._done.set()
         self._thread.join()
-        return self.peak
+        return self
 
 
-def timed(cmd: list[str], env: dict) -> tuple[float, dict, str]:
+def timed(cmd: list[str], env: dict) -> tuple[float, PeakMemory, str]:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     memory = PeakMemory(proc.pid)
     out, _ = proc.communicate()
-    peak = memory.stop()
+    memory.stop()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:6])} ... exited {proc.returncode}:\n{out[-4000:]}")
-    return time.perf_counter() - start, peak, out
+    return time.perf_counter() - start, memory, out
 
 
 def main() -> None:
@@ -89,7 +104,10 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--bucket", type=float, default=2e7, help="reduce and prefetch bucket sizes (elements)")
+    p.add_argument("--sub-group", type=float, help="ZeRO-3's sub_group_size: elements stepped at a time (DeepSpeed: 1e9)")
     p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--offload", action="store_true",
+                   help="the optimizer offloaded to the CPU (DeepSpeed's CPU Adam, in place: no step temporaries)")
     p.add_argument("--samples", type=int, default=8, help="synthetic samples to train on")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--work", help="a folder for the shards, checkpoints and bundle (default: a temporary one)")
@@ -123,17 +141,24 @@ def main() -> None:
                     .read_text())
     ds["zero_optimization"].update(reduce_bucket_size=int(args.bucket), stage3_prefetch_bucket_size=int(args.bucket),
                                    overlap_comm=False)
+    if args.sub_group:
+        ds["zero_optimization"]["sub_group_size"] = int(args.sub_group)
+    if args.offload:  # DeepSpeed takes its CPU Adam only where torch's AdamW is not asked for
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        ds["optimizer"]["params"].pop("torch_adam", None)
     (work / "ds.json").write_text(json.dumps(ds))
     config = build_config(settings)
-    planned = peak(plan(config, number, args.micro_batch, 3, args.precision, args.ranks, args.checkpointing, ds))
+    cpu = not torch.cuda.is_available()
+    rows = plan(config, number, args.micro_batch, 3, args.precision, args.ranks, args.checkpointing, ds, cpu=cpu)
+    planned = peak(rows, cpu)
 
     train = [py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks), "--master_port", str(free_port()),
              "tryon_ds/train.py",
              "--config", str(work / "config.yaml"), "--deepspeed_config", str(work / "ds.json")]
-    first, held, _ = timed([*train, "--max_steps", str(args.steps)], env)
+    first, first_memory, first_out = timed([*train, "--max_steps", str(args.steps)], env)
     ckpt = work / "ckpt" / f"unet{number}" / f"step{args.steps:08d}"
     ckpt_bytes = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
-    resumed, held_resumed, _ = timed([*train, "--max_steps", str(args.steps + 1), "--resume", "auto"], env)
+    resumed, resumed_memory, resumed_out = timed([*train, "--max_steps", str(args.steps + 1), "--resume", "auto"], env)
     bundle = work / "bundle"
     start = time.perf_counter()
     subprocess.run([py, "tools/consolidate_checkpoint.py", str(work / "ckpt" / f"unet{number}"), "--out",
@@ -141,25 +166,50 @@ def main() -> None:
     consolidated = time.perf_counter() - start
     start = time.perf_counter()
     cfg, weights, _ = read_unet(bundle, number, ema=config.use_ema)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = CascadeUNet(cfg, number).eval()
     model.unet.load_state_dict({k: v.float() for k, v in weights.items()})  # as TryOnPipeline loads a bundle
-    cond = {k: v for k, v in random_batch(cfg, number, 1).items() if k in model.conditioning.keys}
+    model.to(device)
+    cond = {k: v.to(device) for k, v in random_batch(cfg, number, 1).items() if k in model.conditioning.keys}
     with torch.no_grad():
         image = model.sample(cond, steps=1, sampler="ddim")
     sampled = time.perf_counter() - start
 
-    print(f"{args.preset} as UNet {number} ({size[0]}x{size[1]}), {args.ranks} rank(s), ZeRO-3, {args.precision}, "
-          f"micro-batch {args.micro_batch}, EMA {'on' if config.use_ema else 'off'}, checkpointing "
-          f"{'on' if args.checkpointing else 'off'}, buckets {args.bucket:g}; torch {torch.__version__}")
-    print(f"  planned per rank: {planned / GIB:.2f} GiB")
+    # The trainer's own figures: a step's seconds from the rate it logs at every step (log_freq 1), the save and
+    # the load from its messages; on a GPU the allocator's peak, which rank 0 logs (at its last step: before
+    # the save and the preview).
+    rates, logged_peak = {}, {}
+    for line in (work / "out" / f"metrics_unet{number}.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "train/samples_per_s" in record:
+            rates[record["step"]] = args.micro_batch * args.ranks / record["train/samples_per_s"]
+            logged_peak[record["step"]] = record["memory/peak_gib"] * GIB
+    if cpu:
+        held, held_resumed = first_memory.peak, resumed_memory.peak
+        rss = {r: max(first_memory.rss.get(r, 0), resumed_memory.rss.get(r, 0)) for r in set(held) | set(held_resumed)}
+    else:
+        held, held_resumed, rss = {"0": logged_peak[args.steps]}, {"0": logged_peak[args.steps + 1]}, {}
+    saved = re.findall(r"step \d+: checkpoint \S+ \(([\d.]+) s\)", first_out + resumed_out)
+    loaded = re.search(r"\(loaded in ([\d.]+) s\)", resumed_out)
+
+    print(f"{args.preset} as UNet {number} ({size[0]}x{size[1]}), {args.ranks} {'CPU ' if cpu else 'GPU '}rank(s), "
+          f"ZeRO-3, {args.precision}, micro-batch {args.micro_batch}, EMA {'on' if config.use_ema else 'off'}, "
+          f"checkpointing {'on' if args.checkpointing else 'off'}, buckets {args.bucket:g}, sub-groups "
+          f"{ds['zero_optimization'].get('sub_group_size', 1e9):g}, optimizer "
+          f"{'offloaded (CPU Adam)' if args.offload else 'torch AdamW'}; torch {torch.__version__}")
+    print(f"  planned per rank: {planned / GIB:.2f} GiB ("
+          + ", ".join(f"{k} {v / GIB:.2f}" for k, v in rows.items() if v) + ")")
+    what = "private memory" if cpu else "allocator's peak"
     for rank in sorted(set(held) | set(held_resumed)):
         most = max(held.get(rank, 0), held_resumed.get(rank, 0))
-        print(f"  rank {rank}: peak {held.get(rank, 0) / GIB:.2f} GiB (resumed run: {held_resumed.get(rank, 0) / GIB:.2f}), "
-              f"{most / planned:.2f}x the plan")
+        print(f"  rank {rank}: {what} {held.get(rank, 0) / GIB:.2f} GiB (resumed run: "
+              f"{held_resumed.get(rank, 0) / GIB:.2f}), {most / planned:.2f}x the plan"
+              + (f"; largest resident set {rss[rank] / GIB:.2f} GiB" if rank in rss else ""))
     print(f"  checkpoint on disk: {ckpt_bytes / GIB:.2f} GiB")
-    print(f"  seconds: build + {args.steps} steps + save {first:.0f}; load + 1 step + save {resumed:.0f}; "
-          f"consolidation {consolidated:.0f}; bundle load + 1 sampling step {sampled:.0f} "
-          f"(sample {tuple(image.shape)})")
+    print(f"  seconds: first step {rates[1]:.0f}, step {args.steps} {rates[args.steps]:.0f}, first step after the "
+          f"resume {rates[args.steps + 1]:.0f}; save {' and '.join(saved)}; load {loaded.group(1)}; "
+          f"consolidation {consolidated:.0f}; bundle load + 1 sampling step {sampled:.0f} (sample {tuple(image.shape)})")
+    print(f"  whole runs: build + {args.steps} steps + save {first:.0f}, build + load + 1 step + save {resumed:.0f}")
 
 
 if __name__ == "__main__":

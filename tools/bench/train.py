@@ -125,7 +125,8 @@ def worker(args) -> None:
             torch.cuda.synchronize()
         step_s = (time.perf_counter() - start) / args.steps
         finite = bool(torch.isfinite(torch.stack(losses)).all())
-        planned = planned_peak(plan(config, n, case["batch"], zero_stage(ds), case["precision"], world.size,
+        planned = planned_peak(plan(dataclasses.replace(config, sample_freq=0),  # steps only: no preview here
+                                    n, case["batch"], zero_stage(ds), case["precision"], world.size,
                                     case.get("checkpointing", False), ds))
         r = {**variant, "warm_up_s": warm_up_s, "step_s": step_s, "it_s": 1 / step_s,
              "samples_per_s": case["batch"] * world.size / step_s,

@@ -9,9 +9,10 @@ Model states follow DeepSpeed's layout for the ZeRO stage and precision (what to
 on real engines); activations are what autograd keeps for backward, traced on the ``meta`` device for that
 preset, micro-batch and image size (the crop size, for a UNet trained on crops; no memory is used); the buffers are read from the DeepSpeed config the
 run would use (``ds_configs/zero{2,3}_{precision}.json``, or ``--deepspeed_config``); the optimizer step's
-temporaries from its optimizer settings. Not counted: the CUDA context and allocator fragmentation (on a CPU
-rank, the libraries and the interpreter), and rank 0's preview between steps (a copy of the model, and
-sampling no more pixels per forward than a training micro-batch).
+temporaries from its optimizer settings; what rank 0 builds between steps: the preview model (``sample_freq: 0``
+turns previews off) and, on a CPU rank, the whole EMA it gathers to write a checkpoint (host memory). Not
+counted: the CUDA context and allocator fragmentation (on a CPU rank, the libraries and the interpreter), and
+a preview's sampling activations (no more pixels per forward than a training micro-batch, and no graph kept).
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ from ..model.presets import POSITION
 
 BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 GIB = 2 ** 30
+STEP = "optimizer step (transient)"
+PREVIEW = "rank 0: preview / EMA to save"
 
 
 def model_states(n: int, zero: int, precision: str, gpus: int, ds: dict, ema: bool = True) -> dict[str, float]:
@@ -39,7 +42,6 @@ def model_states(n: int, zero: int, precision: str, gpus: int, ds: dict, ema: bo
     averages the master copy and is partitioned like it; none with ``use_ema: false``)."""
     p = BYTES[precision]
     accum = BYTES.get(ds.get("data_types", {}).get("grad_accum_dtype"), p)
-    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
     shard = gpus if zero >= 1 else 1
     out = {"parameters": p * n / (gpus if zero == 3 else 1),
            "gradients": accum * n / (gpus if zero >= 2 else 1),
@@ -47,12 +49,29 @@ def model_states(n: int, zero: int, precision: str, gpus: int, ds: dict, ema: bo
            "fp32 master": 4 * n / shard if (zero >= 1 or precision != "fp32") else 0.0,
            "optimizer (Adam moments)": 8 * n / shard,
            "EMA (fp32, like the master)": 4 * n / shard if ema else 0.0}
-    if offload:  # the master copy and the moments live in host memory; ZeRO-3 hands the EMA its partition on GPU
+    if offloaded(ds):  # the master copy and the moments live in host memory (host_states); the EMA stays on the GPU
         out["fp32 master"] = out["optimizer (Adam moments)"] = 0.0
     return out
 
 
-STEP = "optimizer step (transient)"
+def offloaded(ds: dict) -> bool:
+    return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
+
+
+def host_states(n: int, zero: int, gpus: int, ds: dict) -> dict[str, float]:
+    """Bytes per rank in host memory with the optimizer offloaded to the CPU (none without): the fp32 master
+    partition, Adam's moments, the fp32 gradient partition the host's optimizer reads (stage 3 keeps one per
+    sub-group beside the GPU's gradient buffer; stage 1/2 copy each reduced bucket into theirs), and the step's
+    temporaries where torch's single-tensor AdamW runs there (``torch_adam`` without ``fused``; DeepSpeed's
+    CPU Adam updates in place)."""
+    if not offloaded(ds):
+        return {}
+    shard = gpus if zero >= 1 else 1
+    adam = ds.get("optimizer", {}).get("params", {})
+    return {"fp32 master (host)": 4 * n / shard, "optimizer (Adam moments, host)": 8 * n / shard,
+            "fp32 gradients (host)": 4 * n / shard,
+            STEP + " (host)": 8 * n / shard if adam.get("torch_adam") and not adam.get("fused") else 0.0}
+
 
 
 def step_transient(n: int, zero: int, gpus: int, ds: dict) -> float:
@@ -61,18 +80,30 @@ def step_transient(n: int, zero: int, gpus: int, ds: dict) -> float:
     partition) and the Adam update's temporaries: none in a fused kernel (``fused: true`` in the shipped GPU
     configs; DeepSpeed's own FusedAdam and CPU Adam), two in torch's single-tensor AdamW (``torch_adam``
     without ``fused``, as the CPU configs run it: ``exp_avg_sq.sqrt() / bias_correction``), as real ZeRO-2 and
-    ZeRO-3 engines hold them (BENCHMARKS.md). None on the GPU with the optimizer offloaded to the CPU."""
-    if ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu":
+    ZeRO-3 engines hold them (BENCHMARKS.md). Stage 3 steps its partition one sub-group (``sub_group_size``
+    elements, 1e9 by default) at a time and frees each one's copies before the next. None on the GPU with the
+    optimizer offloaded to the CPU."""
+    if offloaded(ds):
         return 0.0
     adam = ds.get("optimizer", {}).get("params", {})
     copies = (1 if zero >= 1 else 0) + (2 if adam.get("torch_adam") and not adam.get("fused") else 0)
-    return 4.0 * n * copies / (gpus if zero >= 1 else 1)
+    elements = n / (gpus if zero >= 1 else 1)
+    if zero == 3:
+        elements = min(elements, float(ds.get("zero_optimization", {}).get("sub_group_size", 1e9)))
+    return 4.0 * elements * copies
 
 
-def peak(rows: dict[str, float]) -> float:
-    """The most a rank holds at once: the activations (forward and backward) and the optimizer step's
-    temporaries are never held together, so the larger of the two counts."""
-    return sum(rows.values()) - min(rows.get("activations", 0.0), rows.get(STEP, 0.0))
+def peak(rows: dict[str, float], cpu: bool = False) -> float:
+    """The most a rank holds at once. The activations (forward and backward), the optimizer step's
+    temporaries and what rank 0 builds between steps (``PREVIEW``) are never held together: on a GPU the
+    largest of the three counts (PyTorch's allocator hands its cached blocks back to CUDA when a large tensor does not
+    fit). On a CPU rank the activations count with either of the others: the C heap keeps their small
+    blocks after backward (glibc returns only the top of a heap to the system), and what comes later lands
+    beside them (measured at real size, BENCHMARKS.md)."""
+    apart = {"activations", STEP, PREVIEW}
+    held = sum(v for k, v in rows.items() if k not in apart)
+    activations, later = rows.get("activations", 0.0), max(rows.get(STEP, 0.0), rows.get(PREVIEW, 0.0))
+    return held + (activations + later if cpu else max(activations, later))
 
 
 def buffers(ds: dict, precision: str) -> float:
@@ -129,16 +160,30 @@ def activations(config: Config, unet_number: int, micro_batch: int, precision: s
 
 
 def plan(config: Config, unet_number: int, micro_batch: int, zero: int, precision: str, gpus: int,
-         checkpointing: bool, ds: dict, activation_bytes: float | None = None) -> dict[str, float]:
-    """Bytes per GPU by what holds them; ``activation_bytes`` when already traced."""
+         checkpointing: bool, ds: dict, activation_bytes: float | None = None, cpu: bool = False) -> dict[str, float]:
+    """Bytes per GPU by what holds them; ``activation_bytes`` when already traced. ``cpu``: the ranks are CPU
+    processes, whose device is the host: what an offload moves to the host stays in their rows."""
     with torch.device("meta"):
         n = parameter_count(CascadeUNet(config, unet_number))
     rows = model_states(n, zero, precision, gpus, ds, config.use_ema)
     rows["activations"] = (activations(config, unet_number, micro_batch, precision, checkpointing)
                            if activation_bytes is None else activation_bytes)
     rows[STEP] = step_transient(n, zero, gpus, ds)
+    # Between steps rank 0 builds a whole copy of the UNet in the run's precision for each preview, and gathers
+    # the whole EMA (fp32, in host memory: a GPU's own only on a CPU rank) to write a checkpoint; one at a time.
+    rows[PREVIEW] = max(BYTES[precision] * n if config.sample_freq else 0.0, 4.0 * n if cpu and config.use_ema else 0.0)
     rows["DeepSpeed buffers"] = buffers(ds, precision)
+    if cpu:
+        host = host_states(n, zero, gpus, ds)
+        rows[STEP] += host.pop(STEP + " (host)", 0.0)
+        rows.update(host)
     return rows
+
+
+def plan_host(config: Config, unet_number: int, zero: int, gpus: int, ds: dict) -> dict[str, float]:
+    """Bytes per rank in host memory (``host_states``) for UNet ``unet_number``."""
+    with torch.device("meta"):
+        return host_states(parameter_count(CascadeUNet(config, unet_number)), zero, gpus, ds)
 
 
 def preset_config(config: Config, name: str, number: int, image_size: list[int] | None = None) -> tuple[Config, int]:
@@ -154,10 +199,11 @@ def default_ds(zero: int, precision: str) -> str:
     return f"ds_configs/cpu_zero{zero}.json"
 
 
-def _table(rows: dict[str, float]) -> str:
-    lines = [f"  {name:<30}{value / GIB:9.2f} GiB" for name, value in rows.items()]
-    return "\n".join(lines + [f"  {'total (peak)':<30}{peak(rows) / GIB:9.2f} GiB   (the larger of activations and the "
-                               "step's temporaries: never held at once)"])
+def _table(rows: dict[str, float], cpu: bool) -> str:
+    lines = [f"  {name:<34}{value / GIB:9.2f} GiB" for name, value in rows.items()]
+    why = ("on a CPU rank the activations' heap stays through the step or the preview" if cpu else
+           "the largest of activations, the step's temporaries and the preview: never held at once")
+    return "\n".join(lines + [f"  {'total (peak)':<34}{peak(rows, cpu) / GIB:9.2f} GiB   ({why})"])
 
 
 @exit_on_user_error
@@ -177,6 +223,9 @@ def main(argv=None) -> None:
     p.add_argument("--gpus", type=int, default=8, help="data-parallel ranks")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU (default 80)")
+    p.add_argument("--cpu", action="store_true",
+                   help="the ranks are CPU processes (a CPU smoke test): host and device memory are one, so an "
+                        "offload moves nothing off the rank; --gpu-memory is then the memory each rank may use")
     p.add_argument("--deepspeed_config", help="read buffer sizes from this DeepSpeed config")
     add_config_args(p)
     args = p.parse_args(argv)
@@ -201,24 +250,35 @@ def main(argv=None) -> None:
     per_sample = {}  # activations grow with the micro-batch in proportion: trace once per checkpointing choice
 
     def estimate(**change) -> dict[str, float]:
-        o = {"micro_batch": args.micro_batch, "zero": args.zero, "checkpointing": args.checkpointing, "ds": ds, **change}
+        o = {"micro_batch": args.micro_batch, "zero": args.zero, "checkpointing": args.checkpointing, "ds": ds,
+             "config": config, **change}
         if o["checkpointing"] not in per_sample:
             per_sample[o["checkpointing"]] = activations(config, number, args.micro_batch, args.precision,
                                                          o["checkpointing"]) / args.micro_batch
-        return plan(config, number, o["micro_batch"], o["zero"], args.precision, args.gpus, o["checkpointing"], o["ds"],
-                    per_sample[o["checkpointing"]] * o["micro_batch"])
+        return plan(o["config"], number, o["micro_batch"], o["zero"], args.precision, args.gpus, o["checkpointing"],
+                    o["ds"], per_sample[o["checkpointing"]] * o["micro_batch"], cpu=args.cpu)
 
+    def host(ds: dict) -> float:
+        return 0.0 if args.cpu else sum(plan_host(config, number, args.zero, args.gpus, ds).values())
+
+    unit = "per rank" if args.cpu else "per GPU"
     rows = estimate()
-    total = peak(rows)
+    total = peak(rows, args.cpu)
     size = "x".join(map(str, config.image_size(number)))
     crop = config.crop_size(number)
     size += f" on {'x'.join(map(str, crop))} crops" if crop else ""
-    print(f"unet{number} ({config.unet(number).preset}), {size}, micro-batch {args.micro_batch} per GPU, "
-          f"ZeRO-{args.zero}, {args.precision}, {args.gpus} GPU(s), checkpointing {'on' if args.checkpointing else 'off'}")
-    print(_table(rows))
+    print(f"unet{number} ({config.unet(number).preset}), {size}, micro-batch {args.micro_batch} {unit}, "
+          f"ZeRO-{args.zero}, {args.precision}, {args.gpus} {'CPU rank' if args.cpu else 'GPU'}(s), checkpointing "
+          f"{'on' if args.checkpointing else 'off'}")
+    print(_table(rows, args.cpu))
+    if host(ds):
+        print("host memory per rank (the offloaded optimizer):")
+        print("\n".join(f"  {k:<34}{v / GIB:9.2f} GiB" for k, v in plan_host(config, number, args.zero, args.gpus,
+                                                                                ds).items()))
     verdict = "fits" if total <= budget else "does NOT fit"
-    print(f"{verdict} in {args.gpu_memory:g} GB per GPU ({100 * total / budget:.0f}% of it; the CUDA context and "
-          "fragmentation are not counted)")
+    print(f"{verdict} in {args.gpu_memory:g} GB {unit} ({100 * total / budget:.0f}% of it; "
+          + ("the libraries and the interpreter" if args.cpu else "the CUDA context and fragmentation")
+          + " are not counted)")
     if total <= budget:
         return
     options = []
@@ -227,16 +287,29 @@ def main(argv=None) -> None:
     if args.zero < 3:
         options.append(("ZeRO-3 (ds_configs/zero3_*.json)", estimate(zero=3, ds={**ds, "zero_optimization": {
             **json.loads(find_config_file(default_ds(3, args.precision)).read_text())["zero_optimization"]}})))
-    offload = {**ds, "zero_optimization": {**ds["zero_optimization"], "offload_optimizer": {"device": "cpu"}}}
-    options.append(("optimizer offload to CPU (ds_configs/zero3_bf16_offload.json)", estimate(ds=offload)))
+    adam = ds.get("optimizer", {}).get("params", {})
+    if adam.get("torch_adam") and not adam.get("fused"):
+        fused = {**ds, "optimizer": {**ds["optimizer"], "params": {**adam, "fused": True}}}
+        options.append(("torch's fused AdamW (\"fused\": true in the optimizer's params)", estimate(ds=fused)))
+    if args.zero == 3 and rows[STEP] > step_transient(1e8, 3, 1, ds):
+        smaller = {**ds, "zero_optimization": {**ds["zero_optimization"], "sub_group_size": int(1e8)}}
+        options.append(("ZeRO-3 steps in smaller sub-groups (\"sub_group_size\": 1e8)", estimate(ds=smaller)))
+    if rows[PREVIEW] and peak({**rows, PREVIEW: 0.0}, args.cpu) < total:
+        options.append(("no previews (sample_freq: 0; rank 0 builds no second model)",
+                        estimate(config=dataclasses.replace(config, sample_freq=0))))
+    # DeepSpeed's CPU Adam (not torch's AdamW) runs an offloaded step, in place
+    offload = {**ds, "zero_optimization": {**ds["zero_optimization"], "offload_optimizer": {"device": "cpu"}},
+               "optimizer": {**ds.get("optimizer", {}), "params": {k: v for k, v in adam.items() if k != "torch_adam"}}}
+    where = "" if args.cpu else f", + {host(offload) / GIB:.1f} GiB of host memory per rank"
+    options.append((f"optimizer offload to CPU (ds_configs/zero3_bf16_offload.json{where})", estimate(ds=offload)))
     for mb in range(args.micro_batch - 1, 0, -1):
-        if peak(estimate(micro_batch=mb)) <= budget:
+        if peak(estimate(micro_batch=mb), args.cpu) <= budget:
             options.append((f"micro-batch {mb} (more gradient_accumulation_steps keep the global batch)",
                             estimate(micro_batch=mb)))
             break
     print("what would fit instead:")
     for what, r in options:
-        t = peak(r)
+        t = peak(r, args.cpu)
         print(f"  {what}: {t / GIB:.1f} GiB ({'fits' if t <= budget else 'still too large'})")
 
 

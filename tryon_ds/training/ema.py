@@ -14,6 +14,7 @@ keeps this rank's part, so an EMA saved at one world size loads at any other.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -101,10 +102,12 @@ class EMA:
         return 0, 1
 
     @torch.no_grad()
-    def full_state_dict(self, bucket_numel: int = 1 << 26) -> dict[str, torch.Tensor] | None:
+    def full_state_dict(self, bucket_numel: int = 1 << 26, into: Callable[[dict], None] | None = None
+                        ) -> dict[str, torch.Tensor] | None:
         """The whole EMA as {name: fp32 CPU tensor of the parameter's shape} on rank 0, None on the others.
         Every rank calls it. Partitioned entries travel a bucket at a time: each rank contributes what it
-        holds, zeros elsewhere, and a sum-reduce to rank 0 assembles the parameters."""
+        holds, zeros elsewhere, and a sum-reduce to rank 0 assembles the parameters. With ``into``, rank 0
+        hands each bucket's part of the dict to it as it comes and keeps nothing (returns None)."""
         rank, world = self._world()
         shadows = {id(e): s for e, s in zip(self.held, self.shadow)}
         out: dict[str, torch.Tensor] = {}
@@ -122,7 +125,10 @@ class EMA:
             if pending and (size >= bucket_numel or i == len(self.entries) - 1):
                 self._reduce_bucket(pending, shadows, rank, world, device, out)
                 pending, size = [], 0
-        return out if rank == 0 else None
+            if into is not None and out and (not pending or i == len(self.entries) - 1):
+                into(out)
+                out = {}
+        return out if rank == 0 and into is None else None
 
     @staticmethod
     def _numel(e: _Entry) -> int:

@@ -7,7 +7,9 @@ through one function each, so the training loop never depends on which wrapper i
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -50,13 +52,45 @@ def build(config: Config, ds_config: dict, load_from: Path | None = None):
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config)))
     ema = EMA(engine, config.ema_decay) if config.use_ema else None
     if load_from is not None:
-        loaded, _ = engine.load_checkpoint(str(load_from.parent), tag=load_from.name)
-        if loaded is None:
-            raise UserError(f"DeepSpeed could not load the checkpoint {load_from}")
-        from .checkpoint import load_ema
-
-        load_ema(load_from, ema)
+        load(engine, ema, load_from)
     return model, engine, scheduler, ema
+
+
+def load(engine, ema: EMA | None, ckpt: Path) -> float:
+    """The engine's and the EMA's state from checkpoint folder ``ckpt``; returns the seconds it took.
+
+    DeepSpeed reads each of this rank's files whole (``torch.load``) beside the states the engine already
+    holds: at real size base's resume peaked 2.3 GiB above its training steps (BENCHMARKS.md). Here its
+    checkpoint engine maps the files instead (``mmap=True``): their tensors are read from the page cache as
+    they are copied in, memory the kernel can drop, and a tensor DeepSpeed keeps as it is (torch's optimizer
+    keeps the loaded moments) becomes private memory only page by page, as the next step writes it. And it
+    reads them with the tensors-only unpickler (DeepSpeed's own load unpickles anything), allowing just the
+    DeepSpeed classes its files hold."""
+    from .checkpoint import load_ema
+
+    start = time.perf_counter()
+    reader = engine.checkpoint_engine
+    reader.load = lambda path, map_location=None: torch.load(path, map_location=map_location, weights_only=True,
+                                                             mmap=True)
+    try:
+        with torch.serialization.safe_globals(checkpoint_classes()):
+            loaded, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    finally:
+        del reader.load  # the engine's own method again
+    if loaded is None:
+        raise UserError(f"DeepSpeed could not load the checkpoint {ckpt}")
+    load_ema(ckpt, ema)
+    return time.perf_counter() - start
+
+
+def checkpoint_classes() -> list:
+    """The classes DeepSpeed's checkpoint files hold beyond tensors and plain data (what
+    ``torch.serialization.get_unsafe_globals_in_checkpoint`` finds in ZeRO-0/2/3 files in fp32, bf16 and fp16)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def gather_whole(unet: torch.nn.Module) -> None:
@@ -140,15 +174,19 @@ def grad_norm_ok(engine) -> torch.Tensor | bool:
 
 
 @torch.no_grad()
-def raw_state_dict(engine, is_main: bool, bucket_numel: int = 1 << 26) -> dict | None:
+def raw_state_dict(engine, is_main: bool, bucket_numel: int = 1 << 26, into: Callable[[dict], None] | None = None
+                   ) -> dict | None:
     """The whole model's current weights (fp32, CPU) on rank 0, None elsewhere. Under ZeRO-3 parameters
-    are gathered a bucket at a time, so no rank ever holds more than one bucket beyond its partition."""
+    are gathered a bucket at a time, so no rank ever holds more than one bucket beyond its partition. With
+    ``into``, rank 0 hands each bucket's part of the dict to it as it comes and keeps nothing (returns None)."""
     import deepspeed
 
     params = dict(engine.module.named_parameters())
     if not any(hasattr(p, "ds_id") for p in params.values()):
-        return ({k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
-                if is_main else None)
+        out = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
+        if is_main and into is not None:
+            into(out)
+        return out if is_main and into is None else None
     out, bucket, size = {}, [], 0
     items = list(params.items())
     for i, (name, p) in enumerate(items):
@@ -157,12 +195,20 @@ def raw_state_dict(engine, is_main: bool, bucket_numel: int = 1 << 26) -> dict |
         if size >= bucket_numel or i == len(items) - 1:
             with deepspeed.zero.GatheredParameters([q for _, q in bucket]):
                 if is_main:
-                    out.update({n: q.detach().float().cpu().clone() for n, q in bucket})
+                    gathered = {n: q.detach().float().cpu().clone() for n, q in bucket}
+                    if into is not None:
+                        into(gathered)
+                    else:
+                        out.update(gathered)
             bucket, size = [], 0
     if is_main:  # buffers are not partitioned
-        out.update({k: v.detach().float().cpu().clone() for k, v in engine.module.named_buffers()})
+        buffers = {k: v.detach().float().cpu().clone() for k, v in engine.module.named_buffers()}
+        if into is not None:
+            into(buffers)
+        else:
+            out.update(buffers)
     dist.barrier()
-    return out if is_main else None
+    return out if is_main and into is None else None
 
 
 def _tensor_bytes(tensors) -> int:

@@ -81,9 +81,18 @@ class Watchdog:
     def kick(self) -> None:
         self.last = time.monotonic()
 
+    def _store_host_gone(self) -> bool:
+        """Whether rank 0, whose process hosts the store (unless an agent such as torchrun's does), has ended
+        on this host. A store call would only fail then, and c10d logs that failure to stderr with its C++
+        frames: the collective that meets the dead peer says it in one line instead (``peer_died``)."""
+        if self.rank == 0 or not self.peers:
+            return False
+        host, pid = self.peers[0]
+        return host == socket.gethostname() and _how_it_ended(pid) is not None
+
     def _watch(self) -> None:
         while not self._done.wait(min(1.0, self.timeout / 4)):
-            if self.store is not None and _announced(self.store):
+            if self.store is not None and not self._store_host_gone() and _announced(self.store):
                 _acknowledge(self.store, self.rank, self.world_size)
                 os._exit(2)  # another rank printed the error; this one may be stuck in a collective
             idle = time.monotonic() - self.last

@@ -13,17 +13,27 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .. import atomic
 from ..config import Config
 
 WANDB_FINISH_TIMEOUT_S = 30.0
+
+
+def peak_memory_gib() -> float:
+    """The most memory this rank has held since it started: the CUDA allocator's peak on a GPU, the largest
+    resident set on a CPU (what a rank's OOM is about in each case)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30  # Linux: KiB
 
 
 class RunLogger:
@@ -83,7 +93,7 @@ class RunLogger:
         rate = (step - s0) * samples_per_step / max(now - t0, 1e-9)
         self._last = (now, step)
         postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "samples/s": f"{rate:.1f}"}
-        scalars = {"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate}
+        scalars = {"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate, "memory/peak_gib": peak_memory_gib()}
         if grad_norm is not None:
             grad_norm = float(grad_norm)
             postfix["grad_norm"] = f"{grad_norm:.3f}"

@@ -1,5 +1,5 @@
 """Sample grids during training, cheaply: a model built on rank 0 in the run's precision for the preview and
-dropped after it, loaded with the weights gathered to rank 0 (which go before sampling starts), sampled with
+dropped after it, loaded with the weights as they are gathered to rank 0, a bucket at a time, sampled with
 a few DDIM steps on the first validation samples (the same held-out samples at every preview, whole images
 even for a UNet trained on crops), a few at a time: no forward holds more pixels than a training micro-batch,
 so a preview needs no more activation memory than a training step (whole images of a UNet trained on crops,
@@ -10,6 +10,7 @@ each preview cost."""
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
@@ -42,15 +43,25 @@ class Previewer:
         return to_device(batch, self.device)
 
     @torch.no_grad()
-    def render(self, weights: dict):
-        """A grid of the first ``logging.sample_count`` validation samples from ``weights`` (a whole state dict,
-        emptied here once loaded: the gathered copy is not kept while sampling)."""
+    def render(self, gather: Callable[[Callable[[dict], None]], None]):
+        """A grid of the first ``logging.sample_count`` validation samples. ``gather(into)`` brings the weights
+        (the collective every rank takes part in) and hands them to ``into`` a bucket at a time, which copies
+        each straight into the preview model: no whole second copy of the weights is ever held."""
         start = time.perf_counter()
         # Eager even when the UNet trains compiled: a preview is seconds of sampling, its own graph (another
         # module, batch and grad mode) would take longer to compile than all the previews of a run.
         model = CascadeUNet(self.config, self.config.train_unet_number).to(self.device, self.dtype).eval()
-        model.load_state_dict(weights)
-        weights.clear()
+        target = model.state_dict()
+        missing = set(target)
+
+        def into(bucket: dict) -> None:
+            for name, value in bucket.items():
+                target[name].copy_(value)
+                missing.discard(name)
+
+        gather(into)
+        if missing:
+            raise RuntimeError(f"preview: no weights came for {len(missing)} tensor(s), e.g. {sorted(missing)[0]}")
         if self.batch is None:
             self.batch = self._first_batch()
         batch = self.batch
