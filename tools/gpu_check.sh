@@ -19,8 +19,8 @@
 #   tools/gpu_check.sh --dry-run        # anywhere (CPU): the same set-up and plumbing at the tiny size
 #
 # Settings: PYTHON (python3), STEPS (60), REAL_SIZE (1), RESULTS (runs/gpu_check), WHEELS_DIR (.whl),
-# PY_VERSION of the node's Python (3.12). The node's own torch is kept; xformers is used only if a wheel for that torch is
-# in .whl/ (its wheels pin one torch version).
+# PY_VERSION of the node's Python (3.12). The node's own torch is kept; xformers is used only if a wheel for
+# that torch is in .whl/ (its wheels pin one torch version).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

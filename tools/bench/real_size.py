@@ -104,7 +104,8 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--bucket", type=float, default=2e7, help="reduce and prefetch bucket sizes (elements)")
-    p.add_argument("--sub-group", type=float, help="ZeRO-3's sub_group_size: elements stepped at a time (DeepSpeed: 1e9)")
+    p.add_argument("--sub-group", type=float,
+                   help="ZeRO-3's sub_group_size: elements stepped at a time (DeepSpeed: 1e9)")
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--offload", action="store_true",
                    help="the optimizer offloaded to the CPU (DeepSpeed's CPU Adam, in place: no step temporaries)")

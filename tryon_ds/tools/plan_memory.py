@@ -58,6 +58,12 @@ def offloaded(ds: dict) -> bool:
     return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
 
 
+def unfused_torch_adamw(ds: dict) -> bool:
+    """Whether the step runs torch's single-tensor AdamW (``torch_adam`` without ``fused``: the CPU configs)."""
+    adam = ds.get("optimizer", {}).get("params", {})
+    return bool(adam.get("torch_adam")) and not adam.get("fused")
+
+
 def host_states(n: int, zero: int, gpus: int, ds: dict) -> dict[str, float]:
     """Bytes per rank in host memory with the optimizer offloaded to the CPU (none without): the fp32 master
     partition, Adam's moments, the fp32 gradient partition the host's optimizer reads (stage 3 keeps one per
@@ -67,11 +73,8 @@ def host_states(n: int, zero: int, gpus: int, ds: dict) -> dict[str, float]:
     if not offloaded(ds):
         return {}
     shard = gpus if zero >= 1 else 1
-    adam = ds.get("optimizer", {}).get("params", {})
     return {"fp32 master (host)": 4 * n / shard, "optimizer (Adam moments, host)": 8 * n / shard,
-            "fp32 gradients (host)": 4 * n / shard,
-            STEP + " (host)": 8 * n / shard if adam.get("torch_adam") and not adam.get("fused") else 0.0}
-
+            "fp32 gradients (host)": 4 * n / shard, STEP + " (host)": 8 * n / shard if unfused_torch_adamw(ds) else 0.0}
 
 
 def step_transient(n: int, zero: int, gpus: int, ds: dict) -> float:
@@ -85,8 +88,7 @@ def step_transient(n: int, zero: int, gpus: int, ds: dict) -> float:
     optimizer offloaded to the CPU."""
     if offloaded(ds):
         return 0.0
-    adam = ds.get("optimizer", {}).get("params", {})
-    copies = (1 if zero >= 1 else 0) + (2 if adam.get("torch_adam") and not adam.get("fused") else 0)
+    copies = (1 if zero >= 1 else 0) + (2 if unfused_torch_adamw(ds) else 0)
     elements = n / (gpus if zero >= 1 else 1)
     if zero == 3:
         elements = min(elements, float(ds.get("zero_optimization", {}).get("sub_group_size", 1e9)))
@@ -96,8 +98,8 @@ def step_transient(n: int, zero: int, gpus: int, ds: dict) -> float:
 def peak(rows: dict[str, float], cpu: bool = False) -> float:
     """The most a rank holds at once. The activations (forward and backward), the optimizer step's
     temporaries and what rank 0 builds between steps (``PREVIEW``) are never held together: on a GPU the
-    largest of the three counts (PyTorch's allocator hands its cached blocks back to CUDA when a large tensor does not
-    fit). On a CPU rank the activations count with either of the others: the C heap keeps their small
+    largest of the three counts (PyTorch's allocator hands its cached blocks back to CUDA when a large tensor
+    does not fit). On a CPU rank the activations count with either of the others: the C heap keeps their small
     blocks after backward (glibc returns only the top of a heap to the system), and what comes later lands
     beside them (measured at real size, BENCHMARKS.md)."""
     apart = {"activations", STEP, PREVIEW}
@@ -171,7 +173,8 @@ def plan(config: Config, unet_number: int, micro_batch: int, zero: int, precisio
     rows[STEP] = step_transient(n, zero, gpus, ds)
     # Between steps rank 0 builds a whole copy of the UNet in the run's precision for each preview, and gathers
     # the whole EMA (fp32, in host memory: a GPU's own only on a CPU rank) to write a checkpoint; one at a time.
-    rows[PREVIEW] = max(BYTES[precision] * n if config.sample_freq else 0.0, 4.0 * n if cpu and config.use_ema else 0.0)
+    rows[PREVIEW] = max(BYTES[precision] * n if config.sample_freq else 0.0,
+                        4.0 * n if cpu and config.use_ema else 0.0)
     rows["DeepSpeed buffers"] = buffers(ds, precision)
     if cpu:
         host = host_states(n, zero, gpus, ds)
@@ -258,9 +261,6 @@ def main(argv=None) -> None:
         return plan(o["config"], number, o["micro_batch"], o["zero"], args.precision, args.gpus, o["checkpointing"],
                     o["ds"], per_sample[o["checkpointing"]] * o["micro_batch"], cpu=args.cpu)
 
-    def host(ds: dict) -> float:
-        return 0.0 if args.cpu else sum(plan_host(config, number, args.zero, args.gpus, ds).values())
-
     unit = "per rank" if args.cpu else "per GPU"
     rows = estimate()
     total = peak(rows, args.cpu)
@@ -271,10 +271,10 @@ def main(argv=None) -> None:
           f"ZeRO-{args.zero}, {args.precision}, {args.gpus} {'CPU rank' if args.cpu else 'GPU'}(s), checkpointing "
           f"{'on' if args.checkpointing else 'off'}")
     print(_table(rows, args.cpu))
-    if host(ds):
+    host_rows = {} if args.cpu else plan_host(config, number, args.zero, args.gpus, ds)
+    if host_rows:
         print("host memory per rank (the offloaded optimizer):")
-        print("\n".join(f"  {k:<34}{v / GIB:9.2f} GiB" for k, v in plan_host(config, number, args.zero, args.gpus,
-                                                                                ds).items()))
+        print("\n".join(f"  {k:<34}{v / GIB:9.2f} GiB" for k, v in host_rows.items()))
     verdict = "fits" if total <= budget else "does NOT fit"
     print(f"{verdict} in {args.gpu_memory:g} GB {unit} ({100 * total / budget:.0f}% of it; "
           + ("the libraries and the interpreter" if args.cpu else "the CUDA context and fragmentation")
@@ -288,7 +288,7 @@ def main(argv=None) -> None:
         options.append(("ZeRO-3 (ds_configs/zero3_*.json)", estimate(zero=3, ds={**ds, "zero_optimization": {
             **json.loads(find_config_file(default_ds(3, args.precision)).read_text())["zero_optimization"]}})))
     adam = ds.get("optimizer", {}).get("params", {})
-    if adam.get("torch_adam") and not adam.get("fused"):
+    if unfused_torch_adamw(ds):
         fused = {**ds, "optimizer": {**ds["optimizer"], "params": {**adam, "fused": True}}}
         options.append(("torch's fused AdamW (\"fused\": true in the optimizer's params)", estimate(ds=fused)))
     if args.zero == 3 and rows[STEP] > step_transient(1e8, 3, 1, ds):
@@ -300,7 +300,9 @@ def main(argv=None) -> None:
     # DeepSpeed's CPU Adam (not torch's AdamW) runs an offloaded step, in place
     offload = {**ds, "zero_optimization": {**ds["zero_optimization"], "offload_optimizer": {"device": "cpu"}},
                "optimizer": {**ds.get("optimizer", {}), "params": {k: v for k, v in adam.items() if k != "torch_adam"}}}
-    where = "" if args.cpu else f", + {host(offload) / GIB:.1f} GiB of host memory per rank"
+    where = ("" if args.cpu else
+             f", + {sum(plan_host(config, number, args.zero, args.gpus, offload).values()) / GIB:.1f} GiB of host "
+             "memory per rank")
     options.append((f"optimizer offload to CPU (ds_configs/zero3_bf16_offload.json{where})", estimate(ds=offload)))
     for mb in range(args.micro_batch - 1, 0, -1):
         if peak(estimate(micro_batch=mb), args.cpu) <= budget:

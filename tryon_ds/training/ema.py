@@ -111,6 +111,7 @@ class EMA:
         rank, world = self._world()
         shadows = {id(e): s for e, s in zip(self.held, self.shadow)}
         out: dict[str, torch.Tensor] = {}
+        sink = into if into is not None else out.update
         device = self.shadow[0].device if self.shadow else torch.device("cpu")
         if dist.is_initialized() and dist.get_backend() == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
@@ -118,16 +119,16 @@ class EMA:
         for i, e in enumerate(self.entries):
             if e.kind == "whole":
                 if rank == 0:
-                    out[e.name] = shadows[id(e)].reshape(e.param.shape).cpu().clone()
+                    sink({e.name: shadows[id(e)].reshape(e.param.shape).cpu().clone()})
             else:
                 pending.append(e)
                 size += self._numel(e)
             if pending and (size >= bucket_numel or i == len(self.entries) - 1):
-                self._reduce_bucket(pending, shadows, rank, world, device, out)
+                part: dict[str, torch.Tensor] = {}
+                self._reduce_bucket(pending, shadows, rank, world, device, part)
+                if rank == 0:
+                    sink(part)
                 pending, size = [], 0
-            if into is not None and out and (not pending or i == len(self.entries) - 1):
-                into(out)
-                out = {}
         return out if rank == 0 and into is None else None
 
     @staticmethod

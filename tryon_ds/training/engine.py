@@ -181,13 +181,14 @@ def raw_state_dict(engine, is_main: bool, bucket_numel: int = 1 << 26, into: Cal
     ``into``, rank 0 hands each bucket's part of the dict to it as it comes and keeps nothing (returns None)."""
     import deepspeed
 
+    out: dict = {}
+    sink = into if into is not None else out.update
     params = dict(engine.module.named_parameters())
     if not any(hasattr(p, "ds_id") for p in params.values()):
-        out = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
-        if is_main and into is not None:
-            into(out)
+        if is_main:
+            sink({k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()})
         return out if is_main and into is None else None
-    out, bucket, size = {}, [], 0
+    bucket, size = [], 0
     items = list(params.items())
     for i, (name, p) in enumerate(items):
         bucket.append((name, p))
@@ -195,18 +196,10 @@ def raw_state_dict(engine, is_main: bool, bucket_numel: int = 1 << 26, into: Cal
         if size >= bucket_numel or i == len(items) - 1:
             with deepspeed.zero.GatheredParameters([q for _, q in bucket]):
                 if is_main:
-                    gathered = {n: q.detach().float().cpu().clone() for n, q in bucket}
-                    if into is not None:
-                        into(gathered)
-                    else:
-                        out.update(gathered)
+                    sink({n: q.detach().float().cpu().clone() for n, q in bucket})
             bucket, size = [], 0
     if is_main:  # buffers are not partitioned
-        buffers = {k: v.detach().float().cpu().clone() for k, v in engine.module.named_buffers()}
-        if into is not None:
-            into(buffers)
-        else:
-            out.update(buffers)
+        sink({k: v.detach().float().cpu().clone() for k, v in engine.module.named_buffers()})
     dist.barrier()
     return out if is_main and into is None else None
 

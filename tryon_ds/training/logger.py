@@ -93,7 +93,8 @@ class RunLogger:
         rate = (step - s0) * samples_per_step / max(now - t0, 1e-9)
         self._last = (now, step)
         postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "samples/s": f"{rate:.1f}"}
-        scalars = {"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate, "memory/peak_gib": peak_memory_gib()}
+        scalars = {"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate,
+                   "memory/peak_gib": peak_memory_gib()}
         if grad_norm is not None:
             grad_norm = float(grad_norm)
             postfix["grad_norm"] = f"{grad_norm:.3f}"
