@@ -65,8 +65,8 @@ def test_portrait_cascade_end_to_end(portrait):
     ca = Image.open(test / "agnostic-v3.2" / "00009_00.jpg")
     garment = Image.open(test / "cloth" / "00010_00.jpg")
     pose = read_keypoints(test / "openpose_json" / "00009_00_keypoints.json", ca.size).points
-    conds, (scale, pad, _) = pipe.prepare(ca, garment, pose, None)
-    assert pad == (0, 0) and scale == 0.5  # 192x256 into 96x128: no letterbox
+    conds, box = pipe.prepare(ca, garment, pose, None)
+    assert box == (0, 0, 96, 128)  # 192x256 for 96x128: no padding, the whole output is the photo
     assert {n: tuple(c["ca"].shape[-2:]) for n, c in conds.items() if "ca" in c} == {1: (32, 24), 2: (64, 48),
                                                                                      3: (128, 96)}
     image = pipe(ca, garment, pose, steps=(2,), sampler="ddim")

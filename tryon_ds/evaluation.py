@@ -245,7 +245,7 @@ class ReferenceSet:
     images are brought to it, and the network file's SHA-256: a later evaluation of the same test set, of any
     subset or bundle, reads it. Each rank computes its share of the shards; rank 0 merges and writes."""
 
-    VERSION = 1  # what a cached file holds and how it was made; bump when that changes
+    VERSION = 2  # what a cached file holds and how it was made; bump when that changes (2: JPEGs decoded whole)
 
     def __init__(self, features: dict[str, np.ndarray], categories: list[str]):
         self.features, self.categories = features, categories

@@ -4,9 +4,9 @@
     pipe = TryOnPipeline.from_pretrained("bundle/")                 # EMA weights, fp32, CPU
     image = pipe(ca_image, garment_image, person_pose, garment_pose, seed=0)   # PIL in, PIL out
 
-Inputs are prepared by the functions that prepare training data (tryon_ds/data/preprocess.py): letterboxed
-to the last UNet's size, keypoints normalised to the letterboxed image, then resized to each UNet's size;
-the result is cropped back to the ca image's aspect ratio.
+Inputs are prepared by the functions that prepare training data (tryon_ds/data/preprocess.py): padded to the
+cascade's aspect at their own resolution, keypoints normalised to the padded image, then resized to each
+UNet's size by the function training resizes with; the result is cropped back to the ca image's aspect ratio.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from .bundle import read_unet
 from .cascade import CascadeUNet
 from .config import Config
 from .data.pipeline import EVERYTHING, ValDataset, collate, resolve_shards
-from .data.preprocess import letterbox, normalise_pose, pose_tensors, to_device, to_image, unet_inputs
+from .data.preprocess import normalise_pose, pad_to_aspect, pose_tensors, to_device, to_image, unet_inputs
 from .data.sources import read_image, read_pose
 from .errors import UserError
 from .model import LOWRES
@@ -76,7 +76,7 @@ class TryOnPipeline:
 
     @property
     def last(self) -> int:
-        return max(self.unets)
+        return max(self.configs)
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -91,19 +91,25 @@ class TryOnPipeline:
         raise UserError(f"--steps takes one number, or one per UNet of the bundle ({len(self.unets)}); got {len(steps)}")
 
     def prepare(self, ca: Image.Image, garment: Image.Image, person_pose: np.ndarray,
-                garment_pose: np.ndarray | None) -> tuple[dict[int, dict], tuple]:
-        """Each UNet's conditioning (a batch of one), and how to crop the result back to the ca image. Poses
-        are (K, 3) pixel (x, y, confidence) of their own image; ``garment_pose`` None for a flat garment."""
+                garment_pose: np.ndarray | None) -> tuple[dict[int, dict], tuple[int, int, int, int]]:
+        """Each UNet's conditioning (a batch of one), and the box (left, top, right, bottom) of the output that
+        holds the ca image. Poses are (K, 3) pixel (x, y, confidence) of their own image; ``garment_pose`` None
+        for a flat garment. A picture of the shards' size and aspect is prepared exactly as the training stream
+        prepares the shards' own."""
         size = self.output_size
         k = self.configs[self.last].num_keypoints
-        ca_l, scale, pad = letterbox(ca.convert("RGB"), size)
-        g_l, g_scale, g_pad = letterbox(garment.convert("RGB"), size)
-        sample = {"ca": ca_l, "garment": g_l}
-        for name, pose, s, p in (("person_pose", person_pose, scale, pad), ("garment_pose", garment_pose, g_scale, g_pad)):
-            sample[name], sample[f"{name}_valid"] = pose_tensors(normalise_pose(pose, s, p, size, k))
+        ca_padded, pad = pad_to_aspect(ca.convert("RGB"), size)
+        garment_padded, garment_pad = pad_to_aspect(garment.convert("RGB"), size)
+        sample = {"ca": ca_padded, "garment": garment_padded}
+        for name, pose, image, offset in (("person_pose", person_pose, ca_padded, pad),
+                                          ("garment_pose", garment_pose, garment_padded, garment_pad)):
+            sample[name], sample[f"{name}_valid"] = pose_tensors(
+                normalise_pose(pose, 1.0, offset, (image.height, image.width), k))
         conds = {n: {key: value[None] for key, value in unet_inputs(sample, config, n).items()}
                  for n, config in self.configs.items()}
-        return conds, (scale, pad, ca.size)
+        sx, sy = size[1] / ca_padded.width, size[0] / ca_padded.height
+        return conds, (round(pad[0] * sx), round(pad[1] * sy), round((pad[0] + ca.width) * sx),
+                       round((pad[1] + ca.height) * sy))
 
     def shard_batches(self, shards: str, batch_size: int, limit: int | None = None,
                       select: Callable[[dict], bool] | None = None, rank: int = 0,
@@ -120,9 +126,9 @@ class TryOnPipeline:
         if limit is not None:
             select = _First(limit)
         samples = iter(ValDataset(urls, self.configs[self.last].num_keypoints, EVERYTHING, prepare, rank, world_size,
-                                  size=self.output_size, select=select, data=self.configs[self.last].data))
+                                  select=select, data=self.configs[self.last].data))
         while batch := list(itertools.islice(samples, batch_size)):
-            yield {number: collate([s[number] for s in batch]) for number in self.unets}
+            yield {number: collate([s[number] for s in batch]) for number in self.configs}
 
     def generators(self, keys: list[str], seed: int) -> list[torch.Generator]:
         """One generator per sample, seeded by its key: its noise does not depend on its batch or rank."""
@@ -167,6 +173,5 @@ class TryOnPipeline:
                                      name(garment_pose, "garment_pose"))
         if problems:
             raise UserError("bad input:\n  " + "\n  ".join(problems))
-        conds, (scale, pad, (w, h)) = self.prepare(ca, garment, person_pose, garment_pose)
-        result = to_image(self.generate(conds, **kwargs)[self.last][0])
-        return result.crop((pad[0], pad[1], pad[0] + round(w * scale), pad[1] + round(h * scale)))
+        conds, box = self.prepare(ca, garment, person_pose, garment_pose)
+        return to_image(self.generate(conds, **kwargs)[self.last][0]).crop(box)

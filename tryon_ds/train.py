@@ -177,6 +177,7 @@ def validate(run: Run, step: int, fallback: dict, stop: lifecycle.StopRequest) -
         index += 1
     shutdown_workers(batches)
     dist.all_reduce(total)
+    ds_engine.release_parameters(engine)  # what ZeRO-3 prefetched for a backward that never comes
     engine.train()
     if stop.requested:
         run.log.message(f"step {step}: validation cut short by the stop request")
@@ -303,19 +304,25 @@ def train(args: argparse.Namespace, config: Config, world: distributed.World, st
                 if trouble := store_trouble(loader.skipped()):  # rank 0's loader: retries, shards given up on
                     log.scalars(step, trouble)
                 log_losses = []
-            if "validate" in due:
-                watchdog.kick()
-                validate(run, step, stand_in, stop)
-            # A signal that came during validation (which it cut short) is agreed on now, not a window later.
-            stopping = stopping or stop.agreed(world.device)
-            if "preview" in due and not stopping:
-                watchdog.kick()
-                preview(run, step)
+            # The checkpoint first: what comes after it at this step (validation, a preview) can fail for
+            # reasons of its own, and must not cost the step's weights.
             if "checkpoint" in due or stopping:
                 watchdog.kick()
                 save(run, step)
                 last_saved = step
+            if "validate" in due:
+                watchdog.kick()
+                validate(run, step, stand_in, stop)
+                # A signal that came during validation (which it cut short) is agreed on now, not a window later.
+                stopping = stopping or stop.agreed(world.device)
+            if "preview" in due and not stopping:
+                watchdog.kick()
+                preview(run, step)
             if stopping:
+                if last_saved != step:
+                    watchdog.kick()
+                    save(run, step)
+                    last_saved = step
                 log.message(f"stop requested: saved at step {step}, exiting")
                 break
 

@@ -17,6 +17,8 @@ first, the last, the first after the resume), each save, the load, the consolida
     python tools/bench/real_size.py --preset base --sub-group 1e8 --checkpointing --set use_ema=false  # 24 GiB
     python tools/bench/real_size.py --preset sr --sub-group 1e8 --checkpointing --set use_ema=false --set sample_freq=0
     python tools/bench/real_size.py --preset sr --precision bf16                                      # a GPU
+    python tools/bench/real_size.py --preset base --sub-group 1e8 --checkpointing --set use_ema=false \
+        --zero stage3_max_live_parameters=1e8 --zero stage3_max_reuse_distance=1e8  # #43's configuration
 """
 import sys
 from pathlib import Path
@@ -106,6 +108,8 @@ def main() -> None:
     p.add_argument("--bucket", type=float, default=2e7, help="reduce and prefetch bucket sizes (elements)")
     p.add_argument("--sub-group", type=float,
                    help="ZeRO-3's sub_group_size: elements stepped at a time (DeepSpeed: 1e9)")
+    p.add_argument("--zero", action="append", default=[], metavar="KEY=VALUE",
+                   help="another zero_optimization setting, e.g. stage3_max_live_parameters=1e8")
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--offload", action="store_true",
                    help="the optimizer offloaded to the CPU (DeepSpeed's CPU Adam, in place: no step temporaries)")
@@ -144,6 +148,12 @@ def main() -> None:
                                    overlap_comm=False)
     if args.sub_group:
         ds["zero_optimization"]["sub_group_size"] = int(args.sub_group)
+    for item in args.zero:
+        key, _, value = item.partition("=")
+        try:
+            ds["zero_optimization"][key] = int(float(value))  # 1e8, which YAML reads as a string
+        except ValueError:
+            ds["zero_optimization"][key] = yaml.safe_load(value)
     if args.offload:  # DeepSpeed takes its CPU Adam only where torch's AdamW is not asked for
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
         ds["optimizer"]["params"].pop("torch_adam", None)

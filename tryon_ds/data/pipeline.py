@@ -19,9 +19,10 @@ shards, else by sample index.
 
 A sample is decoded only as far as the UNet reads it: its target and the inputs the UNet is conditioned on
 (its conditioning's ``sample_inputs``); UNet 3, conditioned on the low-res image alone, which is derived from the target,
-decodes only the person image. A JPEG larger than the UNet needs is decoded at a reduced scale (libjpeg's DCT
-scaling by 1/2, 1/4 or 1/8 to the smallest size still at least the UNet's, then resized as before): UNet 1 reads
-shards written at 1024 px for UNet 3 about 13x faster per image, at a mean 0.5/255 from the full decode.
+decodes only the person image. Every image is decoded whole, as evaluation and inference decode it, and
+resized by the one function they resize with (``preprocess.unet_inputs``): a UNet trains on the pixels it is
+later given, to the bit (tests/test_same_pixels.py). A JPEG decoded at a reduced DCT scale (libjpeg's 1/2, 1/4,
+1/8) is a box-filtered picture, up to 45 grey levels from the antialiased resize of the whole one.
 
 Images travel from the decoder through the loader workers to the trainer as uint8 and become [-1, 1] floats
 on the device (``preprocess.to_device``).
@@ -99,12 +100,10 @@ def shard_urls(config: Config, split: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- one sample
-def _image(raw: dict, name: str, size: tuple[int, int] | None = None) -> Image.Image:
-    """A member decoded (a corrupt one fails here), a JPEG at the smallest DCT scale still >= ``size`` (H, W)."""
+def _image(raw: dict, name: str) -> Image.Image:
+    """A member decoded whole (a corrupt one fails here)."""
     try:
         with Image.open(io.BytesIO(raw[name])) as img:
-            if size is not None and img.format == "JPEG":
-                img.draft("RGB", (size[1], size[0]))
             return img.convert("L" if name == "mask.png" else "RGB")
     except Exception as err:
         raise BadSample(f"unreadable {name} ({type(err).__name__})") from None
@@ -122,12 +121,10 @@ def _pose(raw: dict, name: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return pose_tensors(a)
 
 
-def decode(raw: dict, num_keypoints: int, inputs: tuple[str, ...] = EVERYTHING,
-           size: tuple[int, int] | None = None) -> dict:
+def decode(raw: dict, num_keypoints: int, inputs: tuple[str, ...] = EVERYTHING) -> dict:
     """The target and ``inputs`` of a raw shard sample (PIL images, pose tensors); nothing else is decoded.
     ``mask`` among the inputs is read where the shard has one; ``source`` gives the release's (person, garment)
-    file names from the sample's json. ``size``: what the images will be resized to,
-    if the consumer needs no more (a JPEG is then decoded at a reduced scale)."""
+    file names from the sample's json."""
     wanted = ["person", *(name for name in inputs if name in MEMBERS)]
     member = {name: next((m for m in MEMBERS[name] if m in raw), None) for name in wanted}
     missing = [MEMBERS[name][0] for name in wanted if member[name] is None]
@@ -138,7 +135,7 @@ def decode(raw: dict, num_keypoints: int, inputs: tuple[str, ...] = EVERYTHING,
         if name.endswith("_pose"):
             sample[name], sample[f"{name}_valid"] = _pose(raw, member[name], num_keypoints)
         else:
-            sample[name] = _image(raw, member[name], size)
+            sample[name] = _image(raw, member[name])
     if len({sample[name].size for name in wanted if not name.endswith("_pose")}) > 1:
         raise BadSample("images of different sizes")
     if "mask" in inputs and "mask.png" in raw:
@@ -227,8 +224,6 @@ class TrainStream(IterableDataset):
         self.first_local = start_step * accumulation  # this rank's micro-batches already consumed
         self.workers = max(1, config.data.num_workers)
         self.streams = config.data.streams or world_size * self.workers
-        # A UNet trained on crops cuts them from the whole-resolution image: no reduced decode for it.
-        self.decode_size = None if config.crop_size(unet_number) else config.image_size(unet_number)
 
     def _samples(self, stream: int, segment: int, counter: SkipCounter):
         seed = seed_for(self.config.data.seed, stream, segment)
@@ -242,8 +237,7 @@ class TrainStream(IterableDataset):
         position = 0
         for raw in pipeline:
             try:
-                sample = decode(raw, self.config.num_keypoints, self.config.conditioning(self.unet_number).sample_inputs,
-                                self.decode_size)
+                sample = decode(raw, self.config.num_keypoints, self.config.conditioning(self.unet_number).sample_inputs)
             except BadSample as err:
                 counter.bad_sample(raw.get("__key__", "?"), str(err))
                 continue
@@ -333,12 +327,12 @@ class ValDataset(IterableDataset):
     inputs; inference: every UNet's at once, from one decode)."""
 
     def __init__(self, urls: list[str], num_keypoints: int, inputs: tuple[str, ...], prepare: Callable[[dict], dict],
-                 rank: int = 0, world_size: int = 1, size: tuple[int, int] | None = None,
-                 select: Callable[[dict], bool] | None = None, data: DataConfig | None = None):
+                 rank: int = 0, world_size: int = 1, select: Callable[[dict], bool] | None = None,
+                 data: DataConfig | None = None):
         super().__init__()
         self.data = data or DataConfig()  # how remote shards are read
         self.urls, self.num_keypoints, self.inputs, self.prepare = urls, num_keypoints, inputs, prepare
-        self.size, self.select = size, select
+        self.select = select
         self.rank, self.world_size = rank, world_size
         self.counter = SkipCounter(len(urls))
 
@@ -356,7 +350,7 @@ class ValDataset(IterableDataset):
             if not by_shard and index % consumers != me:
                 continue
             try:
-                sample = decode(raw, self.num_keypoints, self.inputs, self.size)
+                sample = decode(raw, self.num_keypoints, self.inputs)
             except BadSample as err:
                 self.counter.bad_sample(raw.get("__key__", "?"), str(err))
                 continue
@@ -384,6 +378,6 @@ class Data:
         rank, world_size = (0, 1) if whole else (self.rank, self.world_size)
         dataset = ValDataset(self.val_urls, config.num_keypoints, config.conditioning(n).sample_inputs,
                              functools.partial(unet_inputs, config=config, unet_number=n), rank, world_size,
-                             config.image_size(n), data=config.data)
+                             data=config.data)
         return DataLoader(dataset, batch_size=batch_size, num_workers=config.data.num_workers, collate_fn=collate,
                           worker_init_fn=_worker_init, pin_memory=torch.cuda.is_available())

@@ -1,12 +1,14 @@
 """How a picture becomes the UNets' input and back, in one place, so that shard writing, the training
-pipeline and inference prepare it the same way:
+pipeline, evaluation and inference prepare it the same way:
 
 1. ``letterbox`` to the shard size (aspect kept, white padding) and ``normalise_pose`` to that image:
-   tools/make_shards.py stores this; inference does the same to its inputs at the last UNet's size;
-2. ``unet_inputs``: the PIL images as uint8 tensors (``pixels``), resized to one UNet's size (augmented
-   there when training); a super-resolution UNet also gets ``lowres``, the target at the previous UNet's
-   size. A UNet trained on crops takes, in training, a random crop of its target, cut from the PIL image
-   before anything becomes a tensor (``crop_inputs``).
+   tools/make_shards.py stores this. Inference pads its inputs to the cascade's aspect at their own
+   resolution (``pad_to_aspect``): nothing is resampled before step 2, as nothing is after a shard is read;
+2. ``unet_inputs``: the whole decoded PIL images as uint8 tensors (``pixels``), resized to one UNet's size
+   by ``resize`` (augmented there when training); a super-resolution UNet also gets ``lowres``, the target
+   at the previous UNet's size. A UNet trained on crops takes, in training, a random crop of that target
+   (``crop_inputs``). With augmentation off, training, evaluation and inference therefore give a UNet the
+   same pixels from the same picture, to the bit (tests/test_same_pixels.py).
 3. ``to_device``: a batch on the device, its images [-1, 1] floats there. Images stay uint8 from the decoder
    to the device (a quarter of the bytes of float32 between loader workers and the trainer, pinned for the
    copy to a GPU), so a target is the shard's own pixels wherever no resize or augmentation touched it.
@@ -36,6 +38,19 @@ def letterbox(img: Image.Image, size: tuple[int, int], fill=PAD_COLOUR, resample
     pad = ((w - nw) // 2, (h - nh) // 2)
     out.paste(img.resize((nw, nh), resample) if (nw, nh) != img.size else img, pad)
     return out, scale, pad
+
+
+def pad_to_aspect(img: Image.Image, size: tuple[int, int], fill=PAD_COLOUR) -> tuple[Image.Image, tuple[int, int]]:
+    """``img`` padded (centred) to the aspect of ``size`` (H, W) at its own resolution, nothing resampled.
+    Returns the image and the (x, y) offset of the original in it."""
+    h, w = size
+    width, height = max(img.width, round(img.height * w / h)), max(img.height, round(img.width * h / w))
+    if (width, height) == img.size:
+        return img, (0, 0)
+    out = Image.new(img.mode, (width, height), fill)
+    pad = ((width - img.width) // 2, (height - img.height) // 2)
+    out.paste(img, pad)
+    return out, pad
 
 
 def normalise_pose(pose: np.ndarray | None, scale: float, pad, size: tuple[int, int], k: int) -> np.ndarray:
@@ -121,21 +136,18 @@ def crop_inputs(sample: dict, config, unet_number: int, rng: random.Random) -> d
     """Training inputs of a super-resolution UNet trained on crops (its ``crop_size``; Imagen's 1024 px
     model: 256 px crops): a random crop of the target at the UNet's size, the whole low-res image (the target
     at the previous UNet's size), and the crop's place (``crop``: top, left), where the UNet cuts the same
-    crop from its upsampled low-res input. Only the target is read; it is flipped (``data.hflip_prob``) and
-    cropped as a PIL image, so only the crop and the small low-res image become tensors. The low-res image is
-    PIL's antialiased bilinear reduction, which the tensor path's ``resize`` matches (tests/test_pipeline.py)."""
-    h, w = config.image_size(unet_number)
-    person = sample["person"]
-    if person.size != (w, h):
-        person = person.resize((w, h), Image.BICUBIC)
+    crop from its upsampled low-res input. Only the target is read. The target and the low-res image are
+    those ``unet_inputs`` makes for evaluation (flipped where ``data.hflip_prob`` says): the crop is cut from
+    them, never resized on its own."""
+    whole = unet_inputs({"person": sample["person"]}, config, unet_number)
     if rng.random() < config.data.hflip_prob:
-        person = person.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    low_h, low_w = config.image_size(unet_number - 1)
+        whole = {k: v.flip(-1) for k, v in whole.items()}
+    h, w = config.image_size(unet_number)
     crop_h, crop_w = config.crop_size(unet_number)
     top, left = rng.randint(0, h - crop_h), rng.randint(0, w - crop_w)
     out = {k: v for k, v in sample.items() if k not in IMAGES and k != "mask"}
-    out["person"] = pixels(person.crop((left, top, left + crop_w, top + crop_h)))
-    out[LOWRES] = pixels(person.resize((low_w, low_h), Image.BILINEAR))
+    out["person"] = whole["person"][:, top:top + crop_h, left:left + crop_w].contiguous()
+    out[LOWRES] = whole[LOWRES]
     out["crop"] = torch.tensor([top, left])
     return out
 

@@ -9,7 +9,12 @@ deepspeed launcher, tools/consolidate_checkpoint.py, tools/infer.py, tools/evalu
 printed before it runs.
 
     python tools/demo.py                # about 14 minutes on 2 CPU cores
+    python tools/demo.py --seed 3       # the same data set, another run: weights, data order, every draw
     python tools/demo.py --quick        # a few steps of everything, for a smoke test
+
+One run's figure depends on its trajectory: BENCHMARKS.md has the mean and spread over seeds, which a claim
+that a change is "within the spread" cites. Each UNet's learning rate decays (cosine, after the warm-up) to
+its floor at that UNet's last step, so every run ends annealed rather than mid-flight.
 """
 from __future__ import annotations
 
@@ -60,6 +65,9 @@ def main(argv=None) -> None:
     p.add_argument("--eval_pairs", type=int, default=32)
     p.add_argument("--sr_alone_pairs", type=int, default=16,
                    help="pairs for each super-resolution UNet alone vs bilinear upsampling")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the seed of the whole run (initial weights, data order and augmentation, the training "
+                        "draws, the sampling noise); the synthetic data set stays the same")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--val_fraction", type=float, default=0.03)
     p.add_argument("--quick", action="store_true", help="a few steps of everything (the test suite's version)")
@@ -80,19 +88,22 @@ def main(argv=None) -> None:
     common = ["--deepspeed_config", "ds_configs/cpu_zero2.json", "--config", "configs/tiny.yaml",
               "--set", f"data_dir={shards}", "--set", f"checkpoint_dir={out / 'checkpoints'}",
               "--set", f"output_dir={out / 'outputs'}", "--set", f"log_dir={out / 'logs'}",
-              "--set", "validation_freq=100000", "--set", "checkpoint_freq=100000", "--set", "sample_freq=100000"]
+              "--set", "validation_freq=100000", "--set", "checkpoint_freq=100000", "--set", "sample_freq=100000",
+              "--set", f"seed={args.seed}", "--set", f"data.seed={args.seed}"]
     if args.quick:
         common += ["--set", "diffusion.sample_steps=[4,4,4]", "--set", "data.num_workers=0"]
     launcher = [py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks)]
     unets = ((1, args.base_steps, args.base_batch), (2, args.sr_steps, args.sr_batch), (3, args.sr3_steps, args.sr3_batch))
     for unet, steps, batch in unets:
         _run(launcher + ["--master_port", str(free_port()), "tryon_ds/train.py", *common, "--train_unet",
-                         str(unet), "--max_steps", str(steps), "--batch_size", str(batch)])
+                         str(unet), "--max_steps", str(steps), "--batch_size", str(batch),
+                         "--set", f"cosine_decay_max_steps={steps}"])
     bundle = out / "bundle"
     for unet, _, _ in unets:
         _run([py, "tools/consolidate_checkpoint.py", str(out / "checkpoints" / f"unet{unet}"), "--out", str(bundle)])
     val = str(shards / "val-*.tar")
-    sampling = ["--guidance", str(args.guidance)] + (["--steps", "4", "3", "3"] if args.quick else [])
+    sampling = (["--guidance", str(args.guidance), "--seed", str(args.seed)]
+                + (["--steps", "4", "3", "3"] if args.quick else []))
     _run([py, "tools/infer.py", "--checkpoint", str(bundle), "--shards", val, "--max-samples", "8",
           "--output_dir", str(out / "results"), *sampling])
     table = out / "quality.json"
@@ -102,7 +113,7 @@ def main(argv=None) -> None:
           "--eval-size", "64x64", "--sr-alone", str(args.sr_alone_pairs), "--json", str(table), *sampling])
 
     quality = json.loads(table.read_text())
-    print(f"\nDone in {(time.perf_counter() - start) / 60:.1f} min (torch {torch.__version__}).")
+    print(f"\nDone in {(time.perf_counter() - start) / 60:.1f} min (seed {args.seed}, torch {torch.__version__}).")
     print(f"  try-on grid (ca | garment | try-on result | target): {out / 'results' / 'grid.png'}")
     print(f"  cascade bundle: {bundle}")
     print(f"  training samples and logs: {out / 'outputs' / 'samples'}, {out / 'logs'} (tensorboard --logdir)")

@@ -153,7 +153,7 @@ def results(folder: ResultsFolder, shards: str, quota: Quota, batch_size: int, d
     quota's samples that have a result; the keys of those that have none go to ``missing``."""
     size = tuple(folder.size)
     samples = iter(ValDataset(resolve_shards(shards, "test"), NO_POSES, ("ca", "garment", "mask", "source"),
-                              lambda sample: at_size(sample, size), world.rank, world.size, size, quota, data))
+                              lambda sample: at_size(sample, size), world.rank, world.size, quota, data))
     while chunk := [s for _, s in zip(range(batch_size), samples)]:
         found = [(s, folder.find(s["key"], s["source"])) for s in chunk]
         missing += [s["key"] for s, path in found if path is None]
@@ -190,7 +190,7 @@ def reference_set(shards: str, sizes: list[tuple[int, int]], base: tuple[int, in
         return reference
     part = {}
     persons = iter(ValDataset(urls, NO_POSES, (), lambda s: (s["category"], resize(pixels(s["person"]), base)),
-                              world.rank, world.size, base, data=data))
+                              world.rank, world.size, data=data))
     while chunk := [p for _, p in zip(range(batch_size), persons)]:
         images = torch.stack([image for _, image in chunk])
         features = {name: metrics_.inception(metrics_resize(images, size)).numpy() for name, size in zip(names, sizes)}

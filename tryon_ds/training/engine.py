@@ -173,6 +173,18 @@ def grad_norm_ok(engine) -> torch.Tensor | bool:
     return math.isfinite(norm)
 
 
+def release_parameters(engine) -> None:
+    """Every ZeRO-3 parameter back to its partition, none gathered or in flight (DeepSpeed's public
+    ``empty_partition_cache``; nothing to do under ZeRO-0/1/2). A forward outside a training step (validation,
+    an evaluation) leaves the parameters ZeRO-3's prefetcher fetched for the next module in flight, as no
+    backward comes to release them: holding memory, and meeting a later ``GatheredParameters`` (a preview's
+    or a bundle's gather) with DeepSpeed's "Cannot partition a param in flight" on one rank while the other
+    copies empty tensors. Where the prefetch bucket is small against the model (a real-size run's settings)
+    that is the first preview after a validation."""
+    if engine.zero_optimization_stage() == 3:
+        engine.empty_partition_cache()
+
+
 @torch.no_grad()
 def raw_state_dict(engine, is_main: bool, bucket_numel: int = 1 << 26, into: Callable[[dict], None] | None = None
                    ) -> dict | None:
@@ -181,6 +193,7 @@ def raw_state_dict(engine, is_main: bool, bucket_numel: int = 1 << 26, into: Cal
     ``into``, rank 0 hands each bucket's part of the dict to it as it comes and keeps nothing (returns None)."""
     import deepspeed
 
+    release_parameters(engine)
     out: dict = {}
     sink = into if into is not None else out.update
     params = dict(engine.module.named_parameters())
