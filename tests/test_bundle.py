@@ -255,7 +255,7 @@ def test_a_killed_evaluation_resumes_from_its_saved_try_ons(trained, dresscode_t
     # Named as LaDI-VTON names its results (PERSON_GARMENT, the release's file names), in sub-folders, one
     # of them missing: the same numbers for the rest, and the missing one named.
     import webdataset as wds
-    from tryon_ds.tools.infer import safe_name
+    from tryon_ds.inference import safe_name
     ladi = tmp_path / "ladi"
     tests = list(wds.WebDataset(sorted(str(p) for p in dresscode_test.parent.glob(dresscode_test.name)),
                                 shardshuffle=False))

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from hypothesis import given, strategies as st
 
 from tryon_ds.config import deep_merge, parse_override, build_config, read_config_file
 from tryon_ds.errors import ConfigError
@@ -166,3 +167,14 @@ def test_a_config_written_by_the_previous_release_loads():
     assert [u.cond_noise for u in cfg.unets] == [{"ca": 0.0, "garment": 0.0}, {"ca": 0.0, "garment": 0.0, "lowres": 0.0},
                                                  {"lowres": 0.0}]
     assert cfg.diffusion.cond_noise.train_max == 0.1
+
+
+@given(st.integers(8, 4096), st.integers(8, 4096))
+def test_one_size_grammar_on_every_command_line(h, w):
+    """--image-size, --eval-size and the benchmarks' sizes read alike: HxW, or one number for a square."""
+    import argparse
+    from tryon_ds.cli import parse_size
+    assert parse_size(f"{h}x{w}") == (h, w) and parse_size(str(h)) == (h, h)
+    for bad in (f"{h}x", f"x{w}", f"{h}*{w}", f"{h}x{w}x3", "7x64", "64x7", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected SIZE or HxW"):
+            parse_size(bad)

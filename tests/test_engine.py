@@ -122,7 +122,7 @@ def test_plan_memory_cli_says_whether_it_fits_and_what_to_change():
 def test_the_planner_counts_what_rank_0_builds_between_steps():
     """A preview model in the run's dtype where the run previews; on a CPU rank, the whole fp32 EMA gathered
     for a checkpoint where that is more (on a GPU node it is host memory)."""
-    from tryon_ds.tools.plan_memory import PREVIEW, plan
+    from tryon_ds.planner import PREVIEW, plan
     config = build_config({"base_image_size": [128, 128], "unet1": {"preset": "tiny"}})
     quiet = dataclasses.replace(config, sample_freq=0)
     n = parameter_count(CascadeUNet(config, 1))
@@ -136,7 +136,7 @@ def test_the_planner_counts_what_rank_0_builds_between_steps():
 
 
 def test_the_planner_counts_an_ema_only_when_the_run_keeps_one():
-    from tryon_ds.tools.plan_memory import GIB, plan
+    from tryon_ds.planner import GIB, plan
     config = build_config({"base_image_size": [128, 128], "unet1": {"preset": "tiny"}})
     ds = {"zero_optimization": {"stage": 3}}
     kept = plan(config, 1, 1, 3, "fp32", 2, False, ds, activation_bytes=0.0)
@@ -149,7 +149,7 @@ def test_the_planner_counts_an_ema_only_when_the_run_keeps_one():
 def test_the_optimizer_steps_temporaries_follow_the_optimizer_and_never_add_to_the_activations():
     """ZeRO's fp32 gradient copy, and torch's single-tensor AdamW's two temporaries where it is not fused (the
     CPU configs): three partition-sized copies measured on real ZeRO-2 and ZeRO-3 engines (BENCHMARKS.md)."""
-    from tryon_ds.tools.plan_memory import PREVIEW, STEP, peak, step_transient
+    from tryon_ds.planner import PREVIEW, STEP, peak, step_transient
     n = 10 ** 6
     configs = {name: json.loads((ROOT / "ds_configs" / f"{name}.json").read_text())
                for name in ("cpu_zero3", "zero3_bf16", "zero3_bf16_offload", "cpu_zero0")}
@@ -171,7 +171,7 @@ def test_the_optimizer_steps_temporaries_follow_the_optimizer_and_never_add_to_t
 def test_an_offloaded_optimizer_is_planned_in_host_memory_and_counted_on_a_cpu_rank():
     """DeepSpeed's CPU Adam keeps the fp32 master, the moments and an fp32 gradient partition on the host
     (stage 3's sub-group gradient buffers), and steps in place; on a CPU rank those bytes are the rank's own."""
-    from tryon_ds.tools.plan_memory import STEP, plan, plan_host
+    from tryon_ds.planner import STEP, plan, plan_host
     config = build_config({"base_image_size": [64, 64], "unet1": {"preset": "tiny"}, "use_ema": False})
     offload = json.loads((ROOT / "ds_configs" / "zero3_bf16_offload.json").read_text())
     n = 4 * parameter_count(CascadeUNet(config, 1)) / 2  # fp32 bytes of one rank's half
@@ -202,7 +202,7 @@ def test_plan_memory_cli_on_cpu_ranks_counts_the_offload_and_offers_sub_groups()
 
 
 def test_checkpointing_shrinks_planned_activations():
-    from tryon_ds.tools.plan_memory import activations
+    from tryon_ds.planner import activations
     config = build_config({"base_image_size": [128, 128], "unet1": {"preset": "base"}})
     plain, ckpt = (activations(config, 1, 4, "bf16", c) for c in (False, True))
     assert 0 < ckpt < plain / 3
@@ -221,6 +221,7 @@ def test_diffusion_tables_follow_the_batch_device():
 
 
 @pytest.mark.slow
+@pytest.mark.network  # the wheels a GPU node lacks come from the package index
 def test_gpu_check_dry_run_sets_up_and_runs_its_plumbing(tmp_path):
     """tools/gpu_check.sh --dry-run on CPU: the wheels a GPU node lacks are fetched (from the package
     registry) and fit Python 3.12; the matrix (a compiled UNet under ZeRO-3 among it), the trainer and the

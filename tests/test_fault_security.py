@@ -11,7 +11,7 @@ from conftest import ROOT
 def test_shard_keys_and_manifest_names_never_escape_the_output_folder(tmp_path):
     from tryon_ds.errors import UserError
     from tryon_ds.data.shards import FORMAT_VERSION, ShardOptions, write_shards
-    from tryon_ds.tools.infer import safe_name
+    from tryon_ds.inference import safe_name
     assert safe_name("../../etc/passwd") == "_.._etc_passwd" and "/" not in safe_name("a/b\\c")
     out = tmp_path / "shards"
     out.mkdir()

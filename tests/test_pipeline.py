@@ -3,6 +3,7 @@ import io
 import random
 
 import pytest
+from hypothesis import given, strategies as st
 import torch
 
 from conftest import make_synthetic_shards, run_tool
@@ -237,3 +238,24 @@ def test_the_crops_low_res_image_is_the_tensor_paths_resize_of_the_target(shards
     assert torch.equal(out["lowres"], expected)
     top, left = out["crop"].tolist()
     assert torch.equal(out["person"], pixels(person)[:, top:top + 32, left:left + 32])
+
+
+@given(st.lists(st.sampled_from(["paired", "unpaired", "bad"]), max_size=30),
+       st.one_of(st.none(), st.integers(0, 10)), st.one_of(st.none(), st.integers(0, 10)),
+       st.one_of(st.none(), st.integers(0, 20)))
+def test_a_quota_takes_the_first_samples_of_each_kind_up_to_its_total(kinds, paired, unpaired, total):
+    """What evaluate.py (--max-samples/--max-unpaired) and infer.py (--max-samples) take from the shards: the
+    first ``paired`` paired and ``unpaired`` unpaired samples, and no more than ``total`` in all, in order; a
+    sample whose json cannot be read is never taken (the decoder would skip it)."""
+    import json
+    from tryon_ds.data.pipeline import Quota
+    raws = [{"json": b"{" if kind == "bad" else json.dumps({"pair": kind}).encode()} for kind in kinds]
+    quota = Quota(paired, unpaired, total)
+    taken = [i for i, raw in enumerate(raws) if quota(raw)]
+    expected, seen = [], {"paired": 0, "unpaired": 0}
+    for i, kind in enumerate(kinds):
+        limit = {"paired": paired, "unpaired": unpaired}.get(kind, 0)
+        if kind != "bad" and (limit is None or seen[kind] < limit) and (total is None or len(expected) < total):
+            seen[kind] += 1
+            expected.append(i)
+    assert taken == expected

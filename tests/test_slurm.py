@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from slurm_cluster import ClusterUnavailable, cluster  # noqa: E402
 
 # Real multi-rank or multi-process runs: the full suite, not the fast tier (-m "not slow").
-pytestmark = pytest.mark.slow
+# slurm-wlm is installed from Debian's packages when missing, as root (tests/helpers/slurm_cluster.py).
+pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.network]
 
 STEPS = 20
 

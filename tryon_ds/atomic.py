@@ -1,11 +1,22 @@
 """Writing files so that a reader never sees half of one: write under a temporary name beside the target,
-then rename (``os.replace`` is atomic within a file system). A crash leaves the old file, or none."""
+then rename (``os.replace`` is atomic within a file system). A crash leaves the old file, or none. And a
+file's SHA-256 (``sha256_of``), which the writers of checkpoints and shards record so that a reader can tell a
+whole file from a damaged one."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def temp_path(path: Path) -> Path:

@@ -2,9 +2,11 @@
 traceback; run from a fresh clone without the dependencies installed, it says so in one line."""
 from __future__ import annotations
 
+import argparse
 import functools
 import importlib.util
 import os
+import re
 import sys
 
 from .errors import UserError
@@ -45,3 +47,12 @@ def exit_on_user_error(main):
                 sys.stderr.flush()
             sys.exit(2)
     return wrapper
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """An image size on the command line: ``HxW`` in pixels, or one number for a square (``256``)."""
+    m = re.fullmatch(r"(\d+)(?:x(\d+))?", text)
+    if not m or min(int(g) for g in m.groups() if g) < 8:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected SIZE or HxW in pixels (8 or more), e.g. 256 or 256x192")
+    h = int(m.group(1))
+    return h, int(m.group(2) or h)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -22,7 +23,7 @@ from PIL import Image
 from .bundle import read_unet
 from .cascade import CascadeUNet
 from .config import Config
-from .data.pipeline import EVERYTHING, ValDataset, collate, resolve_shards
+from .data.pipeline import EVERYTHING, Quota, ValDataset, collate, resolve_shards
 from .data.preprocess import normalise_pose, pad_to_aspect, pose_tensors, to_device, to_image, unet_inputs
 from .data.sources import read_image, read_pose
 from .errors import UserError
@@ -30,15 +31,10 @@ from .model import LOWRES
 from .seeding import seed_for
 
 
-class _First:
-    """Takes the first ``n`` samples."""
-
-    def __init__(self, n: int):
-        self.left = n
-
-    def __call__(self, raw: dict) -> bool:
-        self.left -= 1
-        return self.left >= 0
+def safe_name(key: str) -> str:
+    """A sample key from a shard as a file name that stays inside the output folder."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", key).lstrip(".")
+    return name or "sample"
 
 
 class TryOnPipeline:
@@ -124,7 +120,7 @@ class TryOnPipeline:
             return {n: unet_inputs(sample, config, n) for n, config in self.configs.items()}
 
         if limit is not None:
-            select = _First(limit)
+            select = Quota(total=limit)
         samples = iter(ValDataset(urls, self.configs[self.last].num_keypoints, EVERYTHING, prepare, rank, world_size,
                                   select=select, data=self.configs[self.last].data))
         while batch := list(itertools.islice(samples, batch_size)):

@@ -183,9 +183,16 @@ def ssim_map(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
 
 
-def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM of (N, 3, H, W) images in [0, 1], the border-cropped map's mean (float64)."""
-    return ssim_map(pred, target).mean(dim=(1, 2, 3))
+def ssim(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-image SSIM of (N, 3, H, W) images in [0, 1], the border-cropped map's mean (float64); with ``weight``
+    ((N, 1, H, W), 1 where a pixel counts: a region), the map's mean over those pixels, the weight cropped as
+    the map is."""
+    full = ssim_map(pred, target)
+    if weight is None:
+        return full.mean(dim=(1, 2, 3))
+    b = SSIM_BORDER
+    w = weight[..., b:-b, b:-b].expand_as(full).double()
+    return (full * w).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3)).clamp(min=1)
 
 
 # --------------------------------------------------------------------------- LPIPS (lpips v0.1)
@@ -300,11 +307,6 @@ def resize_to(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     out = [np.asarray(Image.fromarray(x.permute(1, 2, 0).cpu().numpy()).resize((size[1], size[0]), Image.LANCZOS))
            for x in images]
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
-
-
-def as_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] as the uint8 a saved PNG holds: every metric sees what a user would share."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,7 @@ from tryon_ds.data.shards import check_shard_size, read_manifest
 from tryon_ds.errors import UserError
 from tryon_ds.model import compiled_graphs, parameter_count
 from tryon_ds.seeding import seed_for
-from tryon_ds.training import checkpoint, distributed, engine as ds_engine, lifecycle
+from tryon_ds.training import checkpoint, compat, distributed, engine as ds_engine, lifecycle
 from tryon_ds.training.ds_config import build_ds_config, precision, zero_stage
 from tryon_ds.training.ema import EMA
 from tryon_ds.training.logger import NullLogger, RunLogger
@@ -236,7 +236,7 @@ def train(args: argparse.Namespace, config: Config, world: distributed.World, st
     log = RunLogger(config, steps, resume.step) if world.is_main else NullLogger()
     run = Run(config, world, engine, ema, log, root, zero, data,
               Previewer(config, data, world.device, precision(ds_config)) if world.is_main else None)
-    log.message(f"unet{unet}: {parameter_count(model) / 1e6:.2f}M parameters, ZeRO-{zero}, {precision(ds_config)}, "
+    log.message(f"unet{unet}: {parameter_count(model, compat.full_numel) / 1e6:.2f}M parameters, ZeRO-{zero}, {precision(ds_config)}, "
                 f"{world.size} rank(s) x micro-batch {config.batch_size} x accumulation {accum} = {global_batch} "
                 f"per step; steps {resume.step} -> {steps}; {resume.describe()}"
                 + (f" (loaded in {loaded_s:.1f} s)" if loaded_s is not None else ""))
@@ -270,7 +270,7 @@ def train(args: argparse.Namespace, config: Config, world: distributed.World, st
             except ds_engine.LossScaleExhausted:
                 save(run, step)
                 raise UserError(f"stopping at step {step + 1}: fp16 overflowed at DeepSpeed's minimum loss scale "
-                                f"({ds_engine.loss_scale(engine):g}); the weights of step {step} are saved in {root}. "
+                                f"({compat.loss_scale(engine):g}); the weights of step {step} are saved in {root}. "
                                 "Lower learning_rate, keep max_grad_norm > 0, train in bf16, or check the data") from None
             window.record(loss_sum / accum, applied)
             skipped_run = 0 if applied else skipped_run + 1
@@ -297,7 +297,7 @@ def train(args: argparse.Namespace, config: Config, world: distributed.World, st
             skipped_run = bad_run
             if "log" in due:
                 mean = sum(log_losses) / len(log_losses) if log_losses else math.nan
-                scale = ds_engine.loss_scale(engine) if engine.fp16_enabled() else None
+                scale = compat.loss_scale(engine) if engine.fp16_enabled() else None
                 log.step(step, mean, lr, engine.get_global_grad_norm(), scale, global_batch)
                 if model.compile_mode is not None:  # rank 0's count; growing in steady state means recompiles
                     log.scalars(step, {"compile/graphs": compiled_graphs()})

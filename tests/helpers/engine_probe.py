@@ -13,8 +13,8 @@ sys.path.insert(0, str(ROOT))
 from tryon_ds.config import build_config, deep_merge, read_config_file  # noqa: E402
 from tryon_ds.cascade import random_batch  # noqa: E402
 from tryon_ds.training.engine import state_bytes  # noqa: E402
-from tryon_ds.tools.plan_memory import model_states  # noqa: E402
-from tryon_ds.training import distributed, engine as ds_engine  # noqa: E402
+from tryon_ds.planner import model_states  # noqa: E402
+from tryon_ds.training import compat, distributed, engine as ds_engine  # noqa: E402
 from tryon_ds.training.ds_config import build_ds_config, precision, zero_stage  # noqa: E402
 
 CASES = [("cpu_zero0", "no"), ("cpu_zero0", "bf16"), ("cpu_zero2", "no"), ("cpu_zero2", "bf16"), ("cpu_zero3", "no"),
@@ -58,7 +58,7 @@ for name, mixed in CASES:
     streamed_ema, streamed_module, buckets = {}, {}, []
     ema.full_state_dict(bucket_numel=4096, into=lambda b: (streamed_ema.update(b), buckets.append(len(b))))
     ds_engine.raw_state_dict(engine, world.is_main, bucket_numel=4096, into=streamed_module.update)
-    scale = ds_engine.loss_scale(engine)
+    scale = compat.loss_scale(engine)
     states["ema"] = sum(s.numel() * s.element_size() for s in ema.shadow)
     planned = model_states(sum(v.numel() for v in engine.module.state_dict().values()) if zero_stage(ds) < 3
                            else sum(p.ds_numel for p in engine.module.parameters()), zero_stage(ds), precision(ds),
@@ -103,8 +103,8 @@ for step in range(6):
     except ds_engine.LossScaleExhausted as err:
         outcome = f"LossScaleExhausted at step {step}: {err}"
         break
-    scales.append(ds_engine.loss_scale(engine))
+    scales.append(compat.loss_scale(engine))
 if world.is_main:
-    report["exhaustion"] = {"scales": scales, "outcome": outcome, "final_scale": ds_engine.loss_scale(engine)}
+    report["exhaustion"] = {"scales": scales, "outcome": outcome, "final_scale": compat.loss_scale(engine)}
     Path(args.out).write_text(json.dumps(report, indent=1))
 distributed.teardown()

@@ -38,6 +38,11 @@ def batch(seed):
             random_batch(config, args.unet, 2, torch.Generator().manual_seed(seed + world.rank)).items()}
 
 
+def step(engine, ema, number: int) -> float:
+    """A training step on a batch of its own, seeded by its number; its loss."""
+    return ds_engine.train_step(engine, ema, [batch(number)], number, seed_of=lambda micro: number)[0].item()
+
+
 def digest(state: dict) -> str:
     h = hashlib.sha256()
     for name in sorted(state):
@@ -52,9 +57,7 @@ for setting in json.loads(args.settings):
     entry = {"setting": setting}
     try:
         _, engine, _, ema = ds_engine.build(config, build_ds_config(ds, config, world.size))
-        steps = lambda first: ds_engine.train_step(engine, ema, [batch(first)], first,  # noqa: E731
-                                                   seed_of=lambda micro: first)[0].item()
-        losses = [steps(0)]
+        losses = [step(engine, ema, 0)]
         engine.eval()  # validation: forwards that no backward follows
         with torch.no_grad():
             for i in range(3):
@@ -64,7 +67,7 @@ for setting in json.loads(args.settings):
         engine.train()
         raw = ds_engine.raw_state_dict(engine, world.is_main, bucket_numel=50_000)  # a preview's gather
         full_ema = ema.full_state_dict()  # a checkpoint's
-        losses.append(steps(1))
+        losses.append(step(engine, ema, 1))
         if world.is_main:
             entry.update(weights=digest(raw), equals_ema=sorted(raw) == sorted(full_ema) and all(
                 torch.equal(raw[k], full_ema[k]) for k in full_ema), losses=losses)

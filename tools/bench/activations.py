@@ -32,7 +32,7 @@ from tryon_ds.cascade import CascadeUNet, random_batch
 from tryon_ds.config import Config
 from tryon_ds.model import DTYPES, parameter_count
 from tryon_ds.model.presets import POSITION
-from tryon_ds.tools.plan_memory import GIB, activations, preset_config
+from tryon_ds.planner import GIB, activations, preset_config
 
 
 def measure(config: Config, number: int, micro_batch: int, precision: str) -> dict[str, float]:

@@ -21,7 +21,7 @@ import torch
 from tryon_ds.config import preset
 from tryon_ds.model import build_unet, parameter_count, super_resolves
 from tryon_ds.model.presets import POSITION
-from tryon_ds.training.checkpoint import sha256_of
+from tryon_ds.atomic import sha256_of
 
 
 def main() -> None:

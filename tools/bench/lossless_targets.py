@@ -26,7 +26,7 @@ from PIL import Image
 from tryon_ds import metrics
 from tryon_ds.data.preprocess import letterbox, pixels
 from tryon_ds.evaluation import psnr
-from tryon_ds.tools.evaluate import parse_size
+from tryon_ds.cli import parse_size
 
 
 def main() -> None:

@@ -44,7 +44,7 @@ from tryon_ds.cascade import CascadeUNet, random_batch
 from tryon_ds.bundle import read_unet
 from tryon_ds.config import Config, build_config, deep_merge, parse_override
 from tryon_ds.model.presets import POSITION
-from tryon_ds.tools.plan_memory import GIB, peak, plan, preset_config
+from tryon_ds.planner import GIB, peak, plan, preset_config
 from tryon_ds.training.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

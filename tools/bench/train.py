@@ -74,8 +74,8 @@ def worker(args) -> None:
     from tryon_ds.model import parameter_count
     from tryon_ds.model.attention import xops
     from tryon_ds.cascade import random_batch
-    from tryon_ds.tools.plan_memory import peak as planned_peak, plan
-    from tryon_ds.training import distributed, engine as ds_engine
+    from tryon_ds.planner import peak as planned_peak, plan
+    from tryon_ds.training import compat, distributed, engine as ds_engine
     from tryon_ds.training.ds_config import build_ds_config, zero_stage
 
     world = distributed.setup()
@@ -119,7 +119,7 @@ def worker(args) -> None:
         for step in range(args.steps):
             losses.append(train_step(step))
             if (step + 1) % args.log_freq == 0:  # what the trainer reads at a log step
-                scales.append(ds_engine.loss_scale(engine) if engine.fp16_enabled() else None)
+                scales.append(compat.loss_scale(engine) if engine.fp16_enabled() else None)
                 float(engine.get_global_grad_norm() or 0.0)
         if cuda:
             torch.cuda.synchronize()
@@ -131,7 +131,7 @@ def worker(args) -> None:
         r = {**variant, "warm_up_s": warm_up_s, "step_s": step_s, "it_s": 1 / step_s,
              "samples_per_s": case["batch"] * world.size / step_s,
              "losses_finite": finite, "loss_scales": scales, "planned_gib": planned / 2**30,
-             "params": parameter_count(model)}
+             "params": parameter_count(model, compat.full_numel)}
         if cuda:
             peak = next((v for k, v in PEAKS.items() if k in torch.cuda.get_device_name()), None)
             r.update(gpu=torch.cuda.get_device_name(), peak_gib=torch.cuda.max_memory_allocated() / 2**30,
@@ -247,7 +247,7 @@ def main(argv=None) -> None:
                 r = launch(case, args.ranks, args.steps, args.log_freq)[0]
                 if "case_failed" in r:
                     raise SystemExit(f"benchmark case {case} failed:\n{r['case_failed']}")
-                from tryon_ds.tools.plan_memory import model_states
+                from tryon_ds.planner import model_states
 
                 planned = list(model_states(r["params"], zero, "fp32", args.ranks,
                                             json.loads((REPO / "ds_configs" / case["ds"]).read_text())).values())

@@ -321,6 +321,36 @@ def shutdown_workers(iterator) -> None:
 
 
 # --------------------------------------------------------------------------- validation
+class Quota:
+    """Which samples a pass over shards takes: the first ``total`` in the shards' order, and of those the first
+    ``paired`` paired and ``unpaired`` unpaired ones (None: no limit). Applied to the raw samples before any
+    decoding, by every rank alike."""
+
+    def __init__(self, paired: int | None = None, unpaired: int | None = None, total: int | None = None):
+        self.left = {"paired": paired, "unpaired": unpaired}
+        self.total = total
+
+    def __call__(self, raw: dict) -> bool:
+        if self.total is not None and self.total <= 0:
+            return False
+        try:
+            pair = json.loads(raw["json"]).get("pair", "paired") if "json" in raw else "paired"
+        except (ValueError, AttributeError):
+            return False  # an unreadable sample: the decoder would skip it on every rank alike
+        left = self.left.get(pair, 0)
+        if left is not None and left <= 0:
+            return False
+        if left is not None:
+            self.left[pair] = left - 1
+        if self.total is not None:
+            self.total -= 1
+        return True
+
+    def done(self) -> bool:
+        return (self.total is not None and self.total <= 0) or all(v is not None and v <= 0
+                                                                   for v in self.left.values())
+
+
 class ValDataset(IterableDataset):
     """Every sample of ``urls`` exactly once over ``world_size`` ranks x the loader's workers, decoded as far
     as ``inputs`` and turned into what the consumer wants by ``prepare`` (:meth:`Data.val`: one UNet's

@@ -98,7 +98,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
         if torch.is_tensor(v):
             v = v.to(device, non_blocking=True)
             if v.dtype == torch.uint8:
-                v = v.float() / 127.5 - 1 if k in IMAGE_KEYS else v.float()
+                v = from_uint8(v) if k in IMAGE_KEYS else v.float()
         out[k] = v
     return out
 
@@ -152,9 +152,20 @@ def crop_inputs(sample: dict, config, unet_number: int, rng: random.Random) -> d
     return out
 
 
+def from_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1]."""
+    return x.float() / 127.5 - 1
+
+
+def as_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (any shape) as the uint8 pixels a saved PNG holds, on the CPU: what every metric
+    sees, as a user would share it."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
-    return ((x.float().clamp(-1, 1).permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
+    return as_uint8(x).permute(1, 2, 0).numpy()
 
 
 def to_image(x: torch.Tensor) -> Image.Image:

@@ -20,7 +20,6 @@ folder keeps them and goes on from there, and a killed run never leaves a shard 
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -170,14 +169,6 @@ def _parallel(fn, jobs: list, workers: int) -> Iterable:
 
 
 # --------------------------------------------------------------------------- the folder
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _finished_shards(out: Path, manifest: dict, split: str) -> list[dict]:
     """The prefix of a previous run's shards of ``split`` that are on disk exactly as recorded."""
     kept = []
@@ -186,7 +177,7 @@ def _finished_shards(out: Path, manifest: dict, split: str) -> list[dict]:
             raise UserError(f"{out / 'manifest.json'}: shard name {entry.get('name')!r} is not of the form "
                             f"{split}-NNNNNN.tar; delete the manifest to start over")
         path = out / entry["name"]
-        if not path.is_file() or path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+        if not path.is_file() or path.stat().st_size != entry["bytes"] or atomic.sha256_of(path) != entry["sha256"]:
             break
         kept.append(entry)
     return kept
@@ -283,7 +274,7 @@ def write_shards(out: Path, samples: list[SourceSample], opts: ShardOptions, wor
             final = out / name
             os.replace(tmp, final)
             manifest["shards"][split].append({"name": name, "samples": count, "bytes": final.stat().st_size,
-                                              "sha256": _sha256(final), "first_key": first})
+                                              "sha256": atomic.sha256_of(final), "first_key": first})
             atomic.write_json(manifest_path, manifest)
             writer = None
 

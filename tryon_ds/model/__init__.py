@@ -20,9 +20,9 @@ def build_unet(spec: UNetSpec, super_resolves: bool, channels: int = 3) -> torch
     return ARCHITECTURES[spec.ARCH](spec, super_resolves=super_resolves, channels=channels)
 
 
-def parameter_count(module: torch.nn.Module) -> int:
-    """The whole module's parameters, also after ZeRO-3 has partitioned them (each keeps its ds_numel)."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+def parameter_count(module: torch.nn.Module, numel=torch.Tensor.numel) -> int:
+    """The module's parameters; ``numel`` counts one (training.compat.full_numel: also a ZeRO-3 partitioned one)."""
+    return sum(numel(p) for p in module.parameters())
 
 
 def compiled_graphs() -> int:

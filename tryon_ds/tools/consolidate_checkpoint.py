@@ -23,6 +23,7 @@ from ..config import build_config
 from ..errors import UserError
 from ..model import DTYPES
 from ..training import checkpoint
+from ..training.compat import zero_checkpoint_weights
 
 
 @exit_on_user_error
@@ -50,11 +51,9 @@ def main(argv=None) -> None:
     config = build_config(state["config"])
     number = state["unet_number"]
 
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     print(f"consolidating {ckpt} (unet{number}, step {state['step']}, ZeRO-{state['zero_stage']}, "
           f"{state['world_size']} rank(s))")
-    weights = strip_prefix(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
+    weights = strip_prefix(zero_checkpoint_weights(ckpt))
     ema = strip_prefix(load_file(str(ckpt / "ema.safetensors"))) if (ckpt / "ema.safetensors").is_file() else None
     out = write_unet(Path(args.out), number, config, state["step"], weights, ema, args.dtype, args.force, str(ckpt))
     n = sum(v.numel() for v in weights.values())

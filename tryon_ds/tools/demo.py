@@ -13,8 +13,7 @@ printed before it runs.
     python tools/demo.py --quick        # a few steps of everything, for a smoke test
 
 One run's figure depends on its trajectory: BENCHMARKS.md has the mean and spread over seeds, which a claim
-that a change is "within the spread" cites. Each UNet's learning rate decays (cosine, after the warm-up) to
-its floor at that UNet's last step, so every run ends annealed rather than mid-flight.
+that a change is "within the spread" cites.
 """
 from __future__ import annotations
 
@@ -96,8 +95,7 @@ def main(argv=None) -> None:
     unets = ((1, args.base_steps, args.base_batch), (2, args.sr_steps, args.sr_batch), (3, args.sr3_steps, args.sr3_batch))
     for unet, steps, batch in unets:
         _run(launcher + ["--master_port", str(free_port()), "tryon_ds/train.py", *common, "--train_unet",
-                         str(unet), "--max_steps", str(steps), "--batch_size", str(batch),
-                         "--set", f"cosine_decay_max_steps={steps}"])
+                         str(unet), "--max_steps", str(steps), "--batch_size", str(batch)])
     bundle = out / "bundle"
     for unet, _, _ in unets:
         _run([py, "tools/consolidate_checkpoint.py", str(out / "checkpoints" / f"unet{unet}"), "--out", str(bundle)])

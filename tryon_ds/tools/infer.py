@@ -13,7 +13,6 @@ Poses are .npy arrays (K, 2) or (K, 3) or OpenPose JSON, in the pixels of their 
 from __future__ import annotations
 
 import argparse
-import re
 import warnings
 from pathlib import Path
 
@@ -25,13 +24,7 @@ from ..cli import exit_on_user_error
 from ..data.preprocess import image_grid, to_device, to_image
 from ..diffusion import SAMPLERS
 from ..errors import UserError
-from ..inference import TryOnPipeline
-
-
-def safe_name(key: str) -> str:
-    """A sample key from a shard as a file name that stays inside the output folder."""
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", key).lstrip(".")
-    return name or "sample"
+from ..inference import TryOnPipeline, safe_name
 
 
 def run_shards(pipe: TryOnPipeline, args, options: dict) -> None:

@@ -26,18 +26,10 @@ import re
 import time
 from pathlib import Path
 
-from ..cli import exit_on_user_error
+from ..cli import exit_on_user_error, parse_size
 from ..errors import UserError
 from ..data import agnostic, sources
 from ..data.shards import SPLITS, Part, ShardOptions, merge_parts, write_shards
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"(\d+)(?:x(\d+))?", text)
-    if not m or int(m.group(1)) < 8:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected SIZE or HxW in pixels, e.g. 256 or 256x192")
-    h = int(m.group(1))
-    return h, int(m.group(2) or h)
 
 
 def parse_bytes(text: str) -> int:

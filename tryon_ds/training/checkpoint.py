@@ -16,8 +16,6 @@ DeepSpeed's universal format (``step{S}_universal/``) and loaded from there.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import re
@@ -33,6 +31,7 @@ from safetensors.torch import load_file
 from .. import atomic
 from ..config import Config
 from ..errors import UserError
+from . import compat
 
 TAG = re.compile(r"^step(\d{8})$")
 MANIFEST_FORMAT = 1
@@ -60,17 +59,9 @@ def trainer_state(step: int, config: Config, world_size: int, zero_stage: int) -
             "config": config.to_dict()}
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def file_entries(folder: Path, paths) -> dict[str, dict]:
     """{name relative to ``folder``: {size, sha256}} of files just written, read back from disk."""
-    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_of(p)} for p in paths}
+    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": atomic.sha256_of(p)} for p in paths}
 
 
 def read_manifest(ckpt: Path) -> dict[str, dict] | None:
@@ -103,7 +94,7 @@ def check_files(ckpt: Path, files: dict[str, dict]) -> list[str]:
             problems.append(f"{name}: missing")
         elif (size := path.stat().st_size) != want["size"]:
             problems.append(f"{name}: {size} bytes, {want['size']} written")
-        elif sha256_of(path) != want["sha256"]:
+        elif atomic.sha256_of(path) != want["sha256"]:
             problems.append(f"{name}: SHA-256 differs from the one written (same size)")
     return problems
 
@@ -236,24 +227,6 @@ def _write_failure(err: Exception, root: Path) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
-@contextlib.contextmanager
-def files_written(engine):
-    """The paths this rank's DeepSpeed engine writes through its checkpoint engine inside the block."""
-    written: list[Path] = []
-    writer = engine.checkpoint_engine
-    save_file = writer.save
-
-    def recording_save(state_dict, path):
-        save_file(state_dict, path)
-        written.append(Path(path))
-
-    writer.save = recording_save
-    try:
-        yield written
-    finally:
-        del writer.save  # the engine's own method again
-
-
 def save(engine, ema, root: Path, step: int, state: dict, keep: int, is_main: bool) -> Path:
     """Every rank calls this. Returns the checkpoint folder. The EMA is gathered to rank 0, which writes it.
     Each rank reads back and hashes the files it wrote; rank 0 writes them all into COMPLETE, last."""
@@ -263,7 +236,7 @@ def save(engine, ema, root: Path, step: int, state: dict, keep: int, is_main: bo
         if is_main and ckpt.exists():  # an incomplete leftover of a killed run at the same step
             shutil.rmtree(ckpt)
         dist.barrier()
-        with files_written(engine) as written:
+        with compat.files_written(engine) as written:
             engine.save_checkpoint(str(root), tag=tag, client_state={"trainer_state": state})
         ema_state = ema.full_state_dict() if ema is not None else None
         if is_main:

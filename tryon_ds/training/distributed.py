@@ -13,10 +13,11 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed
+
+from .compat import cpu_allreduce_buffer
 
 
 @dataclass(frozen=True)
@@ -90,5 +91,4 @@ def _unlink_shm_buffer(rank: int) -> None:
     import torch.distributed as dist
 
     dist.barrier()
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank}"
-    Path("/dev/shm", name).unlink(missing_ok=True)
+    cpu_allreduce_buffer(rank).unlink(missing_ok=True)

@@ -3,9 +3,9 @@
 Mixed-precision training keeps the weights the optimizer updates (the master copy) in fp32 and the module's
 weights in bf16/fp16; an EMA of the module's half-precision weights would lose every step smaller than
 bf16's resolution, so the EMA reads the master copy, which DeepSpeed holds differently per ZeRO stage:
-- ZeRO-3: each rank's partition of every parameter (``safe_get_local_fp32_param``);
+- ZeRO-3: each rank's partition of every parameter (``compat.local_fp32_partition``);
 - ZeRO-1/2: each rank's slice of the flat fp32 partition, a *fragment* of some parameters
-  (``param._hp_mapping``, the mapping DeepSpeed's own universal checkpoints use);
+  (``compat.fragment``, the mapping DeepSpeed's own universal checkpoints use);
 - ZeRO-0 in bf16/fp16: the optimizer's whole fp32 copy of each parameter; in fp32: the parameter itself.
 Each rank averages only what it holds, in place and without copies. ``full_state_dict()`` assembles the
 whole EMA on rank 0 (a collective, a bucket at a time); ``load_full_state_dict()`` takes a whole EMA and
@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from . import compat
+
 
 @dataclass
 class _Entry:
@@ -29,39 +31,14 @@ class _Entry:
     offset: int = 0              # where a fragment starts in the flattened parameter
 
 
-def _zero0_masters(optimizer) -> dict[int, torch.Tensor]:
-    """ZeRO-0's fp16/bf16 wrappers: parameter id -> its fp32 master tensor."""
-    if hasattr(optimizer, "fp32_groups"):  # FP16_UnfusedOptimizer: one fp32 copy per parameter
-        return {id(lp): hp for lps, hps in zip(optimizer.fp16_groups, optimizer.fp32_groups) for lp, hp in zip(lps, hps)}
-    if hasattr(optimizer, "fp32_groups_flat"):  # FP16_Optimizer: one flat fp32 copy per group
-        out = {}
-        for lps, flat in zip(optimizer.fp16_groups, optimizer.fp32_groups_flat):
-            offset = 0
-            for lp in lps:
-                out[id(lp)] = flat.narrow(0, offset, lp.numel()).view_as(lp)
-                offset += lp.numel()
-        return out
-    return {}
-
-
-def _partition(p: torch.nn.Parameter) -> torch.Tensor:
-    """A ZeRO-3 parameter's fp32 master partition on this rank (a view, not a copy, unless offloaded)."""
-    from deepspeed.utils import safe_get_local_fp32_param
-
-    local = safe_get_local_fp32_param(p)
-    return (local if local is not None else p.ds_tensor.float()).reshape(-1)
-
-
 def master_entries(engine) -> list[_Entry]:
-    zero0 = _zero0_masters(engine.optimizer)
+    zero0 = compat.zero0_masters(engine.optimizer)
     entries = []
     for name, p in engine.module.named_parameters():
-        if hasattr(p, "ds_id"):
-            entries.append(_Entry(name, p, _partition(p), "partition"))
-        elif hasattr(p, "_hp_mapping"):
-            mapping = p._hp_mapping
-            entries.append(_Entry(name, p, None if mapping is None else mapping.hp_fragment, "fragment",
-                                  0 if mapping is None else mapping.lp_fragment_address.start))
+        if compat.is_partitioned(p):
+            entries.append(_Entry(name, p, compat.local_fp32_partition(p), "partition"))
+        elif (held := compat.fragment(p)) is not None:
+            entries.append(_Entry(name, p, held[0], "fragment", held[1]))
         else:
             master = zero0.get(id(p), p)
             if master.dtype != torch.float32:
@@ -91,7 +68,7 @@ class EMA:
         if torch.is_tensor(gate):
             weight = gate.to(self.shadow[0].device, torch.float32) * weight
         # ZeRO-3 may move its partitions between steps (sub-groups, swapping): look them up each time.
-        masters = [_partition(e.param) if e.kind == "partition" else e.master for e in self.held]
+        masters = [compat.local_fp32_partition(e.param) if e.kind == "partition" else e.master for e in self.held]
         torch._foreach_lerp_(self.shadow, masters, weight)
 
     # ------------------------------------------------------------------ whole-model views
@@ -133,17 +110,17 @@ class EMA:
 
     @staticmethod
     def _numel(e: _Entry) -> int:
-        return e.param.ds_numel if e.kind == "partition" else e.param.numel()
+        return compat.full_numel(e.param)
 
     @staticmethod
     def _shape(e: _Entry) -> torch.Size:
-        return e.param.ds_shape if e.kind == "partition" else e.param.shape
+        return compat.full_shape(e.param)
 
     def _place(self, e: _Entry, rank: int) -> tuple[int, int]:
         """(start, length) of this rank's part in the flattened parameter."""
         if e.kind == "partition":
             n = e.master.numel() if e.master is not None else 0
-            return n * rank, max(0, min(n, e.param.ds_numel - n * rank))
+            return n * rank, max(0, min(n, compat.full_numel(e.param) - n * rank))
         return e.offset, (e.master.numel() if e.master is not None else 0)
 
     def _reduce_bucket(self, entries, shadows, rank, world, device, out) -> None:

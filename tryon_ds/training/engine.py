@@ -1,8 +1,9 @@
 """The DeepSpeed engine of one UNet: built (partitioned from the start under ZeRO-3), stepped, and read.
 
 DeepSpeed returns a different optimizer wrapper per ZeRO stage and precision; what the trainer needs from
-them (the loss scale, the running out of it, the global gradient norm, the whole weights) is read here
-through one function each, so the training loop never depends on which wrapper it got.
+them (the running out of the loss scale, the global gradient norm, the whole weights, the bytes held) is read
+here through one function each, so the training loop never depends on which wrapper it got; what that takes
+of DeepSpeed beyond its public API is in compat.py.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from ..cascade import CascadeUNet
 from ..config import Config
 from ..errors import UserError
+from . import compat
 from .ds_config import zero_stage
 from .ema import EMA
 
@@ -69,28 +71,12 @@ def load(engine, ema: EMA | None, ckpt: Path) -> float:
     from .checkpoint import load_ema
 
     start = time.perf_counter()
-    reader = engine.checkpoint_engine
-    reader.load = lambda path, map_location=None: torch.load(path, map_location=map_location, weights_only=True,
-                                                             mmap=True)
-    try:
-        with torch.serialization.safe_globals(checkpoint_classes()):
-            loaded, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    finally:
-        del reader.load  # the engine's own method again
+    with compat.mapped_tensor_loads(engine):
+        loaded, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
     if loaded is None:
         raise UserError(f"DeepSpeed could not load the checkpoint {ckpt}")
     load_ema(ckpt, ema)
     return time.perf_counter() - start
-
-
-def checkpoint_classes() -> list:
-    """The classes DeepSpeed's checkpoint files hold beyond tensors and plain data (what
-    ``torch.serialization.get_unsafe_globals_in_checkpoint`` finds in ZeRO-0/2/3 files in fp32, bf16 and fp16)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def gather_whole(unet: torch.nn.Module) -> None:
@@ -106,20 +92,9 @@ def gather_whole(unet: torch.nn.Module) -> None:
     0). So the noisy image enters the UNet requiring a gradient: the hook fires after the whole backward
     (which computes that one extra input gradient of the first convolution), and its AccumulateGrad nodes,
     which autograd runs first, have delivered the weights' gradients by then."""
-    from deepspeed.utils import set_z3_leaf_module
-
-    set_z3_leaf_module(unet, True)
+    compat.make_zero3_leaf(unet)
     unet.register_forward_pre_hook(
         lambda module, args: (args[0].detach().requires_grad_(torch.is_grad_enabled()), *args[1:]))
-
-
-def loss_scale(engine) -> float | None:
-    """The current fp16 loss scale, whatever optimizer wrapper DeepSpeed returned (ZeRO-0's FP16_Optimizer
-    keeps it in ``loss_scale_config``, the ZeRO-1/2/3 optimizers as ``cur_scale``); None without one."""
-    optimizer = engine.optimizer
-    holder = getattr(optimizer, "loss_scale_config", optimizer)
-    scale = getattr(holder, "cur_scale", None)
-    return None if scale is None else float(scale)
 
 
 class LossScaleExhausted(Exception):
@@ -132,7 +107,7 @@ def step(engine) -> None:
     try:
         engine.step()
     except Exception as err:
-        if "loss scale already at minimum" in str(err):
+        if compat.is_loss_scale_exhausted(err):
             raise LossScaleExhausted(str(err)) from None
         raise
 
@@ -197,7 +172,7 @@ def raw_state_dict(engine, is_main: bool, bucket_numel: int = 1 << 26, into: Cal
     out: dict = {}
     sink = into if into is not None else out.update
     params = dict(engine.module.named_parameters())
-    if not any(hasattr(p, "ds_id") for p in params.values()):
+    if not any(compat.is_partitioned(p) for p in params.values()):
         if is_main:
             sink({k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()})
         return out if is_main and into is None else None
@@ -205,7 +180,7 @@ def raw_state_dict(engine, is_main: bool, bucket_numel: int = 1 << 26, into: Cal
     items = list(params.items())
     for i, (name, p) in enumerate(items):
         bucket.append((name, p))
-        size += p.ds_numel
+        size += compat.full_numel(p)
         if size >= bucket_numel or i == len(items) - 1:
             with deepspeed.zero.GatheredParameters([q for _, q in bucket]):
                 if is_main:
@@ -224,18 +199,8 @@ def _tensor_bytes(tensors) -> int:
 def state_bytes(engine) -> dict:
     """Bytes this rank holds now by kind: its parameters (a ZeRO-3 rank: its partition), the gradients it keeps,
     the optimizer's fp32 master copy and Adam's moments; what tools/plan_memory.py estimates."""
-    params = [p.ds_tensor if hasattr(p, "ds_tensor") else p.data for p in engine.module.parameters()]
-    opt = engine.optimizer
-    inner = getattr(opt, "optimizer", opt)
-    moments = [t for s in inner.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
-    master = []
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat"):
-        master += list(getattr(opt, name, []) or [])
-    master += [t for group in getattr(opt, "fp32_groups", []) for t in group]  # ZeRO-0's unfused fp16/bf16
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    held = getattr(opt, "averaged_gradients", None)
-    if isinstance(held, dict):
-        grads += [g for group in held.values() for g in (group or [])]
-    grads += [m.grad for m in master if m.grad is not None]
-    return {"params": _tensor_bytes(params), "grads": _tensor_bytes(grads), "master": _tensor_bytes(master),
-            "moments": _tensor_bytes(moments)}
+    held = compat.optimizer_tensors(engine)
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None] + held["grads"]
+    return {"params": _tensor_bytes(compat.local_partition(p) for p in engine.module.parameters()),
+            "grads": _tensor_bytes(grads), "master": _tensor_bytes(held["master"]),
+            "moments": _tensor_bytes(held["moments"])}

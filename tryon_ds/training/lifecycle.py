@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .compat import default_store
+
 ERROR_KEY, ACK_KEY = "tryon_ds/user_error", "tryon_ds/user_error_seen"
 WORKER_GRACE_S = 10.0
 
@@ -52,13 +54,6 @@ class StopRequest:
         return flag.item() > 0
 
 
-def _store():
-    try:
-        return dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
-    except Exception:  # a process group without a store (none in the launchers we support)
-        return None
-
-
 class Watchdog:
     """``close()`` it before the process exits: its thread must end before the interpreter does. A daemon
     thread caught inside a store call (C++, GIL released) at interpreter exit is ended by pthread_exit as it
@@ -69,7 +64,7 @@ class Watchdog:
     def __init__(self, timeout: float, rank: int, world_size: int, peers: tuple = ()):
         self.timeout, self.rank, self.world_size, self.peers = timeout, rank, world_size, peers
         self.last = time.monotonic()
-        self.store = _store() if world_size > 1 else None
+        self.store = default_store() if world_size > 1 else None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True, name="tryon-watchdog")
         self._thread.start()
@@ -125,7 +120,7 @@ def _acknowledge(store, rank: int, world_size: int) -> None:
 
 def fail(message: str, rank: int, world_size: int) -> None:
     """Print ``message`` once across the ranks and exit 2 on this rank; the other ranks exit 2 too."""
-    store = _store() if world_size > 1 else None
+    store = default_store() if world_size > 1 else None
     first = True  # without a store (or with its host gone) this rank cannot know: better twice than never
     if store is not None:
         try:

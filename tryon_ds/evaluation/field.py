@@ -1,6 +1,4 @@
-"""Try-on quality on a test split, two ways.
-
-**The field's protocol** (VITON-HD / DressCode papers, LaDI-VTON's ``val_metrics.py``, CatVTON's ``eval.py``):
+"""The field's protocol (VITON-HD / DressCode papers, LaDI-VTON's ``val_metrics.py``, CatVTON's ``eval.py``):
 on the paired samples (each person in their own garment: a ground truth exists) SSIM, LPIPS, FID and KID; on
 the unpaired ones (another person's garment) FID and KID; at the cascade's output size and at the sizes the
 field reports, per DressCode category and over all. FID and KID compare with the **reference set**: every test
@@ -10,174 +8,20 @@ its features cached on disk like clean-fid's custom statistics). Each metric as 
 (tryon_ds/metrics.py). :class:`FieldMetrics` measures one rank's samples and keeps per-sample values and
 Inception features, so that ranks send features, not images, and :func:`summarise` gives the same table
 however the test set was split.
-
-**Ours, in the garment region**: PSNR and SSIM against the target, over the whole image and inside the
-region the ca image removed, for the cascade and two baselines on the same pairs:
-- ``ca image``: the clothing-agnostic image itself;
-- ``ca + mean colour``: the ca image with the garment region filled with the garment's mean colour.
-And each super-resolution UNet alone: given the true low-res target, against bilinear upsampling of it.
-The region is the sample's ``mask`` (synthetic and DressCode shards carry it), else the pixels where the ca
-image differs from the target.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-import math
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import atomic, metrics
-
-METHODS = ("try-on (cascade)", "ca image", "ca + mean colour")
-
-
-def sr_methods(unet_number: int) -> tuple[str, str]:
-    """The rows of a super-resolution UNet alone against what it starts from."""
-    return f"UNet {unet_number} from the true low-res", "bilinear upsampling"
-
-
-def garment_region(batch: dict) -> torch.Tensor:
-    """(B, 1, H, W) float mask in {0, 1}."""
-    if "mask" in batch:
-        return batch["mask"]
-    return ((batch["ca"] - batch["person"]).abs().amax(dim=1, keepdim=True) > 0.1).float()
-
-
-def mean_colour_fill(ca: torch.Tensor, garment: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1]. The garment's mean colour over its non-background (not near-white) pixels."""
-    fg = (garment < 0.9).any(dim=1, keepdim=True).float()
-    mean = (garment * fg).sum(dim=(2, 3)) / fg.sum(dim=(2, 3)).clamp(min=1)
-    return ca * (1 - region) + mean[:, :, None, None] * region
-
-
-def psnr(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Per-sample PSNR of images in [0, 1] over the pixels where weight is 1."""
-    w = weight.expand_as(pred)
-    mse = ((pred - target) ** 2 * w).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3)).clamp(min=1)
-    return 10 * torch.log10(1.0 / mse.clamp(min=1e-10))
-
-
-def ssim(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean of the SSIM map (metrics.ssim_map: the window inside the image) over the pixels where
-    weight is 1, the weight cropped as the map is."""
-    b = metrics.SSIM_BORDER
-    full = metrics.ssim_map(pred, target)
-    w = weight[..., b:-b, b:-b].expand_as(full).double()
-    return ((full * w).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3)).clamp(min=1)).float()
-
-
-def tryon_candidates(result: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
-    """The cascade's try-on and the two baselines on the same pairs, in METHODS order."""
-    return dict(zip(METHODS, (result, batch["ca"], mean_colour_fill(batch["ca"], batch["garment"], garment_region(batch)))))
-
-
-@dataclass
-class QualityTable:
-    """PSNR and SSIM per method, whole image and garment region, per pair (by key), averaged in key order: the
-    table is the same however the pairs were batched or split across ranks."""
-    values: dict = field(default_factory=dict)  # key -> {method: [psnr, ssim, psnr_region, ssim_region]}
-    pixels: dict = field(default_factory=dict)  # key -> pixels of its garment region
-
-    def add(self, candidates: dict[str, torch.Tensor], batch: dict) -> None:
-        """candidates: {method: images}, images in [-1, 1] at the size of the batch's target."""
-        region = garment_region(batch)
-        whole = torch.ones_like(region)
-        target = (batch["person"] + 1) / 2
-        keys = batch.get("key") or [f"#{len(self.values) + i:06d}" for i in range(len(target))]
-        per_method = {}
-        for name, image in candidates.items():
-            image = (image.float().clamp(-1, 1) + 1) / 2
-            per_method[name] = torch.stack([psnr(image, target, whole), ssim(image, target, whole),
-                                            psnr(image, target, region), ssim(image, target, region)], dim=1)
-        for i, key in enumerate(keys):
-            self.values[key] = {name: v[i].double().tolist() for name, v in per_method.items()}
-            self.pixels[key] = int(region[i].sum())
-
-    def merge(self, other: "QualityTable") -> None:
-        self.values.update(other.values)
-        self.pixels.update(other.pixels)
-
-    @property
-    def count(self) -> int:
-        return len(self.values)
-
-    @property
-    def region_pixels(self) -> int:
-        return sum(self.pixels[k] for k in sorted(self.pixels))
-
-    def rows(self) -> dict[str, dict[str, float]]:
-        names = ("psnr", "ssim", "psnr_region", "ssim_region")
-        keys = sorted(self.values)
-        if not keys:
-            return {}
-        methods = list(self.values[keys[0]])
-        out = {}
-        for method in methods:
-            sums = [0.0] * 4
-            for key in keys:
-                sums = [a + b for a, b in zip(sums, self.values[key][method])]
-            out[method] = {n: v / len(keys) for n, v in zip(names, sums)}
-        return out
-
-    def format(self) -> str:
-        return format_table(self.rows(), self.count, self.region_pixels)
-
-    def margins(self, keys=("psnr_region", "ssim_region")) -> dict[str, float]:
-        """How far the first method is ahead of the best of the others."""
-        rows = self.rows()
-        first, *others = rows
-        return {k: rows[first][k] - max(rows[m][k] for m in others) for k in keys}
-
-
-def format_table(rows: dict, pairs: int, region_pixels: int) -> str:
-    w = max(map(len, rows)) + 2
-    lines = [f"{'':<{w}}{'whole image':^18}{'garment region':^18}",
-             f"{'':<{w}}{'PSNR dB':>9}{'SSIM':>9}{'PSNR dB':>9}{'SSIM':>9}"]
-    for name, r in rows.items():
-        lines.append(f"{name:<{w}}{r['psnr']:9.2f}{r['ssim']:9.3f}{r['psnr_region']:9.2f}{r['ssim_region']:9.3f}")
-    lines.append(f"({pairs} held-out pairs; garment region {region_pixels / max(pairs, 1):.0f} pixels per image "
-                 "on average)")
-    return "\n".join(lines)
-
-
-def finite(rows: dict) -> bool:
-    return all(math.isfinite(v) for r in rows.values() for v in r.values())
-
-
-# --------------------------------------------------------------------------- the field's protocol
-def size_name(size: tuple[int, int]) -> str:
-    return f"{size[0]}x{size[1]}"
-
-
-class Quota:
-    """Which test samples an evaluation takes: the first ``paired`` paired and ``unpaired`` unpaired ones in
-    the shards' order (None: all). Applied to the raw samples before any decoding, by every rank alike."""
-
-    def __init__(self, paired: int | None = None, unpaired: int | None = None):
-        self.left = {"paired": paired, "unpaired": unpaired}
-
-    def __call__(self, raw: dict) -> bool:
-        try:
-            pair = json.loads(raw["json"]).get("pair", "paired") if "json" in raw else "paired"
-        except (ValueError, AttributeError):
-            return False  # an unreadable sample: the decoder would skip it on every rank alike
-        left = self.left.get(pair, 0)
-        if left is None:
-            return True
-        if left <= 0:
-            return False
-        self.left[pair] = left - 1
-        return True
-
-    def done(self) -> bool:
-        return all(v is not None and v <= 0 for v in self.left.values())
-
+from .. import atomic, metrics
+from .quality import psnr, size_name
 
 class FieldMetrics:
     """The field's metrics for one rank's try-ons, per sample: SSIM, LPIPS and PSNR of paired samples, and
@@ -270,8 +114,8 @@ class ReferenceSet:
                 stat = path.stat()
                 entry = [path.name, manifests[path.parent].get(path.name) or f"{stat.st_size}:{stat.st_mtime_ns}"]
             shards.append(entry)
-        from .training.checkpoint import sha256_of
-        shared = {"version": ReferenceSet.VERSION, "shards": shards, "base": list(base), "network": sha256_of(network)}
+        shared = {"version": ReferenceSet.VERSION, "shards": shards, "base": list(base),
+                  "network": atomic.sha256_of(network)}
         return {size_name(size): cache / "reference-{}.npz".format(
                     hashlib.sha256(json.dumps({**shared, "size": list(size)}).encode()).hexdigest()[:24])
                 for size in sizes}

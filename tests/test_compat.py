@@ -1,0 +1,51 @@
+"""The contract with DeepSpeed's (and torch's) internals: every function of tryon_ds/training/compat.py on real
+engines of ZeRO-0 (fp32 and bf16), ZeRO-2 and ZeRO-3 on 2 CPU ranks (tests/helpers/compat_probe.py). A DeepSpeed
+release that moves one of them fails here, naming it; and nothing else in the package reaches past DeepSpeed's
+public API."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, free_port
+from tryon_ds.training import compat
+
+# What only compat.py may name: DeepSpeed's modules past its public API, its checkpoint engine, ZeRO's
+# parameter attributes, the optimizers' fp32 groups and loss scale, torch's c10d store.
+PRIVATE = re.compile(r"deepspeed\.runtime|deepspeed\.utils|checkpoint_engine|\bds_(id|tensor|numel|shape|status)\b|"
+                     r"_hp_mapping|fp32_groups|fp32_partitioned|single_partition_of|averaged_gradients|cur_scale|"
+                     r"loss_scale_config|_get_default_store|allreduce_buffer_")
+
+
+def test_nothing_but_compat_reaches_into_deepspeed_internals():
+    found = []
+    for path in [*(ROOT / "tryon_ds").rglob("*.py"), *(ROOT / "tools").rglob("*.py")]:
+        if path.name == "compat.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if PRIVATE.search(line.split("#")[0]):
+                found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not found, "\n".join(found)
+
+
+def test_deepspeed_is_bounded_to_the_minor_release_compat_was_checked_on():
+    major, minor, _ = compat.CHECKED["deepspeed"].split(".")
+    setup = (ROOT / "setup.cfg").read_text()
+    assert f"deepspeed>={compat.CHECKED['deepspeed']},<{major}.{int(minor) + 1}" in setup
+
+
+@pytest.mark.slow
+def test_every_touchpoint_holds_on_real_engines(tmp_path):
+    out = tmp_path / "compat.json"
+    r = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                        str(free_port()), "tests/helpers/compat_probe.py", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    versions = report.pop("versions")
+    broken = {name: why for name, why in report.items() if why != "ok"}
+    assert not broken, (f"DeepSpeed {versions['deepspeed']} / torch {versions['torch']} (compat.py was checked on "
+                        f"{compat.CHECKED}) changed: " + "; ".join(f"{k}: {v}" for k, v in broken.items()))
+    assert len(report) == 4 * 5 + 4
