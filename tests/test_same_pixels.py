@@ -40,7 +40,8 @@ def as_png(src, out):
     return out
 
 
-@pytest.fixture(scope="module", params=["256", "1024x768"])
+# The portrait 1024x768 shards cost most of this file's time: the full tier's.
+@pytest.fixture(scope="module", params=["256", pytest.param("1024x768", marks=pytest.mark.slow)])
 def shard_files(request, tmp_path_factory):
     """{member format: one shard of SAMPLES samples at that size}."""
     root = tmp_path_factory.mktemp(f"shards{request.param}")
