@@ -78,4 +78,4 @@ def test_shards_of_another_aspect_or_smaller_than_the_unet_are_refused(portrait,
     assert r.returncode == 2 and "holds shards of 128x96 (HxW) but UNet 1 trains at 32x32" in r.stderr
     r = run_tool(command(tmp_path, portrait / "shards", ranks=1, steps=1, extra=[
         "--train_unet", "3", *PORTRAIT, "--set", "unet3.image_size=[256,192]"])[1:])
-    assert r.returncode == 2 and "smaller than the 256x192 UNet 3 trains at ('unet3.image_size')" in r.stderr
+    assert r.returncode == 2 and "smaller than the 256x192 UNet 3 trains at ('unets.2.image_size')" in r.stderr

@@ -1,4 +1,4 @@
-"""The contract with DeepSpeed's (and torch's) internals: every function of tryon_ds/training/compat.py on real
+"""The contract with DeepSpeed's (and torch's) internals: every function of tryon_ds/compat.py on real
 engines of ZeRO-0 (fp32 and bf16), ZeRO-2 and ZeRO-3 on 2 CPU ranks (tests/helpers/compat_probe.py). A DeepSpeed
 release that moves one of them fails here, naming it; and nothing else in the package reaches past DeepSpeed's
 public API."""
@@ -10,13 +10,13 @@ import sys
 import pytest
 
 from conftest import ROOT, free_port
-from tryon_ds.training import compat
+from tryon_ds import compat
 
 # What only compat.py may name: DeepSpeed's modules past its public API, its checkpoint engine, ZeRO's
-# parameter attributes, the optimizers' fp32 groups and loss scale, torch's c10d store.
+# parameter attributes, the optimizers' fp32 groups and loss scale, torch's c10d store and DataLoader workers.
 PRIVATE = re.compile(r"deepspeed\.runtime|deepspeed\.utils|checkpoint_engine|\bds_(id|tensor|numel|shape|status)\b|"
                      r"_hp_mapping|fp32_groups|fp32_partitioned|single_partition_of|averaged_gradients|cur_scale|"
-                     r"loss_scale_config|_get_default_store|allreduce_buffer_")
+                     r"loss_scale_config|_get_default_store|__compatible_ops__|_shutdown_workers")
 
 
 def test_nothing_but_compat_reaches_into_deepspeed_internals():
@@ -49,3 +49,16 @@ def test_every_touchpoint_holds_on_real_engines(tmp_path):
     assert not broken, (f"DeepSpeed {versions['deepspeed']} / torch {versions['torch']} (compat.py was checked on "
                         f"{compat.CHECKED}) changed: " + "; ".join(f"{k}: {v}" for k, v in broken.items()))
     assert len(report) == 4 * 5 + 4
+
+
+def test_a_dataloaders_workers_stop_when_told():
+    """compat.shutdown_workers: PyTorch's own shutdown of an iterator's worker processes, at once."""
+    from torch.utils.data import DataLoader
+
+    batches = iter(DataLoader(list(range(64)), batch_size=2, num_workers=2))
+    next(batches)
+    workers = list(batches._workers)
+    assert workers and all(w.is_alive() for w in workers)
+    compat.shutdown_workers(batches)
+    assert not any(w.is_alive() for w in workers)
+    compat.shutdown_workers(iter(DataLoader(list(range(4)))))  # no workers: nothing to stop

@@ -140,6 +140,7 @@ def test_the_cascade_as_a_list_and_the_older_keys_give_the_same_config():
         {"preset": "tiny-sr", "dim": 16, "image_size": [64, 64], "timesteps": 500, "sample_steps": 4,
          "cond_noise": {"garment": 0.1, "lowres": 0.3}}], "diffusion": {"cond_noise": {"train_max": 0.2}}})
     assert older == listed and build_config(listed.to_dict()) == listed
+    assert "aliases" not in older.to_dict() and not hasattr(older, "aliases")  # the names stay with the load
     tiny = read_config_file(ROOT / "configs" / "tiny.yaml")
     by_index = build_config(deep_merge(tiny, parse_override("unets.1.dim=48")))
     by_section = build_config(deep_merge(tiny, parse_override("unet2.dim=48")))

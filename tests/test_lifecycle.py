@@ -1,10 +1,13 @@
 """Every way a run ends ends it: with the right exit status, within a bound, and with no process left (the
 ranks, their data-loader workers, wandb's service). Real DeepSpeed ranks on CPU with real loader workers;
 each run starts its own process group, so whatever it leaves behind is found by that group."""
+import contextlib
 import datetime
 import json
+import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,6 +36,19 @@ def catches_sigterm(process) -> bool:
     return bool(caught >> (signal.SIGTERM - 1) & 1)
 
 
+@contextlib.contextmanager
+def busy_machine(busy: bool):
+    """Two more processes than the machine has cores, each spinning, while the block runs."""
+    spinning = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range((os.cpu_count() or 2) + 2 if busy else 0)]
+    try:
+        yield
+    finally:
+        for p in spinning:
+            p.kill()
+            p.wait()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("moment", ["start-up", "validation", "preview", "checkpoint"])
 def test_a_stop_signal_at_any_moment_saves_and_exits_0(shards, tmp_path, moment):
@@ -45,24 +61,28 @@ def test_a_stop_signal_at_any_moment_saves_and_exits_0(shards, tmp_path, moment)
         extra += ["--set", "sample_freq=3", "--set", "logging.preview_steps=150"]
     if moment == "checkpoint":
         extra += ["--set", "checkpoint_freq=3"]
-    run = Run(command(tmp_path, shards, steps=1000, extra=extra))
-    if moment == "start-up":  # as soon as both ranks have their handler: inside imports and DeepSpeed's set-up
-        run.wait_for(lambda: len(ranks := rank_processes(run.proc.pid)) == 2 and all(map(catches_sigterm, ranks)),
-                     timeout=60)
-        assert not metric_steps(tmp_path)
-    elif moment == "checkpoint":
-        run.wait_for((tmp_path / "ckpt" / "unet1" / "step00000003").exists)
-    else:
-        run.wait_for(lambda: 3 in metric_steps(tmp_path))
-        time.sleep(0.5)
-    run.signal_ranks(signal.SIGUSR1 if moment == "preview" else signal.SIGTERM)
-    assert run.end() == 0, run.err[-3000:]
+    with busy_machine(moment == "start-up"):  # more spinning processes than cores, at start-up
+        run = Run(command(tmp_path, shards, steps=1000, extra=extra))
+        if moment == "start-up":  # as soon as both ranks have their handler: inside imports and DeepSpeed's set-up
+            run.wait_for(lambda: len(ranks := rank_processes(run.proc.pid)) == 2 and all(map(catches_sigterm, ranks)),
+                         timeout=60)
+            assert not metric_steps(tmp_path)
+        elif moment == "checkpoint":
+            run.wait_for((tmp_path / "ckpt" / "unet1" / "step00000003").exists)
+        else:
+            run.wait_for(lambda: 3 in metric_steps(tmp_path))
+            time.sleep(0.5)
+        run.signal_ranks(signal.SIGUSR1 if moment == "preview" else signal.SIGTERM)
+        assert run.end() == 0, run.err[-3000:]
     assert "stop requested: saved at step" in run.out
     assert completed(tmp_path), "no checkpoint saved"
     if moment == "validation":
         assert "validation cut short by the stop request" in run.out
     if moment == "checkpoint":
         assert "step00000003" in completed(tmp_path)
+    if moment == "start-up":  # the stop honoured at the first step, and nothing compiled on the way there (#38)
+        assert completed(tmp_path) == ["step00000001"] and metric_steps(tmp_path) == [1]
+        assert "built successfully" not in run.out + run.err
 
 
 @pytest.mark.slow

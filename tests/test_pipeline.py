@@ -11,7 +11,8 @@ from tryon_ds.config import build_config, deep_merge, read_config_file
 from tryon_ds.data.pipeline import Data, TrainLoader, resolve_shards
 from tryon_ds.data.preprocess import pixels, resize, to_device
 from tryon_ds.errors import DataError
-from tryon_ds.data.transforms import IMAGES, augment, hflip, rotate
+from tryon_ds.batch import SHARD_IMAGES as IMAGES
+from tryon_ds.data.transforms import augment, hflip, rotate
 from tryon_ds.model.pose import COCO18_FLIP
 from conftest import ROOT
 
@@ -100,6 +101,31 @@ def test_train_batches_have_unet_shapes_and_ranges(shards):
     assert b1["person_pose"].shape == (4, 18, 2) and b1["person_pose_valid"].dtype == torch.bool
     b2 = _take(TrainLoader(cfg, 2, rank=0, batch_size=4), 1)[0]
     assert b2["person"].shape == (4, 3, 64, 64) and b2["lowres"].shape == (4, 3, 32, 32)
+
+
+def test_every_member_a_unet_reads_is_declared_once_and_written_and_decoded_by_that_declaration(shards):
+    """tryon_ds/batch.py is the one list: each family's conditioning reads only declared members, the shard
+    writer writes exactly the declared files, and the decoder gives back every input from them."""
+    import webdataset as wds
+    from tryon_ds import batch
+    from tryon_ds.data.pipeline import decode
+    from tryon_ds.model.presets import EFFICIENT_PRESETS, PRESETS
+    from tryon_ds.config import preset
+    for name in [*PRESETS, *EFFICIENT_PRESETS]:
+        for sr in (False, True):
+            try:
+                cond = preset(name).conditioning(sr)
+            except Exception:
+                continue  # a family that cannot take this place (the Efficient-UNet as UNet 1)
+            assert set(cond.inputs) <= set(batch.MEMBERS) and set(cond.sample_inputs) <= set(batch.IN_SHARDS), name
+    raw = next(iter(wds.WebDataset(sorted(str(p) for p in shards.glob("train-*.tar")), shardshuffle=False)))
+    written = {k for k in raw if not k.startswith("__") and k != "json"}
+    declared = {f for m in batch.MEMBERS.values() for f in m.files}
+    required = {m.files[0] for m in batch.MEMBERS.values() if m.files and not m.optional}
+    assert required <= written <= declared
+    sample = decode(raw, 18)
+    assert {batch.PERSON, *batch.INPUTS} - {batch.MASK} <= set(sample)
+    assert all(f"{pose}_valid" in sample for pose in batch.POSES)
 
 
 def test_a_validation_target_at_the_shards_size_is_the_shards_own_pixels(shards):

@@ -9,6 +9,8 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -59,18 +61,34 @@ def test_gathers_after_validation_forwards_hold_the_weights_for_every_zero3_sett
     assert len({tuple(e["losses"]) for e in report}) == 1
 
 
+def first_samples(shard: Path, n: int, out: Path) -> Path:
+    """A shard of the first ``n`` samples of ``shard``, member for member."""
+    with tarfile.open(shard) as src, tarfile.open(out, "w") as dst:
+        keys: list[str] = []
+        for member in src.getmembers():
+            key = member.name.split(".", 1)[0]
+            if key not in keys:
+                keys.append(key)
+            if len(keys) > n:
+                break
+            dst.addfile(member, src.extractfile(member))
+    return out
+
+
 @pytest.mark.parametrize("ema", [False, True])
 def test_a_step_that_validates_previews_and_saves_under_zero3_runs_through(shards, tmp_path, ema):
     """The reproduction of #43 on the tiny UNet: ZeRO-3 with the small knobs, validation, a preview and a
     checkpoint due at step 2 and again at the last step, 3. The run ends 0 with both checkpoints and both
-    previews, and each step's checkpoint was written before its validation and preview."""
+    previews, and each step's checkpoint was written before its validation and preview. Without the EMA the
+    validation set is one sample: rank 1 holds none, and runs a stand-in batch for each of rank 0's forwards."""
     ds = tmp_path / "zero3_small.json"
     config = json.loads((ROOT / "ds_configs" / "cpu_zero3.json").read_text())
     config["zero_optimization"].update(SMALL)
     ds.write_text(json.dumps(config))
+    val = [] if ema else ["--set", f"data.val_shards=[{first_samples(next(shards.glob('val-*.tar')), 1, tmp_path / 'one.tar')}]"]
     cmd = command(tmp_path, shards, ds="cpu_zero3", steps=3,
                   extra=["--set", "validation_freq=2", "--set", "sample_freq=2", "--set", "checkpoint_freq=2",
-                         "--set", f"use_ema={str(ema).lower()}"])
+                         "--set", f"use_ema={str(ema).lower()}", *val])
     cmd[cmd.index("--deepspeed_config") + 1] = str(ds)
     result = run(cmd)
     for step in (2, 3):
@@ -79,3 +97,4 @@ def test_a_step_that_validates_previews_and_saves_under_zero3_runs_through(shard
         actions = re.findall(rf"^step {step}: (checkpoint|validation|samples)", result.stdout, re.M)
         assert actions == ["checkpoint", "validation", "samples"], (step, result.stdout[-2000:])
     assert ("EMA sample" in result.stdout) == ema
+    assert len(re.findall(r"^step \d: validation loss \d+\.\d{4}$", result.stdout, re.M)) == 2

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batch import PERSON
 from .config import Config
 from .diffusion import SAMPLERS, GaussianDiffusion, noise
 from .model import LOWRES, build_unet
@@ -102,7 +103,7 @@ class CascadeUNet(nn.Module):
 
     def forward(self, batch: dict, per_sample: bool = False) -> torch.Tensor:
         """The diffusion loss of the batch: the mean, or with ``per_sample`` each sample's, (B,)."""
-        x0 = batch["person"]
+        x0 = batch[PERSON]
         b = x0.shape[0]
         t = torch.randint(0, self.train_timesteps, (b,), device=x0.device)
         noise = torch.randn_like(x0)

@@ -56,3 +56,11 @@ def parse_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected SIZE or HxW in pixels (8 or more), e.g. 256 or 256x192")
     h = int(m.group(1))
     return h, int(m.group(2) or h)
+
+
+def parse_bytes(text: str) -> int:
+    """A size in bytes on the command line: ``500M``, ``1G``, ``4096``."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?)B?", text.strip(), re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a size such as 500M or 1G")
+    return int(float(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2).upper()])

@@ -22,8 +22,9 @@ from PIL import Image
 
 from .bundle import read_unet
 from .cascade import CascadeUNet
+from .batch import CA, GARMENT, INPUTS
 from .config import Config
-from .data.pipeline import EVERYTHING, Quota, ValDataset, collate, resolve_shards
+from .data.pipeline import Quota, ValDataset, collate, resolve_shards
 from .data.preprocess import normalise_pose, pad_to_aspect, pose_tensors, to_device, to_image, unet_inputs
 from .data.sources import read_image, read_pose
 from .errors import UserError
@@ -96,7 +97,7 @@ class TryOnPipeline:
         k = self.configs[self.last].num_keypoints
         ca_padded, pad = pad_to_aspect(ca.convert("RGB"), size)
         garment_padded, garment_pad = pad_to_aspect(garment.convert("RGB"), size)
-        sample = {"ca": ca_padded, "garment": garment_padded}
+        sample = {CA: ca_padded, GARMENT: garment_padded}
         for name, pose, image, offset in (("person_pose", person_pose, ca_padded, pad),
                                           ("garment_pose", garment_pose, garment_padded, garment_pad)):
             sample[name], sample[f"{name}_valid"] = pose_tensors(
@@ -121,7 +122,7 @@ class TryOnPipeline:
 
         if limit is not None:
             select = Quota(total=limit)
-        samples = iter(ValDataset(urls, self.configs[self.last].num_keypoints, EVERYTHING, prepare, rank, world_size,
+        samples = iter(ValDataset(urls, self.configs[self.last].num_keypoints, INPUTS, prepare, rank, world_size,
                                   select=select, data=self.configs[self.last].data))
         while batch := list(itertools.islice(samples, batch_size)):
             yield {number: collate([s[number] for s in batch]) for number in self.configs}

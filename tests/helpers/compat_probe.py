@@ -1,4 +1,4 @@
-"""Run under the deepspeed launcher on 2 CPU ranks: every function of tryon_ds/training/compat.py (the package's
+"""Run under the deepspeed launcher on 2 CPU ranks: every function of tryon_ds/compat.py (the package's
 only reach into DeepSpeed's and torch's internals) on real engines of each ZeRO stage and optimizer wrapper
 the CPU runs, each checked against what it must mean. Rank 0 writes {touchpoint: "ok" or what went wrong}."""
 import argparse
@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from tryon_ds.cascade import CascadeUNet, random_batch  # noqa: E402
 from tryon_ds.config import build_config, deep_merge, read_config_file  # noqa: E402
-from tryon_ds.training import compat, distributed, engine as ds_engine  # noqa: E402
+from tryon_ds import compat  # noqa: E402
+from tryon_ds.training import distributed, engine as ds_engine  # noqa: E402
 from tryon_ds.training.ds_config import build_ds_config  # noqa: E402
 
 p = argparse.ArgumentParser()
@@ -155,10 +156,12 @@ def leaf():
     assert z3_leaf_module(module)
 
 
-def allreduce_buffer():
-    """DeepSpeed mapped this rank's buffer under the name compat gives (setup unlinked it: '(deleted)')."""
-    maps = Path("/proc/self/maps").read_text()
-    assert str(compat.cpu_allreduce_buffer(world.rank)) in maps, "no such mapping"
+def no_shared_memory_allreduce():
+    """DeepSpeed's process group (started by distributed.setup) neither built nor mapped its shm all-reduce."""
+    from deepspeed.comm import comm
+
+    assert comm.cdb.shm_comm_op is None, "the op was built"
+    assert "deepspeed_allreduce_buffer" not in Path("/proc/self/maps").read_text(), "its buffer is mapped"
 
 
 def store():
@@ -168,7 +171,7 @@ def store():
 
 
 for name, fn in (("is_loss_scale_exhausted", exhausted), ("make_zero3_leaf", leaf),
-                 ("cpu_allreduce_buffer", allreduce_buffer), ("default_store", store)):
+                 ("skip_shared_memory_allreduce", no_shared_memory_allreduce), ("default_store", store)):
     check(name, fn)
 report["versions"] = {"deepspeed": __import__("deepspeed").__version__, "torch": torch.__version__.split("+")[0]}
 if world.is_main:

@@ -14,7 +14,8 @@ from tryon_ds.config import build_config, deep_merge, read_config_file  # noqa: 
 from tryon_ds.cascade import random_batch  # noqa: E402
 from tryon_ds.training.engine import state_bytes  # noqa: E402
 from tryon_ds.planner import model_states  # noqa: E402
-from tryon_ds.training import compat, distributed, engine as ds_engine  # noqa: E402
+from tryon_ds import compat  # noqa: E402
+from tryon_ds.training import distributed, engine as ds_engine  # noqa: E402
 from tryon_ds.training.ds_config import build_ds_config, precision, zero_stage  # noqa: E402
 
 CASES = [("cpu_zero0", "no"), ("cpu_zero0", "bf16"), ("cpu_zero2", "no"), ("cpu_zero2", "bf16"), ("cpu_zero3", "no"),

@@ -75,7 +75,8 @@ def worker(args) -> None:
     from tryon_ds.model.attention import xops
     from tryon_ds.cascade import random_batch
     from tryon_ds.planner import peak as planned_peak, plan
-    from tryon_ds.training import compat, distributed, engine as ds_engine
+    from tryon_ds import compat
+    from tryon_ds.training import distributed, engine as ds_engine
     from tryon_ds.training.ds_config import build_ds_config, zero_stage
 
     world = distributed.setup()

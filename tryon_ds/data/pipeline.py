@@ -50,17 +50,14 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..batch import INPUTS, MEMBERS, PERSON
+from ..compat import shutdown_workers
 from ..config import Config, DataConfig
 from ..errors import DataError
 from ..seeding import rng_for, seed_for
 from .preprocess import pose_tensors, unet_inputs
 from .remote import read_shards
 
-# A sample's fields and the shard members they are read from (a test split's images are PNG: lossless targets).
-MEMBERS = {"person": ("person.jpg", "person.png"), "ca": ("ca.jpg", "ca.png"), "garment": ("garment.jpg", "garment.png"),
-           "person_pose": ("person_pose.npy",), "garment_pose": ("garment_pose.npy",)}
-# Everything a sample can hold: what inference and evaluation read (the mask where the shards have it).
-EVERYTHING = ("ca", "garment", "person_pose", "garment_pose", "mask")
 
 
 class BadSample(Exception):
@@ -100,11 +97,11 @@ def shard_urls(config: Config, split: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- one sample
-def _image(raw: dict, name: str) -> Image.Image:
+def _image(raw: dict, name: str, grey: bool = False) -> Image.Image:
     """A member decoded whole (a corrupt one fails here)."""
     try:
         with Image.open(io.BytesIO(raw[name])) as img:
-            return img.convert("L" if name == "mask.png" else "RGB")
+            return img.convert("L" if grey else "RGB")
     except Exception as err:
         raise BadSample(f"unreadable {name} ({type(err).__name__})") from None
 
@@ -121,25 +118,24 @@ def _pose(raw: dict, name: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return pose_tensors(a)
 
 
-def decode(raw: dict, num_keypoints: int, inputs: tuple[str, ...] = EVERYTHING) -> dict:
+def decode(raw: dict, num_keypoints: int, inputs: tuple[str, ...] = INPUTS) -> dict:
     """The target and ``inputs`` of a raw shard sample (PIL images, pose tensors); nothing else is decoded.
-    ``mask`` among the inputs is read where the shard has one; ``source`` gives the release's (person, garment)
-    file names from the sample's json."""
-    wanted = ["person", *(name for name in inputs if name in MEMBERS)]
-    member = {name: next((m for m in MEMBERS[name] if m in raw), None) for name in wanted}
-    missing = [MEMBERS[name][0] for name in wanted if member[name] is None]
+    An optional member (the mask) is read where the shard has it; ``source`` gives the release's (person,
+    garment) file names from the sample's json."""
+    wanted = [PERSON, *(name for name in inputs if name in MEMBERS and MEMBERS[name].files)]
+    member = {name: next((f for f in MEMBERS[name].files if f in raw), None) for name in wanted}
+    missing = [MEMBERS[name].files[0] for name in wanted if member[name] is None and not MEMBERS[name].optional]
     if missing:
         raise BadSample(f"missing member(s) {', '.join(missing)}")
     sample = {"key": raw["__key__"]}
-    for name in wanted:
-        if name.endswith("_pose"):
+    for name in (name for name in wanted if member[name] is not None):
+        kind = MEMBERS[name].kind
+        if kind == "pose":
             sample[name], sample[f"{name}_valid"] = _pose(raw, member[name], num_keypoints)
         else:
-            sample[name] = _image(raw, member[name])
-    if len({sample[name].size for name in wanted if not name.endswith("_pose")}) > 1:
+            sample[name] = _image(raw, member[name], grey=kind == "mask")
+    if len({sample[name].size for name in wanted if MEMBERS[name].kind == "image"}) > 1:
         raise BadSample("images of different sizes")
-    if "mask" in inputs and "mask.png" in raw:
-        sample["mask"] = _image(raw, "mask.png")
     # Whether the person wears this garment (a ground truth exists) or another's (a release's unpaired test),
     # and DressCode's category, by which the evaluation reports too; with ``source`` among the inputs, the
     # release's file names (person, garment), by which other methods name their results.
@@ -165,11 +161,26 @@ RETRIED = "shard read again: "  # a count of reads retried, not of samples skipp
 UNREADABLE = "unreadable shard "
 
 
+def _by_kind(counts: Counter) -> tuple[dict[str, int], dict[str, int]]:
+    """(samples skipped and shards given up on, by reason; reads retried, by shard)."""
+    retried = {r: n for r, n in counts.items() if r.startswith(RETRIED)}
+    return {r: n for r, n in counts.items() if r not in retried}, retried
+
+
 def store_trouble(counts: Counter) -> dict[str, int]:
     """Reads retried and shards given up on, as the metrics name them; empty while there were none."""
-    retried = sum(n for r, n in counts.items() if r.startswith(RETRIED))
-    unreadable = sum(n for r, n in counts.items() if r.startswith(UNREADABLE))
-    return {"data/shard_retries": retried, "data/shards_unreadable": unreadable} if retried or unreadable else {}
+    skipped, retried = _by_kind(counts)
+    unreadable = sum(n for r, n in skipped.items() if r.startswith(UNREADABLE))
+    return ({"data/shard_retries": sum(retried.values()), "data/shards_unreadable": unreadable}
+            if retried or unreadable else {})
+
+
+def skip_report(counts: Counter) -> str:
+    """The run's data report: samples skipped and reads retried, each by reason."""
+    skipped, retried = _by_kind(counts)
+    return (f"data: {sum(skipped.values())} sample(s) skipped" + "".join(f"\n  {n} x {r}" for r, n in skipped.items())
+            + (f"; {sum(retried.values())} shard read(s) retried" if retried else "")
+            + "".join(f"\n  {n} x {r}" for r, n in retried.items()))
 
 
 class SkipCounter:
@@ -310,14 +321,6 @@ class TrainLoader:
         """Stop the loader workers now, on every way a run ends."""
         shutdown_workers(self._iterator)
         self._iterator = None
-
-
-def shutdown_workers(iterator) -> None:
-    """Stop a DataLoader iterator's workers now rather than when it is garbage-collected: they ignore
-    SIGTERM (see _worker_init), so a forgotten one would keep the process from exiting."""
-    shutdown = getattr(iterator, "_shutdown_workers", None)  # PyTorch's own, what its __del__ calls
-    if shutdown is not None:
-        shutdown()
 
 
 # --------------------------------------------------------------------------- validation

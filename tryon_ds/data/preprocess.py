@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..model.spec import LOWRES
-from .transforms import IMAGES, augment
+from ..batch import IMAGES, LOWRES, MASK, PERSON, SHARD_IMAGES
+from .transforms import augment
 
 PAD_COLOUR = (255, 255, 255)
 
@@ -87,9 +87,6 @@ def resize(img: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(img[None], size=tuple(size), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
-IMAGE_KEYS = (*IMAGES, LOWRES)
-
-
 def to_device(batch: dict, device: torch.device) -> dict:
     """A batch as the pipeline makes it (uint8 images, a 0/1 uint8 mask) on ``device``, images in [-1, 1] as
     float32 there, the mask 0./1."""
@@ -98,7 +95,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
         if torch.is_tensor(v):
             v = v.to(device, non_blocking=True)
             if v.dtype == torch.uint8:
-                v = from_uint8(v) if k in IMAGE_KEYS else v.float()
+                v = from_uint8(v) if k in IMAGES else v.float()
         out[k] = v
     return out
 
@@ -112,23 +109,23 @@ def unet_inputs(sample: dict, config, unet_number: int, rng: random.Random | Non
         return crop_inputs(sample, config, unet_number, rng)
     if rng is not None:
         d = config.data
-        out = at_size({k: v for k, v in sample.items() if k != "mask"}, config.image_size(unet_number))
+        out = at_size({k: v for k, v in sample.items() if k != MASK}, config.image_size(unet_number))
         out = augment(out, rng, d.hflip_prob, d.rotation_degrees, d.color_jitter)
     else:
         out = at_size(sample, config.image_size(unet_number))
-    if config.conditioning(unet_number).super_resolves and "person" in out:
-        out[LOWRES] = resize(out["person"], config.image_size(unet_number - 1))
+    if config.conditioning(unet_number).super_resolves and PERSON in out:
+        out[LOWRES] = resize(out[PERSON], config.image_size(unet_number - 1))
     return out
 
 
 def at_size(sample: dict, size: tuple[int, int]) -> dict:
     """A sample's PIL images (and mask, 0/1) as uint8 tensors at ``size``; its other fields as they are."""
     out = dict(sample)
-    for name in IMAGES:
+    for name in SHARD_IMAGES:
         if name in sample:
             out[name] = resize(pixels(sample[name]), size)
-    if "mask" in sample:
-        out["mask"] = (resize(pixels(sample["mask"])[:1], size) > 127).to(torch.uint8)
+    if MASK in sample:
+        out[MASK] = (resize(pixels(sample[MASK])[:1], size) > 127).to(torch.uint8)
     return out
 
 
@@ -139,14 +136,14 @@ def crop_inputs(sample: dict, config, unet_number: int, rng: random.Random) -> d
     crop from its upsampled low-res input. Only the target is read. The target and the low-res image are
     those ``unet_inputs`` makes for evaluation (flipped where ``data.hflip_prob`` says): the crop is cut from
     them, never resized on its own."""
-    whole = unet_inputs({"person": sample["person"]}, config, unet_number)
+    whole = unet_inputs({PERSON: sample[PERSON]}, config, unet_number)
     if rng.random() < config.data.hflip_prob:
         whole = {k: v.flip(-1) for k, v in whole.items()}
     h, w = config.image_size(unet_number)
     crop_h, crop_w = config.crop_size(unet_number)
     top, left = rng.randint(0, h - crop_h), rng.randint(0, w - crop_w)
-    out = {k: v for k, v in sample.items() if k not in IMAGES and k != "mask"}
-    out["person"] = whole["person"][:, top:top + crop_h, left:left + crop_w].contiguous()
+    out = {k: v for k, v in sample.items() if k not in SHARD_IMAGES and k != MASK}
+    out[PERSON] = whole[PERSON][:, top:top + crop_h, left:left + crop_w].contiguous()
     out[LOWRES] = whole[LOWRES]
     out["crop"] = torch.tensor([top, left])
     return out

@@ -36,6 +36,7 @@ import webdataset as wds
 from PIL import Image
 
 from .. import atomic
+from ..batch import CA, GARMENT, GARMENT_POSE, MASK, MEMBERS, PERSON, PERSON_POSE, SHARD_IMAGES, file_name
 from ..errors import UserError
 from .preprocess import letterbox, normalise_pose
 from .sources import LoadedSample, SampleError, SourceSample, load_sample
@@ -123,14 +124,13 @@ def encode_sample(s: LoadedSample, opts: ShardOptions) -> dict:
     ca, _, _ = letterbox(s.ca, size)
     garment, g_scale, g_pad = letterbox(s.garment, size)
     lossless = s.meta.get("split") == "test"
-    ext, quality = ("png", None) if lossless else ("jpg", opts.jpeg_quality)
+    quality = None if lossless else opts.jpeg_quality
     sample = {
         "__key__": shard_key(s.key),
-        f"person.{ext}": _image_bytes(person, quality),
-        f"ca.{ext}": _image_bytes(ca, quality),
-        f"garment.{ext}": _image_bytes(garment, quality),
-        "person_pose.npy": _npy(normalise_pose(s.person_pose, scale, pad, size, opts.num_keypoints)),
-        "garment_pose.npy": _npy(normalise_pose(s.garment_pose, g_scale, g_pad, size, opts.num_keypoints)),
+        **{file_name(name, lossless): _image_bytes(img, quality)
+           for name, img in ((PERSON, person), (CA, ca), (GARMENT, garment))},
+        file_name(PERSON_POSE): _npy(normalise_pose(s.person_pose, scale, pad, size, opts.num_keypoints)),
+        file_name(GARMENT_POSE): _npy(normalise_pose(s.garment_pose, g_scale, g_pad, size, opts.num_keypoints)),
         "json": json.dumps({"key": s.key, "person_size": list(s.person.size), "garment_size": list(s.garment.size),
                             "garment_pose": s.garment_pose is not None, **s.meta}).encode(),
     }
@@ -138,7 +138,7 @@ def encode_sample(s: LoadedSample, opts: ShardOptions) -> dict:
         mask, _, _ = letterbox(s.mask.convert("L"), size, 0, Image.NEAREST)
         buf = io.BytesIO()
         mask.save(buf, format="PNG")
-        sample["mask.png"] = buf.getvalue()
+        sample[file_name(MASK)] = buf.getvalue()
     return sample
 
 
@@ -366,7 +366,7 @@ def check_shard_size(config, unet_number: int) -> None:
         return  # shards named directly: no manifest says their size
     h, w = json.loads(path.read_text()).get("settings", {}).get("image_size", (0, 0))
     uh, uw = config.image_size(unet_number)
-    key = config.size_key(unet_number)
+    key = config.key(unet_number, "image_size")
     if h * uw != w * uh:
         raise UserError(f"{config.data_dir} holds shards of {h}x{w} (HxW) but UNet {unet_number} trains at {uh}x{uw} "
                         f"('{key}'), another aspect ratio: write the shards with --image-size {uh}x{uw} (or a "
@@ -389,3 +389,18 @@ def read_manifest(folder: str | Path) -> dict:
         raise UserError(f"{path}: the shards are incomplete (the writing run was interrupted); "
                         "re-run tools/make_shards.py into the same folder to finish them")
     return manifest
+
+
+def preview_sheet(shards: Path, path: Path, rows: int = 6) -> None:
+    """The first paired samples of the shards as written: their images (person | ca | garment), a row each."""
+    urls = [str(p) for p in sorted(shards.glob("*.tar"))]
+    paired = (s for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+              if json.loads(s["json"]).get("pair", "paired") == "paired")  # an unpaired one repeats a person
+    images = [[Image.open(io.BytesIO(next(s[f] for f in MEMBERS[k].files if f in s))).convert("RGB")
+               for k in SHARD_IMAGES] for _, s in zip(range(rows), paired)]
+    w, h = images[0][0].size
+    sheet = Image.new("RGB", (len(SHARD_IMAGES) * w, len(images) * h), "white")
+    for r, row in enumerate(images):
+        for c, img in enumerate(row):
+            sheet.paste(img, (c * w, r * h))
+    atomic.save_image(sheet, path)

@@ -17,15 +17,14 @@ import random
 import torch
 import torch.nn.functional as F
 
+from ..batch import PERSON, POSES, SHARD_IMAGES
 from ..model.pose import flip_permutation
 
-IMAGES = ("person", "ca", "garment")
-POSES = ("person_pose", "garment_pose")
 
 
 def hflip(sample: dict) -> dict:
     out = dict(sample)
-    for key in IMAGES:
+    for key in SHARD_IMAGES:
         out[key] = sample[key].flip(-1)
     for key in POSES:
         perm = list(flip_permutation(sample[key].shape[0]))
@@ -41,14 +40,14 @@ def rotate(sample: dict, degrees: float) -> dict:
     out = dict(sample)
     theta = math.radians(degrees)
     c, s = math.cos(theta), math.sin(theta)
-    _, h, w = sample["person"].shape
+    _, h, w = sample[PERSON].shape
     # Output pixel q (centred pixel units) samples the input at R q, R = [[c, -s], [s, c]], written in each
     # axis's normalised units for affine_grid; a keypoint at p therefore moves to R^-1 p = R^T p.
     matrix = torch.tensor([[c, -s * h / w, 0.0], [s * w / h, c, 0.0]], dtype=torch.float32)
-    stack = torch.stack([sample[k] for k in IMAGES])
-    grid = F.affine_grid(matrix.expand(len(IMAGES), 2, 3), list(stack.shape), align_corners=False)
+    stack = torch.stack([sample[k] for k in SHARD_IMAGES])
+    grid = F.affine_grid(matrix.expand(len(SHARD_IMAGES), 2, 3), list(stack.shape), align_corners=False)
     rotated = F.grid_sample(stack, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    for key, img in zip(IMAGES, rotated):
+    for key, img in zip(SHARD_IMAGES, rotated):
         out[key] = img
     for key in POSES:
         x = (sample[key][:, 0] * 2 - 1) * (w / 2)
@@ -64,7 +63,7 @@ def rotate(sample: dict, degrees: float) -> dict:
 
 def colour_jitter(sample: dict, brightness: float, contrast: float, saturation: float) -> dict:
     out = dict(sample)
-    for key in IMAGES:
+    for key in SHARD_IMAGES:
         img = sample[key] * brightness
         mean = img.mean()
         img = (img - mean) * contrast + mean
@@ -79,9 +78,9 @@ def augment(sample: dict, rng: random.Random, hflip_prob: float, rotation_degree
         sample = hflip(sample)  # a flip is exact on uint8
     if rotation_degrees <= 0 and jitter <= 0:
         return sample
-    sample = {k: v.float() / 255 if k in IMAGES else v for k, v in sample.items()}
+    sample = {k: v.float() / 255 if k in SHARD_IMAGES else v for k, v in sample.items()}
     if rotation_degrees > 0:
         sample = rotate(sample, rng.uniform(-rotation_degrees, rotation_degrees))
     if jitter > 0:
         sample = colour_jitter(sample, *(rng.uniform(1 - jitter, 1 + jitter) for _ in range(3)))
-    return {k: (v * 255).round().clamp(0, 255).to(torch.uint8) if k in IMAGES else v for k, v in sample.items()}
+    return {k: (v * 255).round().clamp(0, 255).to(torch.uint8) if k in SHARD_IMAGES else v for k, v in sample.items()}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import metrics
+from ..batch import CA, GARMENT, MASK, PERSON
 
 METHODS = ("try-on (cascade)", "ca image", "ca + mean colour")
 
@@ -25,9 +26,9 @@ def sr_methods(unet_number: int) -> tuple[str, str]:
 
 def garment_region(batch: dict) -> torch.Tensor:
     """(B, 1, H, W) float mask in {0, 1}."""
-    if "mask" in batch:
-        return batch["mask"]
-    return ((batch["ca"] - batch["person"]).abs().amax(dim=1, keepdim=True) > 0.1).float()
+    if MASK in batch:
+        return batch[MASK]
+    return ((batch[CA] - batch[PERSON]).abs().amax(dim=1, keepdim=True) > 0.1).float()
 
 
 def mean_colour_fill(ca: torch.Tensor, garment: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
@@ -46,7 +47,7 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torc
 
 def tryon_candidates(result: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
     """The cascade's try-on and the two baselines on the same pairs, in METHODS order."""
-    return dict(zip(METHODS, (result, batch["ca"], mean_colour_fill(batch["ca"], batch["garment"], garment_region(batch)))))
+    return dict(zip(METHODS, (result, batch[CA], mean_colour_fill(batch[CA], batch[GARMENT], garment_region(batch)))))
 
 
 @dataclass
@@ -60,7 +61,7 @@ class QualityTable:
         """candidates: {method: images}, images in [-1, 1] at the size of the batch's target."""
         region = garment_region(batch)
         whole = torch.ones_like(region)
-        target = (batch["person"] + 1) / 2
+        target = (batch[PERSON] + 1) / 2
         keys = batch.get("key") or [f"#{len(self.values) + i:06d}" for i in range(len(target))]
         per_method = {}
         for name, image in candidates.items():

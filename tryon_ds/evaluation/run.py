@@ -20,6 +20,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from .. import atomic
+from ..batch import CA, GARMENT, LOWRES, MASK, PERSON
 from ..config import DataConfig
 from ..data.pipeline import Quota, ValDataset, collate, resolve_shards
 from ..data.preprocess import as_uint8, at_size, from_uint8, image_grid, pixels, resize, to_device
@@ -141,7 +142,7 @@ def results(folder: ResultsFolder, shards: str, quota: Quota, batch_size: int, d
     """As ``tryons``, from a folder: (this rank's batch at the results' size, their try-ons as uint8) over the
     quota's samples that have a result; the keys of those that have none go to ``missing``."""
     size = tuple(folder.size)
-    samples = iter(ValDataset(resolve_shards(shards, "test"), NO_POSES, ("ca", "garment", "mask", "source"),
+    samples = iter(ValDataset(resolve_shards(shards, "test"), NO_POSES, (CA, GARMENT, MASK, "source"),
                               lambda sample: at_size(sample, size), world.rank, world.size, quota, data))
     while chunk := [s for _, s in zip(range(batch_size), samples)]:
         found = [(s, folder.find(s["key"], s["source"])) for s in chunk]
@@ -178,7 +179,7 @@ def reference_set(shards: str, sizes: list[tuple[int, int]], base: tuple[int, in
             print(f"reference set: {len(reference.categories)} test person(s), from {cache}", flush=True)
         return reference
     part = {}
-    persons = iter(ValDataset(urls, NO_POSES, (), lambda s: (s["category"], resize(pixels(s["person"]), base)),
+    persons = iter(ValDataset(urls, NO_POSES, (), lambda s: (s["category"], resize(pixels(s[PERSON]), base)),
                               world.rank, world.size, data=data))
     while chunk := [p for _, p in zip(range(batch_size), persons)]:
         images = torch.stack([image for _, image in chunk])
@@ -207,7 +208,7 @@ def evaluate_sr_alone(pipe: TryOnPipeline, number: int, shards: str, num: int, b
         cond = {k: batch[k].to(pipe.device) for k in model.conditioning.keys}
         sr = model.sample(cond, steps=steps, sampler=options["sampler"], guidance=options["guidance"],
                           generator=pipe.generators(batch["key"], options["seed"])).cpu()
-        bilinear = model.upsample(batch["lowres"])  # what the UNet starts from
+        bilinear = model.upsample(batch[LOWRES])  # what the UNet starts from
         table.add(dict(zip(sr_methods(number), (sr, bilinear))), batch)
     return table
 
@@ -246,14 +247,14 @@ def run(args: Settings, world: distributed.World) -> None:
     region, pictures = QualityTable(), []
     for batch, made in measured:
         field_metrics.add(batch["key"], batch["pair"], batch.get("category") or [""] * len(made), made,
-                          batch["person"])
+                          batch[PERSON])
         batch = to_device(batch, torch.device("cpu"))
         paired = [i for i, p in enumerate(batch["pair"]) if p == "paired"]
         if paired:
             chosen = _select(batch, paired)
             tryon = from_uint8(made[paired])
             region.add(tryon_candidates(tryon, chosen), chosen)
-        pictures += [[batch["ca"][i], batch["garment"][i], from_uint8(made[i])]
+        pictures += [[batch[CA][i], batch[GARMENT][i], from_uint8(made[i])]
                      for i, p in enumerate(batch["pair"]) if p == "unpaired"][:max(0, 8 - len(pictures))]
         print(f"rank {world.rank}: {len(field_metrics.records)} sample(s) measured", flush=True)
 

@@ -21,7 +21,7 @@ def build_unet(spec: UNetSpec, super_resolves: bool, channels: int = 3) -> torch
 
 
 def parameter_count(module: torch.nn.Module, numel=torch.Tensor.numel) -> int:
-    """The module's parameters; ``numel`` counts one (training.compat.full_numel: also a ZeRO-3 partitioned one)."""
+    """The module's parameters; ``numel`` counts one (tryon_ds/compat.py full_numel: also a ZeRO-3 partitioned one)."""
     return sum(numel(p) for p in module.parameters())
 
 

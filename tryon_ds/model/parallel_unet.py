@@ -22,6 +22,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from ..batch import CA, GARMENT, GARMENT_POSE, PERSON_POSE
 from .attention import attention
 from .blocks import Embedder, ResBlock, ZeroConv2d, ZeroLinear, downsample, run_block, upsample
 from .pose import AttentionPool, PoseTokens
@@ -58,9 +59,9 @@ class ParallelUNetConfig(UNetSpec):
         super-resolving one also the upsampled low-res try-on, never dropped: it is the image being
         super-resolved. The images are noise-augmented, the poses are not."""
         lowres = (LOWRES,) if super_resolves else ()
-        return Conditioning(images=("ca", "garment") + lowres, poses=("person_pose", "garment_pose"),
-                            noisy=("ca", "garment") + lowres, guided=("ca", "garment", "person_pose", "garment_pose"),
-                            preview=("ca", "garment"))
+        return Conditioning(images=(CA, GARMENT) + lowres, poses=(PERSON_POSE, GARMENT_POSE),
+                            noisy=(CA, GARMENT) + lowres, guided=(CA, GARMENT, PERSON_POSE, GARMENT_POSE),
+                            preview=(CA, GARMENT))
 
     @property
     def size_factor(self) -> int:
@@ -191,8 +192,8 @@ class ParallelUNet(nn.Module):
 
     def _conditioning(self, t, cond, noise_levels):
         """The FiLM vector and the pose tokens."""
-        tokens = self.pose_tokens(cond["person_pose"], cond["person_pose_valid"], cond["garment_pose"],
-                                  cond["garment_pose_valid"])
+        tokens = self.pose_tokens(cond[PERSON_POSE], cond[f"{PERSON_POSE}_valid"], cond[GARMENT_POSE],
+                                  cond[f"{GARMENT_POSE}_valid"])
         k = self.cfg.num_keypoints
         c = self.time_embed(t) + self.pose_pool[0](tokens[:, :k]) + self.pose_pool[1](tokens[:, k:])
         for name in self.conditioning.noisy:
@@ -248,8 +249,8 @@ class ParallelUNet(nn.Module):
                 return x
             return self._call(level.attn[j], x, garment_feats[place + (j,)], pose_tokens)
 
-        self._walk(self.garment_down, self.garment_mid, self.garment_up, self.garment_in(cond["garment"]), c, keep)
-        inputs = [x_t, cond["ca"]] + ([cond[LOWRES]] if self.super_resolves else [])
+        self._walk(self.garment_down, self.garment_mid, self.garment_up, self.garment_in(cond[GARMENT]), c, keep)
+        inputs = [x_t, cond[CA]] + ([cond[LOWRES]] if self.super_resolves else [])
         x = self._walk(self.person_down, self.person_mid, self.person_up, self.person_in(torch.cat(inputs, dim=1)),
                        c, attend)
         return self.person_out(x)

@@ -1,4 +1,4 @@
-"""Named UNet sizes: values for the keys of a UNet's entry in the cascade (tryon_ds/config.py); any key given
+"""Named UNet sizes: values for the keys of a UNet's entry in the cascade (tryon_ds/config/schema.py); any key given
 beside ``preset`` in a config overrides the preset's value. The preset's family decides the architecture.
 
 Parallel-UNets (``PRESETS``; tryon_ds/model/parallel_unet.py), all with the paper's structure: UNet 1

@@ -5,7 +5,7 @@ architecture's keys and answers ``conditioning(super_resolves)``; everything tha
 derived from that answer, here and in tryon_ds/cascade.py.
 
 This package imports nothing above it: a spec that is wrong raises ``SpecError`` (a ValueError) whose message
-names the key; tryon_ds/config.py reports it as a configuration error.
+names the key; tryon_ds/config/ reports it as a configuration error.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import ClassVar, Literal, Optional
 
 import torch
 
-LOWRES = "lowres"  # the input a super-resolving UNet reads: the UNet before it's output (the target, in training)
+from ..batch import LOWRES  # noqa: F401  (the input a super-resolving UNet reads: the UNet before it's output)
 
 
 def super_resolves(unet_number: int) -> bool:
@@ -28,7 +28,7 @@ class SpecError(ValueError):
 
 
 def bounds(ge=None, gt=None, le=None) -> dict:
-    """A field's allowed range, as field metadata: tryon_ds/config.py checks it when a file is loaded."""
+    """A field's allowed range, as field metadata: tryon_ds/config/typed.py checks it when a file is loaded."""
     return {"ge": ge, "gt": gt, "le": le}
 
 

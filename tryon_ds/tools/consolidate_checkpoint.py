@@ -23,7 +23,7 @@ from ..config import build_config
 from ..errors import UserError
 from ..model import DTYPES
 from ..training import checkpoint
-from ..training.compat import zero_checkpoint_weights
+from ..compat import zero_checkpoint_weights
 
 
 @exit_on_user_error

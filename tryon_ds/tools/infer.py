@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from .. import atomic
+from ..batch import CA, GARMENT, PERSON
 from ..cli import exit_on_user_error
 from ..data.preprocess import image_grid, to_device, to_image
 from ..diffusion import SAMPLERS
@@ -36,7 +37,7 @@ def run_shards(pipe: TryOnPipeline, args, options: dict) -> None:
         for i, key in enumerate(conds[last]["key"]):
             atomic.save_image(to_image(results[last][i]), out_dir / f"{safe_name(key)}.png")
         c = to_device(conds[last], torch.device("cpu"))
-        rows.append(image_grid([c["ca"], c["garment"], results[last].cpu(), c["person"]]))
+        rows.append(image_grid([c[CA], c[GARMENT], results[last].cpu(), c[PERSON]]))
         done += len(conds[last]["key"])
     if not rows:
         raise UserError(f"no sample could be read from {args.shards}")

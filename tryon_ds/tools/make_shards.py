@@ -22,21 +22,13 @@ number of parts, and a failed part re-run into the same folder redoes only itsel
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from pathlib import Path
 
-from ..cli import exit_on_user_error, parse_size
+from ..cli import exit_on_user_error, parse_bytes, parse_size
 from ..errors import UserError
 from ..data import agnostic, sources
-from ..data.shards import SPLITS, Part, ShardOptions, merge_parts, write_shards
-
-
-def parse_bytes(text: str) -> int:
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?)B?", text.strip(), re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a size such as 500M or 1G")
-    return int(float(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2).upper()])
+from ..data.shards import SPLITS, Part, ShardOptions, merge_parts, preview_sheet, write_shards
 
 
 @exit_on_user_error
@@ -123,30 +115,6 @@ def main(argv=None) -> None:
     if args.preview:
         preview_sheet(Path(args.out), Path(args.preview))
         print(f"preview (person | ca | garment) in {args.preview}")
-
-
-def preview_sheet(shards: Path, path: Path, rows: int = 6) -> None:
-    """The first paired samples of the shards as written: person | ca | garment, a row each."""
-    import io
-    import json
-
-    import webdataset as wds
-    from PIL import Image
-
-    from .. import atomic
-
-    urls = [str(p) for p in sorted(shards.glob("*.tar"))]
-    paired = (s for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-              if json.loads(s["json"]).get("pair", "paired") == "paired")  # an unpaired one repeats a person
-    samples = [s for _, s in zip(range(rows), paired)]
-    images = [[Image.open(io.BytesIO(s.get(f"{k}.jpg") or s[f"{k}.png"])).convert("RGB") for k in ("person", "ca", "garment")]
-              for s in samples]
-    w, h = images[0][0].size
-    sheet = Image.new("RGB", (3 * w, len(images) * h), "white")
-    for r, row in enumerate(images):
-        for c, img in enumerate(row):
-            sheet.paste(img, (c * w, r * h))
-    atomic.save_image(sheet, path)
 
 
 if __name__ == "__main__":

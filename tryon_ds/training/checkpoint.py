@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from .. import atomic
 from ..config import Config
 from ..errors import UserError
-from . import compat
+from .. import compat
 
 TAG = re.compile(r"^step(\d{8})$")
 MANIFEST_FORMAT = 1

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed
 
-from .compat import cpu_allreduce_buffer
+from ..compat import skip_shared_memory_allreduce
 
 
 @dataclass(frozen=True)
@@ -64,12 +64,11 @@ def setup(timeout_s: float = 1800) -> World:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     import deepspeed
 
+    skip_shared_memory_allreduce()
     deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     peers = [None] * int(env["WORLD_SIZE"])
     torch.distributed.all_gather_object(peers, (socket.gethostname(), os.getpid()))
     world = World(int(env["RANK"]), int(env["WORLD_SIZE"]), local_rank, device, tuple(map(tuple, peers)))
-    if device.type == "cpu":
-        _unlink_shm_buffer(world.rank)
     return world
 
 
@@ -81,14 +80,3 @@ def teardown() -> None:
 
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _unlink_shm_buffer(rank: int) -> None:
-    """DeepSpeed's CPU all-reduce keeps a 69 MB buffer per rank in /dev/shm and never removes it, so every
-    run leaked them (20 GB of RAM-backed files over one day of tests here). init_distributed has mapped every
-    rank's buffer into every rank by the time it returns; once all ranks are past that, each unlinks its own
-    name: the mappings stay valid and the memory goes back when the last rank exits, even by SIGKILL."""
-    import torch.distributed as dist
-
-    dist.barrier()
-    cpu_allreduce_buffer(rank).unlink(missing_ok=True)

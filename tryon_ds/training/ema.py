@@ -14,12 +14,13 @@ keeps this rank's part, so an EMA saved at one world size loads at any other.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
-from . import compat
+from .. import compat
+from .gather import in_buckets, streamed
 
 
 @dataclass
@@ -83,30 +84,25 @@ class EMA:
                         ) -> dict[str, torch.Tensor] | None:
         """The whole EMA as {name: fp32 CPU tensor of the parameter's shape} on rank 0, None on the others.
         Every rank calls it. Partitioned entries travel a bucket at a time: each rank contributes what it
-        holds, zeros elsewhere, and a sum-reduce to rank 0 assembles the parameters. With ``into``, rank 0
-        hands each bucket's part of the dict to it as it comes and keeps nothing (returns None)."""
+        holds, zeros elsewhere, and a sum-reduce to rank 0 assembles the parameters; with ``into``, rank 0
+        hands each bucket's part to it as it comes (training/gather.py)."""
+        rank, _ = self._world()
+        return streamed(rank == 0, self._parts(bucket_numel), into)
+
+    def _parts(self, bucket_numel: int) -> Iterator[dict[str, torch.Tensor]]:
         rank, world = self._world()
         shadows = {id(e): s for e, s in zip(self.held, self.shadow)}
-        out: dict[str, torch.Tensor] = {}
-        sink = into if into is not None else out.update
         device = self.shadow[0].device if self.shadow else torch.device("cpu")
         if dist.is_initialized() and dist.get_backend() == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
-        pending, size = [], 0
-        for i, e in enumerate(self.entries):
-            if e.kind == "whole":
-                if rank == 0:
-                    sink({e.name: shadows[id(e)].reshape(e.param.shape).cpu().clone()})
-            else:
-                pending.append(e)
-                size += self._numel(e)
-            if pending and (size >= bucket_numel or i == len(self.entries) - 1):
+        # A whole entry is rank 0's own and travels nowhere, but counts towards what rank 0 holds at once.
+        for bucket in in_buckets(self.entries, self._numel, bucket_numel):
+            yield {e.name: shadows[id(e)].reshape(e.param.shape).cpu().clone()
+                   for e in bucket if e.kind == "whole"} if rank == 0 else {}
+            if pending := [e for e in bucket if e.kind != "whole"]:
                 part: dict[str, torch.Tensor] = {}
                 self._reduce_bucket(pending, shadows, rank, world, device, part)
-                if rank == 0:
-                    sink(part)
-                pending, size = [], 0
-        return out if rank == 0 and into is None else None
+                yield part
 
     @staticmethod
     def _numel(e: _Entry) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -18,9 +18,10 @@ import torch.distributed as dist
 from ..cascade import CascadeUNet
 from ..config import Config
 from ..errors import UserError
-from . import compat
+from .. import compat
 from .ds_config import zero_stage
 from .ema import EMA
+from .gather import in_buckets, streamed
 
 
 def lr_factor(config: Config):
@@ -163,33 +164,27 @@ def release_parameters(engine) -> None:
 @torch.no_grad()
 def raw_state_dict(engine, is_main: bool, bucket_numel: int = 1 << 26, into: Callable[[dict], None] | None = None
                    ) -> dict | None:
-    """The whole model's current weights (fp32, CPU) on rank 0, None elsewhere. Under ZeRO-3 parameters
-    are gathered a bucket at a time, so no rank ever holds more than one bucket beyond its partition. With
-    ``into``, rank 0 hands each bucket's part of the dict to it as it comes and keeps nothing (returns None)."""
+    """The whole model's current weights (fp32, CPU) on rank 0, None elsewhere; under ZeRO-3 gathered a bucket
+    at a time, each bucket's part handed to ``into`` as it comes where given (training/gather.py)."""
+    return streamed(is_main, _raw_parts(engine, is_main, bucket_numel), into)
+
+
+def _raw_parts(engine, is_main: bool, bucket_numel: int) -> Iterator[dict]:
     import deepspeed
 
+    def fp32(tensors) -> dict:
+        return {k: v.detach().float().cpu().clone() for k, v in tensors} if is_main else {}
+
     release_parameters(engine)
-    out: dict = {}
-    sink = into if into is not None else out.update
-    params = dict(engine.module.named_parameters())
-    if not any(compat.is_partitioned(p) for p in params.values()):
-        if is_main:
-            sink({k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()})
-        return out if is_main and into is None else None
-    bucket, size = [], 0
-    items = list(params.items())
-    for i, (name, p) in enumerate(items):
-        bucket.append((name, p))
-        size += compat.full_numel(p)
-        if size >= bucket_numel or i == len(items) - 1:
-            with deepspeed.zero.GatheredParameters([q for _, q in bucket]):
-                if is_main:
-                    sink({n: q.detach().float().cpu().clone() for n, q in bucket})
-            bucket, size = [], 0
-    if is_main:  # buffers are not partitioned
-        sink({k: v.detach().float().cpu().clone() for k, v in engine.module.named_buffers()})
+    params = list(engine.module.named_parameters())
+    if not any(compat.is_partitioned(p) for _, p in params):
+        yield fp32(engine.module.state_dict().items())
+        return
+    for bucket in in_buckets(params, lambda item: compat.full_numel(item[1]), bucket_numel):
+        with deepspeed.zero.GatheredParameters([p for _, p in bucket]):
+            yield fp32(bucket)
+    yield fp32(engine.module.named_buffers())  # buffers are not partitioned
     dist.barrier()
-    return out if is_main and into is None else None
 
 
 def _tensor_bytes(tensors) -> int:

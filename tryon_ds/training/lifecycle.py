@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .compat import default_store
+from ..compat import default_store
 
 ERROR_KEY, ACK_KEY = "tryon_ds/user_error", "tryon_ds/user_error_seen"
 WORKER_GRACE_S = 10.0

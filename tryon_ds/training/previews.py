@@ -14,9 +14,11 @@ from typing import Callable
 
 import torch
 
+from ..batch import PERSON
 from ..cascade import CascadeUNet
+from ..compat import shutdown_workers
 from ..config import Config
-from ..data.pipeline import Data, shutdown_workers
+from ..data.pipeline import Data
 from ..data.preprocess import image_grid, to_device
 from ..model import DTYPES, LOWRES
 
@@ -70,9 +72,9 @@ class Previewer:
         generator = torch.Generator(self.device).manual_seed(self.config.seed)
         out = torch.cat([model.sample({k: v[i:i + self.chunk] for k, v in cond.items()},
                                       steps=self.config.logging.preview_steps, sampler="ddim", generator=generator)
-                         for i in range(0, len(batch["person"]), self.chunk)])
+                         for i in range(0, len(batch[PERSON]), self.chunk)])
         shown = [model.upsample(cond[LOWRES]) if name == LOWRES else batch[name]
                  for name in model.conditioning.preview]
-        grid = image_grid([*shown, out, batch["person"]])
+        grid = image_grid([*shown, out, batch[PERSON]])
         self.seconds = time.perf_counter() - start
         return grid

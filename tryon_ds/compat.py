@@ -1,5 +1,5 @@
 """Every reach into a dependency beyond its public API, in one place: DeepSpeed's optimizer wrappers, ZeRO's
-parameter attributes, its checkpoint engine and its files, and torch's c10d store. Checked on DeepSpeed 0.19.8
+parameter attributes, its checkpoint engine and its files, torch's c10d store and its DataLoader's workers. Checked on DeepSpeed 0.19.8
 and torch 2.13.0 (``CHECKED``; setup.cfg bounds DeepSpeed to 0.19.x for this reason). A new release that moves
 one of them fails ``tests/test_compat.py``, which exercises each function here on real engines and names the
 one that changed.
@@ -12,7 +12,6 @@ The rest of the package uses DeepSpeed's public API only: ``deepspeed.initialize
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -170,10 +169,16 @@ def zero_checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- the process group
-def cpu_allreduce_buffer(rank: int) -> Path:
-    """The /dev/shm file of this rank's buffer for DeepSpeed's CPU all-reduce (named by DeepSpeed's shm_comm)."""
-    return Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
-                            f"{os.environ['MASTER_PORT']}_{rank}")
+def skip_shared_memory_allreduce() -> None:
+    """Call before ``deepspeed.init_distributed``. On CPU, DeepSpeed starts its process group by building its
+    shared-memory all-reduce, a C++ extension compiled at the first start in every new environment (60 s on
+    2 cores, 70 s and more beside another job: a run stopped at start-up took that long to end), and maps a
+    69 MB /dev/shm buffer per rank that it never removes. Only ``inference_all_reduce`` (DeepSpeed's tensor-
+    parallel inference) uses it; training reduces through torch.distributed. Marked incompatible, the op is
+    neither built nor mapped, as on any platform without it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def default_store():
@@ -184,3 +189,13 @@ def default_store():
         return dist.distributed_c10d._get_default_store() if dist.is_initialized() else None
     except Exception:  # a process group without a store (none in the launchers we support)
         return None
+
+
+# --------------------------------------------------------------------------- torch's DataLoader
+def shutdown_workers(iterator) -> None:
+    """Stop a DataLoader iterator's workers now rather than when it is garbage-collected: they ignore
+    SIGTERM (data/pipeline.py), so a forgotten one would keep the process from exiting. PyTorch's own
+    ``_shutdown_workers``, what its ``__del__`` calls."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
