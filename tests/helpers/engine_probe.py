@@ -62,7 +62,7 @@ for name, mixed in CASES:
     scale = compat.loss_scale(engine)
     states["ema"] = sum(s.numel() * s.element_size() for s in ema.shadow)
     planned = model_states(sum(v.numel() for v in engine.module.state_dict().values()) if zero_stage(ds) < 3
-                           else sum(p.ds_numel for p in engine.module.parameters()), zero_stage(ds), precision(ds),
+                           else sum(compat.full_numel(p) for p in engine.module.parameters()), zero_stage(ds), precision(ds),
                            world.size, ds)
     if world.is_main:
         names = sorted(full_ema)

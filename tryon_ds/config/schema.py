@@ -186,14 +186,14 @@ class Config:
         if not (0 < self.train_unet_number <= len(self.unets)):
             n = self.train_unet_number
             raise ConfigError(f"config key 'train_unet_number': got {n}, but the config defines no 'unet{n}' section "
-                              f"(its cascade is {', '.join(repr(self.key(m)) for m in self.unet_numbers)}); add one, or "
+                              f"(its cascade is {', '.join(map(repr, map(self.key, self.unet_numbers)))}); add one, or "
                               "an entry to 'unets', e.g. unet3: {preset: sr1024} as configs/cascade1024.yaml does")
         for number in self.unet_numbers:
             self._validate_unet(number)
         poses = {self.key(n, "num_keypoints"): u.num_keypoints for n, u in zip(self.unet_numbers, self.unets)
                  if hasattr(u, "num_keypoints")}
         if len(set(poses.values())) > 1:
-            raise ConfigError(f"config keys {', '.join(poses)} differ ({', '.join(map(str, poses.values()))}); "
+            raise ConfigError(f"config keys {', '.join(map(repr, poses))} differ ({', '.join(map(str, poses.values()))}); "
                               "all read the same pose arrays")
         if self.channels != 3:
             raise ConfigError(f"config key 'channels': got {self.channels}, only RGB (3) is supported")
@@ -218,12 +218,12 @@ class Config:
         factor = unet.size_factor
         if any(s % factor for s in size):
             raise ConfigError(f"config key '{size_key}': {list(size)} is not divisible by {factor}, which "
-                              f"{key}'s {len(unet.dim_mults)} levels need")
+                              f"the {len(unet.dim_mults)} levels of '{key}' need")
         crop = self.crop_size(number)
         if crop is not None:
             if any(c % factor for c in crop) or any(c < 1 or c > s for c, s in zip(crop, size)):
                 raise ConfigError(f"config key '{key}.crop_size': {list(crop)} must be divisible by {factor} and "
-                                  f"within the image ({size_key} {list(size)})")
+                                  f"within the image ('{size_key}' {list(size)})")
         if number > 1:
             low, low_key = self.image_size(number - 1), self.key(number - 1, "image_size")
             if any(s % b for s, b in zip(size, low)) or size[0] * low[1] != size[1] * low[0]:
