@@ -36,7 +36,7 @@ def shards(tmp_path_factory):
 def trained(shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     for unet, ds in UNETS.items():
-        run(command(root, shards, ds=ds, steps=4, extra=["--train_unet", str(unet)]))
+        run(command(root, shards, ds=ds, steps=4, extra=["--train_unet", str(unet)], launcher="torchrun"))
     bundle = root / "bundle"
     for unet in UNETS:
         r = run_tool(["tools/consolidate_checkpoint.py", str(root / "ckpt" / f"unet{unet}"), "--out", str(bundle)])

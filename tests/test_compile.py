@@ -37,7 +37,8 @@ def env(tmp_path_factory):
 
 
 def _train(run_dir, shards, env, extra=()):
-    return run(command(run_dir, shards, steps=5, extra=[*SMALL, *SCHEDULE, *extra]), timeout=600, env=env)
+    return run(command(run_dir, shards, steps=5, extra=[*SMALL, *SCHEDULE, *extra], launcher="torchrun"), timeout=600,
+               env=env)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,8 @@ def test_zero3_compiled_run_with_activation_checkpointing_trains_as_the_eager_on
     compiled = tmp_path / "zero3_compiled"
     run(command(compiled, shards, ds="cpu_zero3", steps=5,
                 extra=[*SMALL, *SCHEDULE, *COMPILED, "--set", "unet1.compile_backend=aot_eager",
-                       "--set", "unet1.checkpointing=true", "--set", "sample_freq=100", "--set", "checkpoint_freq=100"]),
-        timeout=600, env=env)
+                       "--set", "unet1.checkpointing=true", "--set", "sample_freq=100", "--set", "checkpoint_freq=100"],
+                launcher="torchrun"), timeout=600, env=env)
     eager, mine = losses(runs / "eager"), losses(compiled)
     assert sorted(mine) == [1, 2, 3, 4, 5]
     assert [mine[s] for s in sorted(mine)] == pytest.approx([eager[s] for s in sorted(eager)], rel=REL)

@@ -244,6 +244,12 @@ def test_gpu_check_dry_run_sets_up_and_runs_its_plumbing(tmp_path):
     assert report["trainer"]["cpu_zero3"]["done"]
     table = (tmp_path / "results" / "gpu_check.txt").read_text()
     assert "planned" in table
+    # a step of each preset first (tools/bench/step.py), where its time goes
+    step = json.loads((tmp_path / "results" / "step.json").read_text())
+    assert [(r["preset"], r["channels_last"]) for r in step["results"]] == [("tiny-sr3", False), ("tiny-sr3", True)]
+    assert all(r["loss_finite"] and r["tflops"] > 0 and abs(sum(r["by_kind"].values()) - 1) < 1e-6
+               for r in step["results"])
+    assert "TFLOP/s" in table and "convolution" in table
     # the real-size check's plumbing, at the tiny size: trained, resumed, consolidated, sampled
     assert re.search(r"tiny as UNet 1 .*\n.*planned per rank.*\n.*rank 0: private memory .*x the plan", table)
     assert "bundle load + 1 sampling step" in table

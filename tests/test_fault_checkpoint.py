@@ -26,7 +26,8 @@ def metric_steps(run_dir, key):
 
 
 def train(run_dir, shards, ds, resume=False):
-    cmd = command(run_dir, shards, ds=ds, steps=STEPS, extra=[*EXTRA, *(["--resume", "auto"] if resume else [])])
+    cmd = command(run_dir, shards, ds=ds, steps=STEPS, extra=[*EXTRA, *(["--resume", "auto"] if resume else [])],
+                  launcher="torchrun")
     return run(cmd)
 
 

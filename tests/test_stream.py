@@ -60,7 +60,7 @@ def test_training_from_a_slow_failing_server_on_two_ranks_runs_to_the_end(shards
         urls = json.dumps([server.url(n) for n in names])
         r = run(command(tmp_path, shards, steps=6, extra=[
             "--set", f"data.train_shards={urls}", "--set", "data.shard_retries=2",
-            "--set", "data.shard_retry_wait_s=0.05", "--set", "data.shard_timeout_s=5"]), timeout=300)
+            "--set", "data.shard_retry_wait_s=0.05", "--set", "data.shard_timeout_s=5"], launcher="torchrun"), timeout=300)
     assert "shard read(s) retried" in r.stdout and f"unreadable shard {server.url(names[1])}" in r.stdout
     entries = [json.loads(line) for line in (tmp_path / "out" / "metrics_unet1.jsonl").read_text().splitlines()]
     assert max(e.get("data/shard_retries", 0) for e in entries) >= 1

@@ -33,7 +33,7 @@ def zero_runs(shards, tmp_path_factory):
     runs = {}
     for ds in ("cpu_zero2", "cpu_zero3"):
         run_dir = tmp_path_factory.mktemp(ds)
-        runs[ds] = (run_dir, run(command(run_dir, shards, ds=ds)))
+        runs[ds] = (run_dir, run(command(run_dir, shards, ds=ds, launcher="torchrun")))
     return runs
 
 
@@ -54,6 +54,10 @@ def test_zero_matches_single_process_and_validation_loss_falls(zero_runs, refere
     logged = {e["step"]: e["val/loss"] for e in entries if "val/loss" in e}
     assert sorted(logged) == [10, 20, 30] and [round(v, 4) for v in logged.values()] == val
     assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "memory/peak_gib"} <= set(entries[0])
+    # How close to the machine's limit: at every log step, from the step's FLOPs and this CPU's measured peak.
+    steps = [e for e in entries if "train/loss" in e]
+    assert len(steps) == STEPS and all(e["perf/tflops"] > 0 and e["perf/mfu"] > 0 for e in steps)
+    assert re.search(r"GFLOP per training sample; peak per rank \S+ TFLOP/s \(measured fp32 matmul\)", result.stdout)
     assert 0.1 < entries[0]["memory/peak_gib"] < 8  # a tiny UNet's CPU rank: its libraries and a little more
     assert (run_dir / "ckpt" / "unet1" / f"step{STEPS:08d}" / "COMPLETE").is_file()
     assert "2 rank(s) x micro-batch 4" in result.stdout
@@ -114,7 +118,7 @@ def test_kill_then_resume_auto_reproduces_losses_and_resumes_at_another_world_si
 
 
 def test_sr_stage_trains_on_ground_truth_lowres(shards, tmp_path):
-    r = run(command(tmp_path, shards, steps=3, extra=["--train_unet", "2", "--set", "sample_freq=3"]))
+    r = run(command(tmp_path, shards, steps=3, extra=["--train_unet", "2", "--set", "sample_freq=3"], launcher="torchrun"))
     assert (tmp_path / "ckpt" / "unet2" / "step00000003" / "COMPLETE").is_file()
     from PIL import Image
     grid = Image.open(next((tmp_path / "out" / "samples").glob("unet2_*.png")))

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The checks a cluster user cares about, on one GPU, within about 10 minutes:
+#   0. a training step of every shipped preset (tools/bench/step.py): s/step, model TFLOP/s and that against
+#      the GPU's bf16 matmul throughput measured in the same run, channels_last off and on, time by kind of op;
 #   1. the training-step matrix (tools/bench/train.py --gpu): UNet 1 (base, micro-batch 16), UNet 2 (sr,
 #      micro-batch 8) and UNet 3 (sr1024 on 256 px crops, micro-batch 16) x bf16/fp16 x ZeRO-2/3 x
 #      sdpa/xformers, and each UNet compiled (a UNet's compile key) against eager in bf16 under ZeRO-2 and ZeRO-3,
@@ -81,10 +83,15 @@ except ImportError:
     print("xformers not available (no wheel for this torch in .whl/): its cases are reported as skipped")
 EOF
 
+status=0
+# ---- 0. a step of every preset, where its time goes
+step=(--json "$RESULTS/step.json")
+[ $DRY = 1 ] && step+=(--presets tiny-sr3 --steps 1)
+$PYTHON tools/bench/step.py "${step[@]}" | tee "$RESULTS/step.txt" || status=1
+
 # ---- 1. the matrix
 matrix=(--gpu --ranks 1 --steps "$STEPS" --log-freq 10 --json "$RESULTS/matrix.json")
 [ $DRY = 1 ] && matrix+=(--dry-run --steps 2)
-status=0
 $PYTHON tools/bench/train.py "${matrix[@]}" | tee "$RESULTS/matrix.txt" || status=1
 
 # ---- 2. the trainer's fp16 path (the CPU has no fp16: the dry run takes bf16 and the tiny preset)
@@ -144,7 +151,7 @@ for log in sorted(results.glob("train_*.log")):
 (results / "gpu_check.json").write_text(json.dumps({"matrix": matrix, "trainer": trainer}, indent=1))
 sys.path.insert(0, ".")
 from tools.bench.train import table
-lines = [table(matrix), ""]
+lines = [(results / "step.txt").read_text().rstrip() if (results / "step.txt").exists() else "", "", table(matrix), ""]
 for name, t in trainer.items():
     lines.append(f"train.py {name}: {'finished' if t['done'] else 'FAILED'}; losses {t['losses'][-3:]}; "
                  f"loss scale {t['loss_scales'][-1:] or 'n/a'}; samples/s {t['samples_per_s'][-1:]}; preview {t['preview']}")

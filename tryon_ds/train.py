@@ -52,13 +52,14 @@ from tryon_ds.data.preprocess import to_device
 from tryon_ds.data.shards import check_shard_size, read_manifest
 from tryon_ds.errors import UserError
 from tryon_ds.model import compiled_graphs, parameter_count
+from tryon_ds.perf import device_peak, step_flops
 from tryon_ds.seeding import seed_for
 from tryon_ds import compat
 from tryon_ds.training import checkpoint, distributed, engine as ds_engine, lifecycle
 from tryon_ds.training.ds_config import build_ds_config, precision, zero_stage
 from tryon_ds.training.ema import EMA
 from tryon_ds.training.guard import NonFiniteGuard, NonFiniteRun
-from tryon_ds.training.logger import NullLogger, RunLogger
+from tryon_ds.training.logger import NullLogger, RunLogger, Throughput
 from tryon_ds.training.previews import Previewer
 from tryon_ds.training.run_lock import RunLock
 from tryon_ds.training.schedule import Schedule
@@ -74,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--deepspeed_config", help="DeepSpeed JSON (ds_configs/ is found from any folder); default: "
                                               "ds_configs/zero2_bf16.json on GPU, ds_configs/cpu_zero2.json on CPU")
     p.add_argument("--resume", default="none", help="none, auto (the newest complete checkpoint) or a folder")
+    p.add_argument("--peak-tflops", "--peak_tflops", dest="peak_tflops", type=float, metavar="TFLOPS",
+                   help="the device's dense peak at the run's precision, for perf/mfu (default: the datasheet's "
+                        "for known GPUs, tryon_ds/perf.py; a CPU's fp32 matmul throughput, measured)")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p.parse_args(argv)
 
@@ -145,11 +149,19 @@ def start(args: argparse.Namespace, config: Config, world: distributed.World) ->
     model, engine, scheduler, ema = ds_engine.build(config, ds_config)
     loaded_s = ds_engine.load(engine, ema, resume.load_from) if resume.load_from else None
 
-    log = RunLogger(config, steps, resume.step) if world.is_main else NullLogger()
+    throughput = None
+    if world.is_main:
+        peak, source = device_peak(world.device, precision(ds_config), args.peak_tflops)
+        throughput = Throughput(step_flops(config, unet), world.size, peak)
+    log = RunLogger(config, steps, resume.step, throughput) if world.is_main else NullLogger()
     log.message(f"unet{unet}: {parameter_count(model, compat.full_numel) / 1e6:.2f}M parameters, ZeRO-{zero}, "
                 f"{precision(ds_config)}, {world.size} rank(s) x micro-batch {config.batch_size} x accumulation "
                 f"{accum} = {global_batch} per step; steps {resume.step} -> {steps}; {resume.describe()}"
                 + (f" (loaded in {loaded_s:.1f} s)" if loaded_s is not None else ""))
+    if throughput is not None:
+        log.message(f"{throughput.flops_per_sample / 1e9:,.1f} GFLOP per training sample; peak per rank "
+                    + (f"{throughput.peak / 1e12:,.3g} TFLOP/s ({source})" if throughput.peak else
+                       f"unknown ({source}): give --peak-tflops for perf/mfu"))
     for note in resume.notes:
         log.message(note)
     return Run(config, world, model, engine, scheduler, ema, log, root, zero, accum, global_batch, steps, resume,

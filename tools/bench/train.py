@@ -10,8 +10,8 @@ preset, micro-batch 8) and UNet 3 (sr1024 on 256 px crops, micro-batch 16) in bf
 and ZeRO-3, with each attention backend that runs
 there, channels_last for one case, and each UNet compiled (a UNet's ``compile``, in bf16 under ZeRO-2 and
 ZeRO-3, its warm-up time in the JSON): it/s, samples/s, peak memory beside the planner's estimate,
-model-FLOPs utilisation (FLOPs of a step from ``torch.utils.flop_counter`` against the GPU's dense bf16
-peak) and whether every loss was finite. Every ``--log-freq`` steps it reads the loss scale and gradient
+model-FLOPs utilisation (a step's FLOPs counted by tryon_ds/perf.py against the GPU's dense peak at the
+case's precision) and whether every loss was finite. Every ``--log-freq`` steps it reads the loss scale and gradient
 norm as the trainer's log step does. Each case runs in its own process, on random batches (the input
 pipeline is measured by tools/bench/data.py).
 """
@@ -39,8 +39,6 @@ CPU_CASES = [("tiny", 8), ("small", 4)]
 # "small": a CPU-sized Parallel-UNet between tiny and base, at the tiny config's 32/64 px.
 SMALL = {"dim": 64, "num_res_blocks": (2, 2, 2), "attn_heads": 4, "attn_dim_head": 32,
          "cond_dim": 256, "pose_dim": 128}
-# Dense bf16 (= fp16) tensor throughput by the vendors' datasheets, FLOP/s.
-PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}
 
 
 def case_config(case: dict):
@@ -74,6 +72,7 @@ def worker(args) -> None:
     from tryon_ds.model import parameter_count
     from tryon_ds.model.attention import xops
     from tryon_ds.cascade import random_batch
+    from tryon_ds.perf import datasheet_peak, step_flops
     from tryon_ds.planner import peak as planned_peak, plan
     from tryon_ds import compat
     from tryon_ds.training import distributed, engine as ds_engine
@@ -106,13 +105,8 @@ def worker(args) -> None:
         for step in range(3):  # warm-up: cuDNN's autotuner, allocator, first collectives, compilation
             train_step(step)
         warm_up_s = time.perf_counter() - start
-        flops = None
+        flops = step_flops(config, n) * case["batch"]  # per rank and step (tryon_ds/perf.py)
         if cuda:
-            from torch.utils.flop_counter import FlopCounterMode
-
-            with FlopCounterMode(display=False) as counter:
-                train_step(3)
-            flops = counter.get_total_flops()
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         losses, scales = [], []
@@ -134,11 +128,11 @@ def worker(args) -> None:
              "losses_finite": finite, "loss_scales": scales, "planned_gib": planned / 2**30,
              "params": parameter_count(model, compat.full_numel)}
         if cuda:
-            peak = next((v for k, v in PEAKS.items() if k in torch.cuda.get_device_name()), None)
+            peak = datasheet_peak(torch.cuda.get_device_name(), "tf32" if case["precision"] == "fp32" else case["precision"])
             r.update(gpu=torch.cuda.get_device_name(), peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                      flops_per_step=flops, mfu=flops / step_s / peak if peak else None)
         else:
-            r.update(states=dict(held))
+            r.update(states=dict(held), flops_per_step=flops)
         results.append(r)
     if world.is_main:
         Path(args.out).write_text(json.dumps(results))

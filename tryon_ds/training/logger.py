@@ -17,6 +17,7 @@ import resource
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +37,20 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30  # Linux: KiB
 
 
+@dataclass(frozen=True)
+class Throughput:
+    """What turns samples/s into achieved FLOP/s per rank and model-FLOPs utilisation (tryon_ds/perf.py)."""
+    flops_per_sample: float
+    ranks: int
+    peak: float | None  # FLOP/s per rank; None: unknown, no MFU
+
+    def figures(self, samples_per_s: float) -> dict[str, float]:
+        achieved = samples_per_s * self.flops_per_sample / self.ranks
+        return {"perf/tflops": achieved / 1e12, **({"perf/mfu": achieved / self.peak} if self.peak else {})}
+
+
 class RunLogger:
-    def __init__(self, config: Config, total_steps: int, start_step: int):
+    def __init__(self, config: Config, total_steps: int, start_step: int, throughput: Throughput | None = None):
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
@@ -53,6 +66,7 @@ class RunLogger:
         self.tb = SummaryWriter(str(Path(config.log_dir) / self.name)) if config.logging.tensorboard else None
         self.wandb = self._start_wandb(os.environ.get("WANDB_MODE", config.logging.wandb))
         self.total = total_steps
+        self.throughput = throughput
         self._last = self._start = (time.perf_counter(), start_step)
 
     def _start_wandb(self, mode: str):
@@ -95,6 +109,12 @@ class RunLogger:
         postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "samples/s": f"{rate:.1f}"}
         scalars = {"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate,
                    "memory/peak_gib": peak_memory_gib()}
+        if self.throughput is not None:
+            perf = self.throughput.figures(rate)
+            scalars.update(perf)
+            postfix["tflops"] = f"{perf['perf/tflops']:.3g}"
+            if "perf/mfu" in perf:
+                postfix["mfu"] = f"{100 * perf['perf/mfu']:.1f}%"
         if grad_norm is not None:
             grad_norm = float(grad_norm)
             postfix["grad_norm"] = f"{grad_norm:.3f}"
