@@ -74,7 +74,7 @@ def measured_matmul_peak(seconds: float = 0.5, n: int = 1024, device: torch.devi
     a @ b  # the first call allocates and picks the kernel
     sync()
     done, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
+    while time.perf_counter() - start < seconds:
         for _ in range(10 if device.type == "cuda" else 1):
             a @ b
             done += 1
