@@ -45,6 +45,7 @@ if __name__ == "__main__" and not __package__:
 
 import torch.distributed as dist
 
+from tryon_ds import compat
 from tryon_ds.cli import exit_on_user_error
 from tryon_ds.config import Config, add_config_args, config_from_args, find_config_file
 from tryon_ds.data.pipeline import Data, skip_report, store_trouble
@@ -54,7 +55,6 @@ from tryon_ds.errors import UserError
 from tryon_ds.model import compiled_graphs, parameter_count
 from tryon_ds.perf import device_peak, step_flops
 from tryon_ds.seeding import seed_for
-from tryon_ds import compat
 from tryon_ds.training import checkpoint, distributed, engine as ds_engine, lifecycle
 from tryon_ds.training.ds_config import build_ds_config, precision, zero_stage
 from tryon_ds.training.ema import EMA
