@@ -7,8 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import ROOT, run_tool
 from tryon_ds.cascade import CascadeUNet, random_batch
 from tryon_ds.config import build_config, read_config_file
-from tryon_ds.perf import datasheet_peak, device_peak, measured_matmul_peak, step_flops
-from tryon_ds.training.logger import Throughput
+from tryon_ds.perf import Throughput, datasheet_peak, device_peak, measured_matmul_peak, step_flops
 
 
 @pytest.mark.parametrize("unet", [1, 2, 3])

@@ -3,8 +3,8 @@ itself, and the peak the device could deliver.
 
 FLOPs are counted by ``torch.utils.flop_counter`` over the training loss's forward and backward for one sample
 on the meta device (no memory, no compute: shapes only), so they follow the model as it is, never a formula
-beside it. Matmuls and convolutions are what it counts (2 FLOPs per multiply-add), as MFU is defined by
-PaLM and reported by the field; normalisation and elementwise work are not.
+beside it. Matmuls, convolutions and attention are what it counts (2 FLOPs per multiply-add), as MFU is
+defined by PaLM and reported by the field; normalisation and elementwise work are not.
 
 A GPU's peak is its datasheet's dense (not sparse) tensor throughput at the run's precision: bf16/fp16, or
 TF32 for an fp32 run (the trainer allows TF32 matmuls). A CPU's is measured: half a second of fp32 matmuls.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -91,3 +92,15 @@ def device_peak(device: torch.device, precision: str, override_tflops: float | N
         peak = datasheet_peak(name, "tf32" if precision == "fp32" else precision)
         return peak, f"{name} datasheet" if peak else f"{name}: not in tryon_ds/perf.py's table"
     return measured_matmul_peak(), "measured fp32 matmul"
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """What turns a run's samples/s into achieved FLOP/s per rank and model-FLOPs utilisation."""
+    flops_per_sample: float
+    ranks: int
+    peak: float | None  # FLOP/s per rank; None: unknown, no MFU
+
+    def figures(self, samples_per_s: float) -> dict[str, float]:
+        achieved = samples_per_s * self.flops_per_sample / self.ranks
+        return {"perf/tflops": achieved / 1e12, **({"perf/mfu": achieved / self.peak} if self.peak else {})}

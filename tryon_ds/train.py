@@ -53,13 +53,13 @@ from tryon_ds.data.preprocess import to_device
 from tryon_ds.data.shards import check_shard_size, read_manifest
 from tryon_ds.errors import UserError
 from tryon_ds.model import compiled_graphs, parameter_count
-from tryon_ds.perf import device_peak, step_flops
+from tryon_ds.perf import Throughput, device_peak, step_flops
 from tryon_ds.seeding import seed_for
 from tryon_ds.training import checkpoint, distributed, engine as ds_engine, lifecycle
 from tryon_ds.training.ds_config import build_ds_config, precision, zero_stage
 from tryon_ds.training.ema import EMA
 from tryon_ds.training.guard import NonFiniteGuard, NonFiniteRun
-from tryon_ds.training.logger import NullLogger, RunLogger, Throughput
+from tryon_ds.training.logger import NullLogger, RunLogger
 from tryon_ds.training.previews import Previewer
 from tryon_ds.training.run_lock import RunLock
 from tryon_ds.training.schedule import Schedule

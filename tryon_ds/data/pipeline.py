@@ -59,7 +59,6 @@ from .preprocess import pose_tensors, unet_inputs
 from .remote import read_shards
 
 
-
 class BadSample(Exception):
     pass
 

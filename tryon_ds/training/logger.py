@@ -17,7 +17,6 @@ import resource
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch
 
 from .. import atomic
 from ..config import Config
+from ..perf import Throughput
 
 WANDB_FINISH_TIMEOUT_S = 30.0
 
@@ -35,18 +35,6 @@ def peak_memory_gib() -> float:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30  # Linux: KiB
-
-
-@dataclass(frozen=True)
-class Throughput:
-    """What turns samples/s into achieved FLOP/s per rank and model-FLOPs utilisation (tryon_ds/perf.py)."""
-    flops_per_sample: float
-    ranks: int
-    peak: float | None  # FLOP/s per rank; None: unknown, no MFU
-
-    def figures(self, samples_per_s: float) -> dict[str, float]:
-        achieved = samples_per_s * self.flops_per_sample / self.ranks
-        return {"perf/tflops": achieved / 1e12, **({"perf/mfu": achieved / self.peak} if self.peak else {})}
 
 
 class RunLogger:
