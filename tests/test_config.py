@@ -62,6 +62,10 @@ def test_yaml_preset_with_overrides_and_extends(tmp_path):
     ({"unet1": {"preset": "huge"}}, "config key 'unet1.preset': got 'huge'"),
     ({"diffusion": {"schedule": "sigmoid"}}, "config key 'diffusion.schedule'"),
     ({"base_image_size": [30, 30], "unet1": {"preset": "tiny"}}, "not divisible by 4"),
+    ({"base_image_size": [36, 36], "unet1": {"preset": "tiny", "attn_patch": 4}},
+     "config key 'base_image_size': [36, 36] is not divisible by 8, which the 3 levels of 'unet1' and its 4x4 "
+     "patches ('unet1.attn_patch') at level 1 need"),
+    ({"unet1": {"preset": "tiny", "attn_patch": 0}}, "config key 'unet1.attn_patch': got 0, expected a value >= 1"),
     ({"unet1": {"preset": "tiny", "num_res_blocks": [1, 1]}}, "'unet1.num_res_blocks': has 2 entries"),
 ])
 def test_bad_config_names_key_value_and_expectation(data, message):
@@ -94,6 +98,9 @@ def test_cli_overrides_and_user_errors_exit_2_without_traceback(tmp_path):
     assert "preset 'tiny'" in ok.stdout
     ok = run_tool(["tools/model_info.py", "--preset", "sr1024"])
     assert ok.returncode == 0 and "preset 'sr1024', unet3 (Efficient-UNet, super-resolution): 619,181,652" in ok.stdout
+    # overrides go over a named preset (the tiny preset's 1,885,187 parameters with 2x2-patch attention)
+    ok = run_tool(["tools/model_info.py", "--preset", "tiny", "--set", "unets.0.attn_patch=2"])
+    assert ok.returncode == 0 and "preset 'tiny', unet1 (Parallel-UNet, base): 2,109,827" in ok.stdout, ok.stderr
     for args, expected in [
         (["--config", "configs/config.json", "--learning_rate", "-1"], "config key 'learning_rate': got -1.0"),
         (["--config", "configs/config.json", "--train_unet", "3"], "config key 'train_unet_number'"),

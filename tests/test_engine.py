@@ -117,6 +117,12 @@ def test_plan_memory_cli_says_whether_it_fits_and_what_to_change():
     assert tight.returncode == 0, tight.stderr
     assert "does NOT fit in 24 GB" in tight.stdout and "activation checkpointing" in tight.stdout
     assert "ZeRO-3" in tight.stdout and "micro-batch" in tight.stdout.split("what would fit instead:")[1]
+    # a preset's overrides go over the preset: 2x2-patch attention at its 32 px level plans fewer activations
+    base = ["tools/plan_memory.py", "--preset", "tiny", "--micro-batch", "16"]
+    paper, patched = run_tool(base), run_tool(base + ["--set", "unets.0.attn_patch=2"])
+    assert paper.returncode == patched.returncode == 0, patched.stderr
+    activations = [float(re.search(r"activations\s+([\d.]+) GiB", r.stdout).group(1)) for r in (paper, patched)]
+    assert activations[1] < activations[0], activations
 
 
 def test_the_planner_counts_what_rank_0_builds_between_steps():

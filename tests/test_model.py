@@ -5,9 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from tryon_ds.config import preset
 from tryon_ds.model import ParallelUNet
+from tryon_ds.model.parallel_unet import WarpBlock
 from tryon_ds.model import attention as attention_module
 from tryon_ds.model.attention import attention
 from tryon_ds.cascade import CascadeUNet
@@ -272,3 +274,54 @@ def test_a_crop_of_the_upsampled_low_res_image_is_that_crop_of_the_whole(tiny_co
     got = model.upsample(lowres, crops)
     for i, (top, left) in enumerate(crops.tolist()):
         assert torch.equal(got[i], whole[i, :, top:top + 32, left:left + 32])
+
+
+@settings(max_examples=30, deadline=None)
+@given(patch=st.sampled_from([1, 2, 4]), rows=st.integers(1, 3), cols=st.integers(1, 3),
+       width=st.sampled_from([8, 16]), batch=st.integers(1, 2))
+def test_a_warp_block_at_init_gives_back_its_input_whatever_the_patch(patch, rows, cols, width, batch):
+    """Its output layers start at zero, so a block must hand back exactly the pixels it took: the tokens made
+    of patch x patch squares go back where they came from (rows kept from columns, channels from the pixels
+    of a patch), on images that are not square."""
+    cfg = preset("tiny")
+    block = WarpBlock(width, cfg, patch)
+    x = torch.randn(batch, width, rows * patch, cols * patch)
+    garment = torch.randn_like(x)
+    pose_tokens = torch.randn(batch, 2 * cfg.num_keypoints, cfg.pose_dim)
+    assert torch.equal(block(x, garment, pose_tokens), x)
+    _live(block)
+    assert not torch.allclose(block(x, garment, pose_tokens), x)  # and a trained one does something
+
+
+@pytest.mark.parametrize("unet", [1, 2])
+def test_patch_attention_attends_on_patches_at_the_top_attending_level_only_and_trains(tiny_config, unet):
+    """attn_patch 2: the highest attending level's self- and cross-attention see one token per 2x2 pixels (and
+    the pose tokens), every other attending level one per pixel; every parameter takes part; the default is
+    the paper's attention on every pixel."""
+    assert tiny_config.unet(unet).attn_patch == 1
+    config = dataclasses.replace(tiny_config, unets=tuple(
+        dataclasses.replace(u, attn_patch=2) if n == unet else u for n, u in enumerate(tiny_config.unets, 1)))
+    model = _live(CascadeUNet(config, unet))
+    spec, (height, width) = config.unet(unet), config.image_size(unet)
+    seen = {}
+
+    def record(name):
+        def hook(module, args):
+            seen[name] = args[0].shape[1]  # tokens
+        return hook
+
+    for name, module in model.named_modules():
+        if name.endswith("self_attn"):
+            module.register_forward_pre_hook(record(name))
+    model(random_batch(config, unet, 2)).backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not dead, dead
+    top = spec.attn_levels.index(True)
+    for name, tokens in seen.items():
+        path, level = name.split(".")[1:3]
+        side = {"person_mid": len(spec.dim_mults) - 1}.get(path)
+        if side is None:
+            side = int(level) if path == "person_down" else len(spec.dim_mults) - 1 - int(level)
+        patch = 2 if side == top else 1
+        assert tokens == (height >> side) * (width >> side) // patch**2, name
+    assert any(tokens == (height >> top) * (width >> top) // 4 for tokens in seen.values())

@@ -85,7 +85,7 @@ EOF
 
 status=0
 # ---- 0. a step of every preset, where its time goes
-step=(--json "$RESULTS/step.json")
+step=(--json "$RESULTS/step.json" --attn-patch 2)
 [ $DRY = 1 ] && step+=(--presets tiny-sr3 --steps 1)
 $PYTHON tools/bench/step.py "${step[@]}" | tee "$RESULTS/step.txt" || status=1
 

@@ -19,7 +19,7 @@ import json
 import torch
 
 from .cascade import CascadeUNet
-from .config import Config, find_config_file, preset
+from .config import Config, find_config_file, preset, with_overrides
 from .model import DTYPES, parameter_count
 from .model.blocks import ResBlock
 from .model.parallel_unet import WarpBlock
@@ -182,11 +182,14 @@ def plan_host(config: Config, unet_number: int, zero: int, gpus: int, ds: dict) 
         return host_states(parameter_count(CascadeUNet(config, unet_number)), zero, gpus, ds)
 
 
-def preset_config(config: Config, name: str, number: int, image_size: list[int] | None = None) -> tuple[Config, int]:
+def preset_config(config: Config, name: str, number: int, image_size: list[int] | None = None,
+                  overrides: list[str] = ()) -> tuple[Config, int]:
     """``config`` with preset ``name`` as UNet ``number``, at ``image_size`` (H [W]) or the size the preset is
-    for at that place (128 px for UNet 1, 256 for UNet 2, 1024 for UNet 3)."""
+    for at that place (128 px for UNet 1, 256 for UNet 2, 1024 for UNet 3), then ``overrides`` (``--set``
+    texts: ``unets.0.attn_patch=2`` changes the preset's UNet 1)."""
     size = image_size or [{1: 128, 2: 256}.get(number, 1024)]
-    return config.with_unet(number, preset(name), (size[0], size[-1])), number
+    config = config.with_unet(number, preset(name), (size[0], size[-1]))
+    return (with_overrides(config, overrides) if overrides else config), number
 
 
 def default_ds(zero: int, precision: str) -> str:

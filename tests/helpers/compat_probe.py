@@ -4,7 +4,6 @@ the CPU runs, each checked against what it must mean. Rank 0 writes {touchpoint:
 import argparse
 import json
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 
@@ -99,10 +98,7 @@ for ds_name, mixed in (("cpu_zero0", "no"), ("cpu_zero0", "bf16"), ("cpu_zero2",
         assert bool(held["master"]) == (zero > 0 or mixed != "no"), [t.shape for t in held["master"]]
 
     def checkpoint_files():
-        folder = Path(tempfile.gettempdir()) / f"compat_probe_{ds_name}_{mixed}_{distributed.free_port()}"
-        box = [str(folder)]
-        dist.broadcast_object_list(box)
-        folder = Path(box[0])
+        folder = Path(args.out).parent / f"checkpoint_{ds_name}_{mixed}"  # the test's own folder, removed after it
         with compat.files_written(engine) as written:
             engine.save_checkpoint(str(folder), tag="t")
         # under ZeRO-0 only rank 0 writes (the module and the whole optimizer): the others write nothing

@@ -5,6 +5,7 @@ same run, eager and compiled, channels_last off and on, and where the time goes 
     python tools/bench/step.py                                  # every preset, batch 1 (CPU) or 4 (GPU)
     python tools/bench/step.py --presets tiny tiny-sr tiny-sr3 --steps 5 --compile
     python tools/bench/step.py --presets base --batch 8 --precision bf16 --json runs/step.json
+    python tools/bench/step.py --presets tiny tiny-sr --attn-patch 2      # and attending on 2x2 patches
 
 A step is what the trainer's is without DeepSpeed: forward and backward of the diffusion loss at the preset's
 place and size in the cascade (tools/model_info.py --presets), and torch's AdamW (fused on a GPU); bf16 runs
@@ -65,8 +66,10 @@ def time_by_kind(step, device: torch.device) -> dict[str, float]:
 
 
 def bench(config: Config, number: int, batch: int, steps: int, device: torch.device, precision: str,
-          compiled: bool, channels_last: bool) -> dict:
+          compiled: bool, channels_last: bool, patch: int = 1) -> dict:
     unet = dataclasses.replace(config.unet(number), compile=compiled, channels_last=channels_last)
+    if patch > 1:
+        unet = dataclasses.replace(unet, attn_patch=patch)
     config = config.with_unet(number, unet)
     torch.manual_seed(0)
     model = CascadeUNet(config, number).to(device)
@@ -99,18 +102,19 @@ def bench(config: Config, number: int, batch: int, steps: int, device: torch.dev
     step_s = (time.perf_counter() - start) / steps
     flops = step_flops(config, number) * batch
     return {"preset": unet.preset, "unet": number, "batch": batch, "compiled": compiled,
-            "channels_last": channels_last, "precision": precision, "warm_up_s": warm_up_s, "step_s": step_s,
-            "flops_per_step": flops, "tflops": flops / step_s / 1e12, "loss_finite": bool(torch.isfinite(loss)),
-            "by_kind": time_by_kind(step, device)}
+            "channels_last": channels_last, "attn_patch": patch, "precision": precision, "warm_up_s": warm_up_s,
+            "step_s": step_s, "flops_per_step": flops, "tflops": flops / step_s / 1e12,
+            "loss_finite": bool(torch.isfinite(loss)), "by_kind": time_by_kind(step, device)}
 
 
 def table(results: list[dict], matmul_peak: float) -> str:
-    head = (f"{'preset':<11}{'UNet':>4} {'variant':<20}{'s/step':>8}{'TFLOP/s':>9}{'of matmul':>10}  "
+    head = (f"{'preset':<11}{'UNet':>4} {'variant':<34}{'s/step':>8}{'TFLOP/s':>9}{'of matmul':>10}  "
             + "".join(f"{k[:11]:>12}" for k in COLUMNS))
     lines = [head]
     for r in results:
-        variant = ("compiled" if r["compiled"] else "eager") + (", channels_last" if r["channels_last"] else "")
-        lines.append(f"{r['preset']:<11}{r['unet']:>4} {variant:<20}{r['step_s']:8.3f}{r['tflops']:9.3f}"
+        variant = ("compiled" if r["compiled"] else "eager") + (", channels_last" if r["channels_last"] else "") \
+            + (f", {r['attn_patch']}x{r['attn_patch']} patches" if r.get("attn_patch", 1) > 1 else "")
+        lines.append(f"{r['preset']:<11}{r['unet']:>4} {variant:<34}{r['step_s']:8.3f}{r['tflops']:9.3f}"
                      f"{100 * r['tflops'] * 1e12 / matmul_peak:9.1f}%  "
                      + "".join(f"{100 * r['by_kind'][k]:11.1f}%" for k in COLUMNS))
     return "\n".join(lines)
@@ -123,6 +127,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant, after two warm-up steps")
     p.add_argument("--precision", choices=("fp32", "bf16"), help="default: bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--compile", action="store_true", help="also each preset compiled (torch.compile, inductor)")
+    p.add_argument("--attn-patch", type=int, default=1, metavar="P",
+                   help="also each Parallel-UNet preset attending on PxP patches at its highest attending level")
     p.add_argument("--json", help="write the results here too")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -137,10 +143,13 @@ def main(argv=None) -> None:
     for name in args.presets:
         number = POSITION[name]
         config, _ = preset_config(Config(), name, number)
+        patches = (1, args.attn_patch) if args.attn_patch > 1 and hasattr(config.unet(number), "attn_patch") else (1,)
         for compiled in (False, True) if args.compile else (False,):
             for channels_last in (False, True):
-                results.append(bench(config, number, batch, args.steps, device, precision, compiled, channels_last))
-                print(table(results[-1:], matmul_peak).splitlines()[1], flush=True)
+                for patch in patches:
+                    results.append(bench(config, number, batch, args.steps, device, precision, compiled,
+                                         channels_last, patch))
+                    print(table(results[-1:], matmul_peak).splitlines()[1], flush=True)
     print()
     print(table(results, matmul_peak))
     if args.json:

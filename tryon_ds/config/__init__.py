@@ -10,9 +10,9 @@ value and what is allowed.
 - ``load``: files, overrides and the command line's flags.
 """
 from .load import (add_config_args, build_config, config_from_args, deep_merge, find_config_file, parse_override,
-                   read_config_file)
+                   read_config_file, with_overrides)
 from .schema import Config, DataConfig, DiffusionConfig, LoggingConfig, default_cascade, preset
 
 __all__ = ["Config", "DataConfig", "DiffusionConfig", "LoggingConfig", "add_config_args", "build_config",
            "config_from_args", "deep_merge", "default_cascade", "find_config_file", "parse_override", "preset",
-           "read_config_file"]
+           "read_config_file", "with_overrides"]

@@ -130,6 +130,14 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="override any config key, dotted for sections: --set unet1.dim=64")
 
 
+def with_overrides(config: Config, overrides: list[str]) -> Config:
+    """``config`` with ``--set KEY=VALUE`` texts applied over it, built and checked again."""
+    data = json.loads(json.dumps(config.to_dict()))  # as its file reads: lists, which --set unets.N... indexes
+    for text in overrides:
+        data = deep_merge(data, parse_override(text))
+    return build_config(data)
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     data = read_config_file(args.config) if args.config else {}
     for flag, (key, _) in GUIDE_FLAGS.items():

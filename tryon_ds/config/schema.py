@@ -218,7 +218,7 @@ class Config:
         factor = unet.size_factor
         if any(s % factor for s in size):
             raise ConfigError(f"config key '{size_key}': {list(size)} is not divisible by {factor}, which "
-                              f"the {len(unet.dim_mults)} levels of '{key}' need")
+                              f"{unet.size_factor_reason(key)} need")
         crop = self.crop_size(number)
         if crop is not None:
             if any(c % factor for c in crop) or any(c < 1 or c > s for c, s in zip(crop, size)):

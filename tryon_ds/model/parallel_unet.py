@@ -15,6 +15,7 @@ try-on), and each pose pooled by attention.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -44,6 +45,10 @@ class ParallelUNetConfig(UNetSpec):
     # and cross-attention to the garment (the paper: the two lowest resolutions of UNet 1, the lowest of
     # UNet 2). The garment-UNet is built only as far as the attending blocks need.
     attn_levels: tuple[bool, ...] = (False, True, True)
+    # Side of the square patches the highest attending level attends on: 1 attends on every pixel (the paper);
+    # 2 on 2x2 patches, one token of 4x the width each (fashn-AI/tryondiffusion's choice at 32 px): 16x fewer
+    # attention scores there. BENCHMARKS.md, "Patch attention", has what it buys and what it costs.
+    attn_patch: int = field(default=1, metadata=bounds(ge=1))
     attn_heads: int = field(default=4, metadata=bounds(ge=1))
     attn_dim_head: int = field(default=16, metadata=bounds(ge=4))
     # Width of the FiLM conditioning vector and of the pose tokens (one per keypoint).
@@ -64,8 +69,20 @@ class ParallelUNetConfig(UNetSpec):
                             preview=(CA, GARMENT))
 
     @property
+    def top_attending_level(self) -> int:
+        return list(self.attn_levels).index(True)
+
+    @property
     def size_factor(self) -> int:
-        return 2 ** (len(self.dim_mults) - 1)  # one halving between consecutive levels
+        # One halving between consecutive levels; the patches tile the highest attending level.
+        return math.lcm(2 ** (len(self.dim_mults) - 1), 2 ** self.top_attending_level * self.attn_patch)
+
+    def size_factor_reason(self, key: str) -> str:
+        reason = super().size_factor_reason(key)
+        if self.attn_patch == 1:
+            return reason
+        return f"{reason} and its {self.attn_patch}x{self.attn_patch} patches ('{key}.attn_patch') at level " \
+               f"{self.top_attending_level}"
 
     def validate(self, key: str, super_resolves: bool) -> None:
         super().validate(key, super_resolves)
@@ -115,21 +132,26 @@ class Attention(nn.Module):
 
 class WarpBlock(nn.Module):
     """What follows a person-UNet residual block at an attending resolution: self-attention over the person
-    features and the pose tokens, then cross-attention to the matching garment-UNet block's features."""
+    features and the pose tokens, then cross-attention to the matching garment-UNet block's features. A token
+    is a pixel, or a ``patch`` x ``patch`` square of them with their features side by side."""
 
-    def __init__(self, dim: int, cfg: ParallelUNetConfig):
+    def __init__(self, dim: int, cfg: ParallelUNetConfig, patch: int = 1):
         super().__init__()
-        self.pose_proj = nn.Linear(cfg.pose_dim, dim)
-        self.self_attn = Attention(dim, cfg.attn_heads, cfg.attn_dim_head, cfg.attention_backend)
-        self.garment_norm = nn.LayerNorm(dim)
-        self.cross_attn = Attention(dim, cfg.attn_heads, cfg.attn_dim_head, cfg.attention_backend)
+        width = dim * patch * patch
+        self.patch = patch
+        self.pose_proj = nn.Linear(cfg.pose_dim, width)
+        self.self_attn = Attention(width, cfg.attn_heads, cfg.attn_dim_head, cfg.attention_backend)
+        self.garment_norm = nn.LayerNorm(width)
+        self.cross_attn = Attention(width, cfg.attn_heads, cfg.attn_dim_head, cfg.attention_backend)
 
     def forward(self, x: torch.Tensor, garment: torch.Tensor, pose_tokens: torch.Tensor) -> torch.Tensor:
-        height = x.shape[2]
-        x = rearrange(x, "b c h w -> b (h w) c")
+        p = self.patch
+        height = x.shape[2] // p
+        to_tokens = "b c (h p1) (w p2) -> b (h w) (c p1 p2)"
+        x = rearrange(x, to_tokens, p1=p, p2=p)
         x = x + self.self_attn(x, extra=self.pose_proj(pose_tokens))
-        x = x + self.cross_attn(x, self.garment_norm(rearrange(garment, "b c h w -> b (h w) c")))
-        return rearrange(x, "b (h w) c -> b c h w", h=height)
+        x = x + self.cross_attn(x, self.garment_norm(rearrange(garment, to_tokens, p1=p, p2=p)))
+        return rearrange(x, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=height, p1=p, p2=p)
 
 
 class _Level(nn.Module):
@@ -137,10 +159,10 @@ class _Level(nn.Module):
     attends), then an optional resampling to the next level's width."""
 
     def __init__(self, ch: int, skip_ch: int, n_res: int, attends: bool, resample: nn.Module | None,
-                 cond_dim: int, cfg: ParallelUNetConfig):
+                 cond_dim: int, cfg: ParallelUNetConfig, patch: int = 1):
         super().__init__()
         self.res = nn.ModuleList(ResBlock(ch + skip_ch, ch, cond_dim, cfg.groups, cfg.dropout) for _ in range(n_res))
-        self.attn = nn.ModuleList(WarpBlock(ch, cfg) for _ in range(n_res)) if attends else None
+        self.attn = nn.ModuleList(WarpBlock(ch, cfg, patch) for _ in range(n_res)) if attends else None
         self.resample = resample
 
 
@@ -154,7 +176,8 @@ class ParallelUNet(nn.Module):
         widths = [cfg.dim * m for m in cfg.dim_mults]
         n_levels = len(widths)
         attends = list(cfg.attn_levels)
-        top = attends.index(True)  # highest-resolution attending level: the garment decoder ends there
+        top = cfg.top_attending_level  # the garment decoder ends there
+        patch = [cfg.attn_patch if i == top else 1 for i in range(n_levels)]
 
         self.time_embed = Embedder(cond_dim)
         self.noise_level_embed = nn.ModuleDict({k: Embedder(cond_dim) for k in self.conditioning.noisy})
@@ -170,13 +193,13 @@ class ParallelUNet(nn.Module):
             """Levels down, the middle, levels up (the garment's cut after its top attending level)."""
             down = nn.ModuleList(
                 _Level(w, 0, cfg.num_res_blocks[i], person and attends[i],
-                       downsample(w, widths[i + 1]) if i < n_levels - 1 else None, cond_dim, cfg)
+                       downsample(w, widths[i + 1]) if i < n_levels - 1 else None, cond_dim, cfg, patch[i])
                 for i, w in enumerate(widths))
-            mid = _Level(widths[-1], 0, 2, person and attends[-1], None, cond_dim, cfg)
+            mid = _Level(widths[-1], 0, 2, person and attends[-1], None, cond_dim, cfg, patch[-1])
             last = 0 if person else top
             up = nn.ModuleList(
                 _Level(widths[i], widths[i], cfg.num_res_blocks[i], person and attends[i],
-                       upsample(widths[i], widths[i - 1]) if i > last else None, cond_dim, cfg)
+                       upsample(widths[i], widths[i - 1]) if i > last else None, cond_dim, cfg, patch[i])
                 for i in reversed(range(last, n_levels)))
             return down, mid, up
 

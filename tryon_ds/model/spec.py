@@ -108,6 +108,10 @@ class UNetSpec:
         """What the image's sides must be divisible by."""
         raise NotImplementedError
 
+    def size_factor_reason(self, key: str) -> str:
+        """What needs ``size_factor``, for a message about ``key``."""
+        return f"the {len(self.dim_mults)} levels of '{key}'"
+
     def validate(self, key: str, super_resolves: bool) -> None:
         """Raise SpecError naming ``key``'s sub-keys if this spec cannot be built at its place."""
         noisy = self.conditioning(super_resolves).noisy

@@ -11,6 +11,7 @@ printed before it runs.
     python tools/demo.py                # about 14 minutes on 2 CPU cores
     python tools/demo.py --seed 3       # the same data set, another run: weights, data order, every draw
     python tools/demo.py --quick        # a few steps of everything, for a smoke test
+    python tools/demo.py --set unets.0.attn_patch=2   # another setting, to hold against the seed table
 
 One run's figure depends on its trajectory: BENCHMARKS.md has the mean and spread over seeds, which a claim
 that a change is "within the spread" cites.
@@ -70,6 +71,9 @@ def main(argv=None) -> None:
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--val_fraction", type=float, default=0.03)
     p.add_argument("--quick", action="store_true", help="a few steps of everything (the test suite's version)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="a config override for every training run, as train.py takes it (repeatable), e.g. "
+                        "--set unets.0.attn_patch=2: the demo of a changed setting, to hold against the seed table")
     args = p.parse_args(argv)
     if args.quick:
         args.samples, args.base_steps, args.sr_steps, args.sr3_steps = 120, 4, 3, 3
@@ -89,6 +93,7 @@ def main(argv=None) -> None:
               "--set", f"output_dir={out / 'outputs'}", "--set", f"log_dir={out / 'logs'}",
               "--set", "validation_freq=100000", "--set", "checkpoint_freq=100000", "--set", "sample_freq=100000",
               "--set", f"seed={args.seed}", "--set", f"data.seed={args.seed}"]
+    common += [arg for override in args.overrides for arg in ("--set", override)]
     if args.quick:
         common += ["--set", "diffusion.sample_steps=[4,4,4]", "--set", "data.num_workers=0"]
     launcher = [py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks)]

@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     if args.preset:
         number = args.unet or POSITION[args.preset]
         try:
-            config, _ = preset_config(Config(), args.preset, number)
+            config, _ = preset_config(Config(), args.preset, number, overrides=args.set)
         except ConfigError as err:
             raise UserError(f"--preset {args.preset} --unet {number}: {err}") from None
     else:

@@ -47,10 +47,11 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.micro_batch < 1 or args.gpus < 1:
         raise UserError("--micro-batch and --gpus take positive integers")
-    config = config_from_args(args)
+    # a preset's overrides (--set unets.0.attn_patch=2) go over the preset, after it is placed
+    config = config_from_args(argparse.Namespace(**{**vars(args), "set": []}) if args.preset else args)
     number = args.unet or (POSITION.get(args.preset) if args.preset else config.train_unet_number)
     if args.preset:
-        config, number = preset_config(config, args.preset, number, args.image_size)
+        config, number = preset_config(config, args.preset, number, args.image_size, args.set)
     elif args.image_size:
         config = config.with_unet(number, config.unet(number), (args.image_size[0], args.image_size[-1]))
     if args.crop_size:
