@@ -28,6 +28,7 @@ code. A metric whose file is missing is skipped with a line naming the file and 
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,13 +135,21 @@ class InceptionFeatures:
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     """FID of two feature sets (N, D), as clean-fid's frechet_distance on np.mean / np.cov(rowvar=False)."""
-    mu1, mu2 = real.double().mean(0), fake.double().mean(0)
-    s1, s2 = torch.cov(real.double().T), torch.cov(fake.double().T)
-    # Tr sqrt(S1 S2): S1 S2 is similar to S1^1/2 S2 S1^1/2, so its eigenvalues are real and >= 0 (up to
-    # rounding) and the square roots of its eigenvalues are those of its square root.
-    eigenvalues = torch.linalg.eigvals(s1 @ s2).real.clamp(min=0)
-    diff = mu1 - mu2
-    return float(diff @ diff + s1.trace() + s2.trace() - 2 * eigenvalues.sqrt().sum())
+    real, fake = real.double(), fake.double()
+    a, b = real - real.mean(0), fake - fake.mean(0)  # S1 = a^T a / (N1 - 1), S2 = b^T b / (N2 - 1)
+    n1, n2, d = len(a) - 1, len(b) - 1, a.shape[1]
+    diff = real.mean(0) - fake.mean(0)
+    if max(n1, n2) < d:
+        # Fewer samples than features (a test split against Inception's 2048): S1 S2 = a^T (a b^T) b / (n1 n2)
+        # has the nonzero eigenvalues of (a b^T)(a b^T)^T / (n1 n2), so Tr sqrt(S1 S2) is the sum of the
+        # singular values of a b^T / sqrt(n1 n2): an N1 x N2 problem instead of a D x D one (8 samples:
+        # milliseconds against 4 s on one core).
+        root_trace = torch.linalg.svdvals(a @ b.T).sum() / math.sqrt(n1 * n2)
+    else:
+        # S1 S2 is similar to S1^1/2 S2 S1^1/2, so its eigenvalues are real and >= 0 (up to rounding) and the
+        # square roots of its eigenvalues are those of its square root.
+        root_trace = torch.linalg.eigvals((a.T @ a / n1) @ (b.T @ b / n2)).real.clamp(min=0).sqrt().sum()
+    return float(diff @ diff + a.square().sum() / n1 + b.square().sum() / n2 - 2 * root_trace)
 
 
 def kernel_distance(real: torch.Tensor, fake: torch.Tensor, num_subsets: int = KID_SUBSETS,
@@ -171,13 +180,17 @@ SSIM_BORDER = SSIM_WINDOW // 2
 def ssim_map(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The SSIM map of (N, C, H, W) images in [0, 1] where the window lies inside the image: (N, C, H - 10,
     W - 10), in float64. Gaussian-weighted means and (population) covariances, C1 = 0.01^2, C2 = 0.03^2."""
-    x = torch.arange(SSIM_WINDOW, dtype=torch.float64) - SSIM_BORDER
+    x = torch.arange(SSIM_WINDOW, dtype=torch.float64, device=pred.device) - SSIM_BORDER
     g = torch.exp(-x ** 2 / (2 * SSIM_SIGMA ** 2))
     g = g / g.sum()
-    channels = pred.shape[1]
-    window = (g[:, None] * g[None, :]).expand(channels, 1, SSIM_WINDOW, SSIM_WINDOW).to(pred.device)
     a, b = pred.double(), target.double()
-    mu_a, mu_b, aa, bb, ab = (F.conv2d(t, window, groups=channels) for t in (a, b, a * a, b * b, a * b))
+    moments = torch.cat([a, b, a * a, b * b, a * b], dim=1)
+    k = moments.shape[1]
+    # The Gaussian window is separable: a column pass then a row pass, 22 multiply-adds a pixel instead of
+    # 121 (float64 depthwise convolutions have no fast kernel on a CPU: 18x faster at 128 px).
+    moments = F.conv2d(moments, g.view(1, 1, -1, 1).expand(k, 1, -1, 1), groups=k)
+    moments = F.conv2d(moments, g.view(1, 1, 1, -1).expand(k, 1, 1, -1), groups=k)
+    mu_a, mu_b, aa, bb, ab = moments.split(a.shape[1], dim=1)
     var_a, var_b, cov = aa - mu_a ** 2, bb - mu_b ** 2, ab - mu_a * mu_b
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     return ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
