@@ -45,7 +45,7 @@ HEADS, DIM_HEAD, COND_DIM, POSE_DIM, KEYPOINTS = 4, 32, 256, 128, 18
 def peak_memory_gib(step, device: torch.device) -> float:
     """The most memory allocated at once during one ``step()`` above what was allocated before it: CUDA's
     allocator counter; on a CPU the allocations and frees torch.profiler records (the resident set would
-    count what the C allocator keeps cached, and measured noise more than either model)."""
+    count what the C allocator keeps cached)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -60,7 +60,7 @@ def peak_memory_gib(step, device: torch.device) -> float:
         prof.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text())["traceEvents"]
     # each allocation and free is an event carrying the running total since the profile started
-    return max(0, *(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")) / 2**30
+    return max((e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"), default=0) / 2**30
 
 
 def ours(dim: int, size: int, batch: int, device: torch.device, compiled: bool, patch: int = 1,
