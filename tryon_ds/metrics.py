@@ -136,9 +136,10 @@ class InceptionFeatures:
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     """FID of two feature sets (N, D), as clean-fid's frechet_distance on np.mean / np.cov(rowvar=False)."""
     real, fake = real.double(), fake.double()
-    a, b = real - real.mean(0), fake - fake.mean(0)  # S1 = a^T a / (N1 - 1), S2 = b^T b / (N2 - 1)
+    mu1, mu2 = real.mean(0), fake.mean(0)
+    a, b = real - mu1, fake - mu2  # S1 = a^T a / (N1 - 1), S2 = b^T b / (N2 - 1)
     n1, n2, d = len(a) - 1, len(b) - 1, a.shape[1]
-    diff = real.mean(0) - fake.mean(0)
+    diff = mu1 - mu2
     if max(n1, n2) < d:
         # Fewer samples than features (a test split against Inception's 2048): S1 S2 = a^T (a b^T) b / (n1 n2)
         # has the nonzero eigenvalues of (a b^T)(a b^T)^T / (n1 n2), so Tr sqrt(S1 S2) is the sum of the

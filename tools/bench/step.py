@@ -113,7 +113,7 @@ def table(results: list[dict], matmul_peak: float) -> str:
     lines = [head]
     for r in results:
         variant = ("compiled" if r["compiled"] else "eager") + (", channels_last" if r["channels_last"] else "") \
-            + (f", {r['attn_patch']}x{r['attn_patch']} patches" if r.get("attn_patch", 1) > 1 else "")
+            + (f", {r['attn_patch']}x{r['attn_patch']} patches" if r["attn_patch"] > 1 else "")
         lines.append(f"{r['preset']:<11}{r['unet']:>4} {variant:<34}{r['step_s']:8.3f}{r['tflops']:9.3f}"
                      f"{100 * r['tflops'] * 1e12 / matmul_peak:9.1f}%  "
                      + "".join(f"{100 * r['by_kind'][k]:11.1f}%" for k in COLUMNS))
