@@ -2,4 +2,4 @@
 from _launch import run
 
 if __name__ == "__main__":
-    run("tryon_ds.tools.plan_memory")
+    run("tryon_ds.tools.plan")

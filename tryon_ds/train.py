@@ -50,7 +50,7 @@ from tryon_ds.cli import exit_on_user_error
 from tryon_ds.config import Config, add_config_args, config_from_args, find_config_file
 from tryon_ds.data.pipeline import Data, skip_report, store_trouble
 from tryon_ds.data.preprocess import to_device
-from tryon_ds.data.shards import check_shard_size, read_manifest
+from tryon_ds.data.shards import check_shard_size
 from tryon_ds.errors import UserError
 from tryon_ds.model import compiled_graphs, parameter_count
 from tryon_ds.perf import Throughput, device_peak, step_flops
@@ -62,6 +62,7 @@ from tryon_ds.training.guard import NonFiniteGuard, NonFiniteRun
 from tryon_ds.training.logger import NullLogger, RunLogger
 from tryon_ds.training.previews import Previewer
 from tryon_ds.training.run_lock import RunLock
+from tryon_ds.training.schedule import total_steps
 from tryon_ds.training.schedule import Schedule
 from tryon_ds.training.validation import validation_loss
 
@@ -80,15 +81,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "for known GPUs, tryon_ds/perf.py; a CPU's fp32 matmul throughput, measured)")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p.parse_args(argv)
-
-
-def total_steps(config: Config, global_batch: int) -> int:
-    if config.max_steps is not None:
-        return config.max_steps
-    if config.data.train_shards:
-        raise UserError("with data.train_shards given, there is no manifest to count an epoch: set max_steps")
-    samples = read_manifest(config.data_dir)["samples"]["train"]
-    return config.num_epochs * math.ceil(samples / global_batch)
 
 
 def ensure_writable(folders: dict[str, Path]) -> None:

@@ -8,7 +8,10 @@ stop for.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from ..errors import UserError
 
 ACTIONS = ("log", "validate", "preview", "checkpoint")
 
@@ -33,3 +36,16 @@ class Schedule:
     def sync(self, step: int) -> bool:
         """Whether the loop brings the steps since its last sync to the host after ``step``."""
         return step % self.max_bad_steps == 0 or bool(self.due(step))
+
+
+def total_steps(config, global_batch: int) -> int:
+    """The run's optimizer steps: ``max_steps``, else ``num_epochs`` over the training split the shard
+    manifest counts, at ``global_batch`` samples a step."""
+    from ..data.shards import read_manifest
+
+    if config.max_steps is not None:
+        return config.max_steps
+    if config.data.train_shards:
+        raise UserError("with data.train_shards given, there is no manifest to count an epoch: set max_steps")
+    samples = read_manifest(config.data_dir)["samples"]["train"]
+    return config.num_epochs * math.ceil(samples / global_batch)
