@@ -18,9 +18,15 @@ def test_demo_quick_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
     r = run_tool(["tools/demo.py", "--quick", "--out", str(out)], timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for unet in (1, 2, 3):
+    for unet, steps in ((1, 4), (2, 3), (3, 3)):
         assert list((out / "checkpoints" / f"unet{unet}").glob("step*/COMPLETE"))
         assert (out / "bundle" / f"unet{unet}" / "ema.safetensors").is_file()
+        # a quality pass at each run's last step, and the bundle holds the best (that step)
+        metrics = [json.loads(line) for line in
+                   (out / "outputs" / f"metrics_unet{unet}.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics if "quality/psnr_region" in m] == [steps]
+        selected = json.loads((out / "bundle" / f"unet{unet}" / "config.json").read_text())["selected"]
+        assert selected["by"] == "best" and selected["step"] == steps
     grid = Image.open(out / "results" / "grid.png")
     assert grid.size == (4 * 128, 8 * 128)  # the cascade's output: UNet 3's 128 px
     quality = json.loads((out / "quality.json").read_text())

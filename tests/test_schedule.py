@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 from tryon_ds.training.schedule import ACTIONS, Schedule
 
 freq = st.integers(min_value=1, max_value=40)
-off_or_freq = st.integers(min_value=0, max_value=40)  # validation and previews may be off
+off_or_freq = st.integers(min_value=0, max_value=40)  # validation, quality passes and previews may be off
 
 
 def walk(schedule: Schedule, start: int):
@@ -23,7 +23,7 @@ def walk(schedule: Schedule, start: int):
 
 
 @settings(max_examples=500, deadline=None)
-@given(every=st.fixed_dictionaries({a: off_or_freq if a in ("validate", "preview") else freq for a in ACTIONS}),
+@given(every=st.fixed_dictionaries({a: off_or_freq if a in ("validate", "quality", "preview") else freq for a in ACTIONS}),
        max_bad=freq,
        start=st.integers(min_value=0, max_value=200), length=st.integers(min_value=1, max_value=300))
 def test_each_action_at_every_multiple_of_its_own_frequency_and_at_the_last_step(every, max_bad, start, length):
@@ -40,6 +40,7 @@ def test_each_action_at_every_multiple_of_its_own_frequency_and_at_the_last_step
 def test_the_case_that_was_skipped():
     """checkpoint_freq=3 with log_freq=4 checkpointed only at step 12 when the loop looked at actions only
     at its log syncs."""
-    schedule = Schedule(12, {"log": 4, "validate": 5, "preview": 1000, "checkpoint": 3}, 20)
+    schedule = Schedule(12, {"log": 4, "validate": 5, "quality": 0, "preview": 1000, "checkpoint": 3}, 20)
     _, fired = walk(schedule, 0)
-    assert fired == {"log": [4, 8, 12], "validate": [5, 10, 12], "preview": [12], "checkpoint": [3, 6, 9, 12]}
+    assert fired == {"log": [4, 8, 12], "validate": [5, 10, 12], "quality": [], "preview": [12],
+                     "checkpoint": [3, 6, 9, 12]}

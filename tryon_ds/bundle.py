@@ -55,7 +55,9 @@ def strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def write_unet(bundle: Path, unet_number: int, config: Config, step: int, weights: dict, ema: dict | None,
-               dtype: str, force: bool, source: str) -> Path:
+               dtype: str, force: bool, source: str, selected: dict | None = None) -> Path:
+    """UNet ``unet_number``'s folder of the bundle; ``selected`` says how its checkpoint was chosen (the
+    best by a metric, the newest, one named), recorded in its config.json."""
     final = bundle / f"unet{unet_number}"
     if final.exists() and not force:
         raise UserError(f"{final} exists; pass --force to replace it")
@@ -71,6 +73,7 @@ def write_unet(bundle: Path, unet_number: int, config: Config, step: int, weight
     if ema is not None:
         atomic.save_safetensors({k: v.to(cast) for k, v in ema.items()}, tmp / "ema.safetensors")
     meta = {"unet_number": unet_number, "step": step, "dtype": dtype, "has_ema": ema is not None, "source": source,
+            **({"selected": selected} if selected else {}),
             "parameters": sum(v.numel() for v in weights.values()), "config": config.to_dict()}
     atomic.write_json(tmp / "config.json", meta)
     atomic.replace_dir(tmp, final)

@@ -47,7 +47,11 @@ class TryOnPipeline:
                         compile: bool | None = None) -> "TryOnPipeline":
         """Every UNet the bundle holds, unet1/ up to the first one missing; ``compile`` True or False compiles
         every UNet or none (in its config's mode), None as each was trained."""
+        from .training.checkpoint import consolidate_hint
+
         bundle = Path(bundle)
+        if not (bundle / "unet1" / "config.json").is_file() and (hint := consolidate_hint(bundle)):
+            raise UserError(hint)
         if not bundle.is_dir():
             raise UserError(f"bundle folder {bundle} does not exist")
         if not (bundle / "unet1").is_dir():

@@ -11,6 +11,7 @@ TF32 for an fp32 run (the trainer allows TF32 matmuls). A CPU's is measured: hal
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass
@@ -40,6 +41,20 @@ PRECISIONS = ("bf16", "tf32", "fp32")
 def step_flops(config, unet_number: int) -> float:
     """FLOPs of one training sample of UNet ``unet_number`` (forward and backward of its loss), at its
     training size (its crops, for a UNet trained on crops)."""
+    return _counted(config, unet_number, backward=True)
+
+
+def sample_flops(config, unet_number: int) -> float:
+    """FLOPs of sampling one image with UNet ``unet_number`` as inference and the quality pass do: its
+    sampling steps, each a forward of the denoiser at the whole image size (crops are for training), two of
+    them with classifier-free guidance."""
+    if config.crop_size(unet_number):
+        config = config.with_unet(unet_number, dataclasses.replace(config.unet(unet_number), crop_size=None))
+    guided = config.conditioning(unet_number).guided and config.diffusion.guidance != 1.0
+    return config.unet(unet_number).sample_steps * (2 if guided else 1) * _counted(config, unet_number, backward=False)
+
+
+def _counted(config, unet_number: int, backward: bool) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from .cascade import CascadeUNet, random_batch
@@ -48,7 +63,9 @@ def step_flops(config, unet_number: int) -> float:
         model = CascadeUNet(config, unet_number)
     batch = {k: v.to("meta") for k, v in random_batch(config, unet_number, 1).items()}
     with FlopCounterMode(display=False) as counter:
-        model(batch).backward()
+        loss = model(batch)
+        if backward:
+            loss.backward()
     return float(counter.get_total_flops())
 
 

@@ -164,9 +164,10 @@ def plan(config: Config, unet_number: int, micro_batch: int, zero: int, precisio
     rows["activations"] = (activations(config, unet_number, micro_batch, precision, checkpointing)
                            if activation_bytes is None else activation_bytes)
     rows[STEP] = step_transient(n, zero, gpus, ds)
-    # Between steps rank 0 builds a whole copy of the UNet in the run's precision for each preview, and gathers
-    # the whole EMA (fp32, in host memory: a GPU's own only on a CPU rank) to write a checkpoint; one at a time.
-    rows[PREVIEW] = max(BYTES[precision] * n if config.sample_freq else 0.0,
+    # Between steps rank 0 builds a whole copy of the UNet in the run's precision for each preview (every rank
+    # for a quality pass), and gathers the whole EMA (fp32, in host memory: a GPU's own only on a CPU rank) to
+    # write a checkpoint; one at a time.
+    rows[PREVIEW] = max(BYTES[precision] * n if config.sample_freq or config.quality_freq else 0.0,
                         4.0 * n if cpu and config.use_ema else 0.0)
     rows["DeepSpeed buffers"] = buffers(ds, precision)
     if cpu:
@@ -256,8 +257,8 @@ class RunPlan:
             smaller = {**ds, "zero_optimization": {**ds["zero_optimization"], "sub_group_size": int(1e8)}}
             options.append(("ZeRO-3 steps in smaller sub-groups (\"sub_group_size\": 1e8)", self.changed(ds=smaller)))
         if rows[PREVIEW] and peak({**rows, PREVIEW: 0.0}, self.cpu) < total:
-            options.append(("no previews (sample_freq: 0; rank 0 builds no second model)",
-                            self.changed(config=dataclasses.replace(self.config, sample_freq=0))))
+            options.append(("no previews or quality passes (sample_freq: 0, quality_freq: 0; no second model)",
+                            self.changed(config=dataclasses.replace(self.config, sample_freq=0, quality_freq=0))))
         # DeepSpeed's CPU Adam (not torch's AdamW) runs an offloaded step, in place
         offload = self.changed(ds={**ds, "zero_optimization": {**ds["zero_optimization"],
                                                                "offload_optimizer": {"device": "cpu"}},

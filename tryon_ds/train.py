@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import signal
 import sys
 import time
@@ -52,6 +53,7 @@ from tryon_ds.data.pipeline import Data, skip_report, store_trouble
 from tryon_ds.data.preprocess import to_device
 from tryon_ds.data.shards import check_shard_size
 from tryon_ds.errors import UserError
+from tryon_ds.metrics import WEIGHT_FILES, weight_path
 from tryon_ds.model import compiled_graphs, parameter_count
 from tryon_ds.perf import Throughput, device_peak, step_flops
 from tryon_ds.seeding import seed_for
@@ -61,9 +63,9 @@ from tryon_ds.training.ema import EMA
 from tryon_ds.training.guard import NonFiniteGuard, NonFiniteRun
 from tryon_ds.training.logger import NullLogger, RunLogger
 from tryon_ds.training.previews import Previewer
+from tryon_ds.training.quality import QualityPass
 from tryon_ds.training.run_lock import RunLock
-from tryon_ds.training.schedule import total_steps
-from tryon_ds.training.schedule import Schedule
+from tryon_ds.training.schedule import Schedule, total_steps
 from tryon_ds.training.validation import validation_loss
 
 # DeepSpeed's ZeRO calls a torch collective that torch 2.13 marks deprecated, once per rank and step.
@@ -79,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", "--peak_tflops", dest="peak_tflops", type=float, metavar="TFLOPS",
                    help="the device's dense peak at the run's precision, for perf/mfu (default: the datasheet's "
                         "for known GPUs, tryon_ds/perf.py; a CPU's fp32 matmul throughput, measured)")
+    for spec in WEIGHT_FILES.values():
+        p.add_argument(spec.flag, help=f"{spec.name}, for the quality pass's {spec.metrics} (or {spec.env})")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p.parse_args(argv)
 
@@ -116,6 +120,8 @@ class Run:
     previewer: Previewer | None  # rank 0 only
     watchdog: lifecycle.Watchdog
     last_saved: int | None = None
+    quality: QualityPass | None = None  # every rank, where quality_freq is set
+    best: dict | None = None  # the best checkpoint's record (checkpoint.read_best), on every rank
 
     def close(self) -> None:
         self.loader.close()
@@ -156,11 +162,42 @@ def start(args: argparse.Namespace, config: Config, world: distributed.World) ->
                        f"unknown ({source}): give --peak-tflops for perf/mfu"))
     for note in resume.notes:
         log.message(note)
+    quality = None
+    if config.quality_freq:
+        weights = {kind: weight_path(kind, getattr(args, spec.flag.lstrip("-"))) for kind, spec in WEIGHT_FILES.items()}
+        quality = QualityPass(config, data, world, precision(ds_config), weights)
+        for note in quality.notes:
+            log.message(f"quality pass: {note}")
+    best = known_best(root, config, resume, log, world)
     return Run(config, world, model, engine, scheduler, ema, log, root, zero, accum, global_batch, steps, resume,
                data, data.train(config.batch_size, accum, resume.step),
                Previewer(config, data, world.device, precision(ds_config)) if world.is_main else None,
                lifecycle.Watchdog(config.dist_timeout_s, world.rank, world.size, world.peers),
-               resume.step if resume.checkpoint else None)
+               resume.step if resume.checkpoint else None, quality, best)
+
+
+def known_best(root: Path, config: Config, resume: checkpoint.Resume, log, world) -> dict | None:
+    """The best checkpoint a resumed run goes on from (its BEST.json), if it is still there, complete, and
+    chosen by the metric this run chooses by. A fresh run measures its own: an earlier run's record is set
+    aside (its checkpoint stays until retention removes it)."""
+    if resume.checkpoint is None:
+        if world.is_main and (record := checkpoint.read_best(root)) is not None:
+            os.replace(root / checkpoint.BEST, root / f"{checkpoint.BEST}.earlier")
+            log.message(f"an earlier run's best (step {record['step']}, {record['metric']} {record['value']:.4g}) is "
+                        f"set aside as {checkpoint.BEST}.earlier: this fresh run keeps its own")
+        return None
+    record, rule = checkpoint.read_best(root), config.best()
+    if record is None or rule is None:
+        return None
+    if (record["metric"], record["mode"]) != rule:
+        log.message(f"{checkpoint.BEST} chose by {record['metric']} ({record['mode']}); this run chooses by {rule[0]} "
+                    f"({rule[1]}): the best is chosen anew")
+        return None
+    if not (root / record["checkpoint"] / "COMPLETE").is_file():
+        log.message(f"{checkpoint.BEST} names {record['checkpoint']}, which is gone: the best is chosen anew")
+        return None
+    log.message(f"best so far: step {record['step']}, {record['metric']} {record['value']:.4g} ({record['checkpoint']})")
+    return record
 
 
 def train(args: argparse.Namespace, config: Config, world: distributed.World, stop: lifecycle.StopRequest) -> None:
@@ -211,9 +248,12 @@ def loop(run: Run, stop: lifecycle.StopRequest) -> int:
         if "checkpoint" in due or stopping:
             save(run, step)
         if "validate" in due:
-            validate(run, step, stop)
+            value = validate(run, step, stop)
             # A signal that came during validation (which it cut short) is agreed on now, not a window later.
             stopping = stopping or stop.agreed(world.device)
+            consider_best(run, step, {"val/loss": value} if value is not None and not stopping else None)
+        if "quality" in due and not stopping:
+            consider_best(run, step, quality(run, step))
         if "preview" in due and not stopping:
             preview(run, step)
         if stopping:
@@ -236,14 +276,63 @@ def log_step(run: Run, step: int, losses: list[float], lr: float) -> None:
         run.log.scalars(step, trouble)
 
 
-def validate(run: Run, step: int, stop: lifecycle.StopRequest) -> None:
+def validate(run: Run, step: int, stop: lifecycle.StopRequest) -> float | None:
     run.watchdog.kick()
     value = validation_loss(run.engine, run.data, run.config.batch_size, run.config.seed, run.world, stop)
     if stop.requested:
         run.log.message(f"step {step}: validation cut short by the stop request")
-    elif value is not None:
+        return None
+    if value is not None:
         run.log.scalars(step, {"val/loss": value})
         run.log.message(f"step {step}: validation loss {value:.4f}")
+    return value
+
+
+def quality(run: Run, step: int) -> dict | None:
+    """A quality pass (training/quality.py) from the EMA weights (the raw ones without an EMA), brought to
+    every rank; its figures and grid logged by rank 0, which returns the figures."""
+    def gather(into):  # a collective: every rank takes part, and every rank receives the weights
+        if run.ema is not None:
+            run.ema.full_state_dict(into=into, everywhere=True)
+        else:
+            ds_engine.raw_state_dict(run.engine, run.world.is_main, into=into, everywhere=True)
+
+    run.watchdog.kick()
+    figures, grid = run.quality.run(gather)
+    if figures is not None:
+        run.log.scalars(step, figures)
+        path = run.log.images(step, grid, "held-out samples: conditioning | sample | target", kind="quality")
+        shown = ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in figures.items() if k != "quality/seconds")
+        run.log.message(f"step {step}: quality of {run.quality.measured} held-out samples "
+                        f"({'EMA' if run.ema else 'raw'} weights): {shown} ({figures['quality/seconds']:.1f} s; {path})")
+    return figures
+
+
+def consider_best(run: Run, step: int, figures: dict | None) -> None:
+    """Whether ``step`` is the best so far by the run's best_metric (rank 0 decides: it holds the figures;
+    a collective). A new best gets its checkpoint (saved now if this step has none) recorded in BEST.json, and
+    the best it replaces goes unless retention keeps it anyway."""
+    rule, verdict = run.config.best(), [None]
+    if rule is None:  # the run measures nothing to choose by (every rank's config says so)
+        return
+    if run.world.is_main and figures and math.isfinite(figures.get(rule[0], math.nan)):
+        value, best = figures[rule[0]], run.best
+        if best is None or (value > best["value"] if rule[1] == "max" else value < best["value"]):
+            verdict[0] = value
+    if run.world.size > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is None:
+        return
+    if run.last_saved != step:
+        save(run, step)
+    before, run.best = run.best, {"checkpoint": f"step{step:08d}", "step": step, "metric": rule[0], "mode": rule[1],
+                                  "value": verdict[0]}
+    if run.world.is_main:
+        checkpoint.write_best(run.root, run.best)
+        checkpoint.prune(run.root, run.config.logging.keep_checkpoints, protect=run.best["checkpoint"])
+        was = f"; was {before['value']:.4g} at step {before['step']}" if before else ""
+        run.log.message(f"step {step}: the best so far by {rule[0]} ({verdict[0]:.4g}{was}), kept as "
+                        f"{run.best['checkpoint']}")
 
 
 def preview(run: Run, step: int) -> None:
@@ -270,7 +359,7 @@ def save(run: Run, step: int) -> None:
     start_s = time.perf_counter()
     try:
         ckpt = checkpoint.save(run.engine, run.ema, run.root, step, state, run.config.logging.keep_checkpoints,
-                               run.world.is_main)
+                               run.world.is_main, protect=run.best["checkpoint"] if run.best else None)
     except checkpoint.CheckpointWriteError as err:
         kept = [p.name for p in checkpoint.complete_checkpoints(run.root)]
         raise UserError(f"could not write the step-{step} checkpoint under {run.root} ({err}); "

@@ -102,6 +102,12 @@ def default_cascade() -> tuple[UNetSpec, ...]:
                  for name, size, steps in GUIDE_CASCADE)
 
 
+# What a quality pass logs (training/quality.py), and which way is better: PSNR/SSIM (whole image and garment
+# region, always), paired LPIPS, and FID/KID against the pass's own ground truth where their weights are given.
+QUALITY_KEYS = {"quality/psnr": "max", "quality/ssim": "max", "quality/psnr_region": "max",
+                "quality/ssim_region": "max", "quality/lpips": "min", "quality/fid": "min", "quality/kid_x1000": "min"}
+
+
 @dataclass
 class Config:
     # The original training guide's config.json keys (configs/config.json), but those of its two UNets,
@@ -125,6 +131,14 @@ class Config:
     checkpoint_freq: int = field(default=5000, metadata=bounds(ge=1))
     log_freq: int = field(default=100, metadata=bounds(ge=1))
     sample_freq: int = field(default=2000, metadata=bounds(ge=0))  # 0: no preview (a model copy on rank 0)
+    # The quality pass: the trained UNet samples the first quality_samples validation samples (each rank a
+    # share, a model copy on every rank) and is measured as tools/evaluate.py measures; 0: no pass.
+    quality_freq: int = field(default=0, metadata=bounds(ge=0))
+    quality_samples: int = field(default=16, metadata=bounds(ge=1))
+    # The checkpoint kept as the best: a logged key ("quality/psnr_region", "val/loss", ...) and whether
+    # higher is better; "" picks quality/psnr_region when passes run, else val/loss.
+    best_metric: str = ""
+    best_mode: Literal["auto", "max", "min"] = "auto"
     train_unet_number: int = field(default=1, metadata=bounds(ge=1))
     use_ema: bool = True
     # true picks bf16 where the DeepSpeed config does not say; "fp16"/"bf16"/"no" are explicit.
@@ -197,6 +211,20 @@ class Config:
                               "all read the same pose arrays")
         if self.channels != 3:
             raise ConfigError(f"config key 'channels': got {self.channels}, only RGB (3) is supported")
+        self.best()  # its errors at start-up, not at the first pass
+
+    def best(self) -> tuple[str, str] | None:
+        """(logged key, "max" or "min") the best checkpoint is chosen by; None when the run measures nothing
+        to choose by (no quality pass, no validation)."""
+        measured = {**(QUALITY_KEYS if self.quality_freq else {}),
+                    **({"val/loss": "min"} if self.validation_freq else {})}
+        key = self.best_metric or ("quality/psnr_region" if self.quality_freq else "val/loss")
+        if key not in measured:
+            if not self.best_metric:
+                return None
+            raise ConfigError(f"config key 'best_metric': {key!r} is not measured by this run; it measures "
+                              f"{', '.join(sorted(measured)) or 'nothing (quality_freq and validation_freq are 0)'}")
+        return key, measured[key] if self.best_mode == "auto" else self.best_mode
 
     def _validate_unet(self, number: int) -> None:
         key, unet = self.key(number), self.unet(number)

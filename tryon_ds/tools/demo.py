@@ -87,11 +87,14 @@ def main(argv=None) -> None:
     shards = out / "shards"
     _run([py, "tools/make_shards.py", "--synthetic", str(args.samples), "--out", str(shards), "--image-size", "128",
           "--val-fraction", str(args.val_fraction), "--shard-size", "500", "--workers", "2"])
-    # Validation, a preview and a checkpoint once, at each run's end (steps spent elsewhere are steps not trained).
+    # Validation, a quality pass, a preview and a checkpoint once, at each run's end (steps spent elsewhere are
+    # steps not trained). The pass runs on the validation samples the evaluation below reports on: choosing a
+    # step by it would report the chosen on the set it was chosen by, so the best is the last step here.
     common = ["--deepspeed_config", "ds_configs/cpu_zero2.json", "--config", "configs/tiny.yaml",
               "--set", f"data_dir={shards}", "--set", f"checkpoint_dir={out / 'checkpoints'}",
               "--set", f"output_dir={out / 'outputs'}", "--set", f"log_dir={out / 'logs'}",
               "--set", "validation_freq=100000", "--set", "checkpoint_freq=100000", "--set", "sample_freq=100000",
+              "--set", "quality_freq=100000", "--set", "quality_samples=16",
               "--set", f"seed={args.seed}", "--set", f"data.seed={args.seed}"]
     common += [arg for override in args.overrides for arg in ("--set", override)]
     if args.quick:
@@ -103,7 +106,8 @@ def main(argv=None) -> None:
                          str(unet), "--max_steps", str(steps), "--batch_size", str(batch)])
     bundle = out / "bundle"
     for unet, _, _ in unets:
-        _run([py, "tools/consolidate_checkpoint.py", str(out / "checkpoints" / f"unet{unet}"), "--out", str(bundle)])
+        _run([py, "tools/consolidate_checkpoint.py", str(out / "checkpoints" / f"unet{unet}"), "--best", "--out",
+              str(bundle)])
     val = str(shards / "val-*.tar")
     sampling = (["--guidance", str(args.guidance), "--seed", str(args.seed)]
                 + (["--steps", "4", "3", "3"] if args.quick else []))

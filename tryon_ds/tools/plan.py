@@ -2,7 +2,8 @@
 counts: model states, EMA, activations, the optimizer step's temporaries, DeepSpeed's buffers), whether it
 fits and what to change if not; the bytes each collective moves per step and rank (tryon_ds/comms.py); and
 its step time, throughput and hours to the end on 1, 2, 4, ... nodes, with the fastest ZeRO stage and
-micro-batch x accumulation that fit (tryon_ds/scaling.py). ``tools/plan_memory.py`` is the same tool.
+micro-batch x accumulation that fit (tryon_ds/scaling.py). ``tools/plan_memory.py``, its name before, prints
+the memory plan alone (``--memory-only``).
 
     python tools/plan.py --preset base --micro-batch 16 --zero 2 --precision bf16 --gpus 16
     python tools/plan.py --preset sr --micro-batch 8 --zero 3 --precision bf16 --gpus 8 --checkpointing
@@ -22,6 +23,7 @@ import dataclasses
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 from ..cli import exit_on_user_error
@@ -56,6 +58,8 @@ def main(argv=None) -> None:
                    help="the ranks are CPU processes (a CPU smoke test): host and device memory are one, so an "
                         "offload moves nothing off the rank; --gpu-memory is then the memory each rank may use")
     p.add_argument("--deepspeed_config", help="read buffer sizes and collectives from this DeepSpeed config")
+    p.add_argument("--memory-only", action="store_true",
+                   help="the memory plan only (what tools/plan_memory.py, this tool's name before, prints)")
     t = p.add_argument_group("time per step on 1, 2, 4, ... nodes")
     t.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4, 8, 16], metavar="N")
     t.add_argument("--global-batch", type=int, help="samples per optimizer step, held over the node counts "
@@ -123,7 +127,13 @@ def main(argv=None) -> None:
         for what, option in run.alternatives(budget):
             t = option.peak()
             print(f"  {what}: {t / GIB:.1f} GiB ({'fits' if t <= budget else 'still too large'})")
-    plan_time(args, run, budget, rate)
+    if not args.memory_only:
+        plan_time(args, run, budget, rate)
+
+
+def memory_main() -> None:
+    """``tryon-plan-memory`` / tools/plan_memory.py: the memory plan, as before the tool planned time too."""
+    main(["--memory-only", *sys.argv[1:]])
 
 
 def compute_rate(args, precision: str) -> tuple[float, str]:

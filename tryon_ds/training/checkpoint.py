@@ -7,6 +7,9 @@ Layout, one folder per UNet: ``{checkpoint_dir}/unet{N}/step{S:08d}/``
     trainer_state.json           step, data position, world size, ZeRO stage, seeds, config
     COMPLETE                     written by rank 0 after every rank has finished writing: the manifest,
                                  each file's size and SHA-256, hashed by the rank that wrote the file
+    BEST.json                    (in unet{N}/) the best checkpoint by the run's best_metric: its tag, step,
+                                 metric, direction and value; that checkpoint is kept whatever
+                                 keep_checkpoints says, until a better one replaces it
 ``--resume auto`` takes the newest folder with COMPLETE, so a run killed while saving falls back to the
 previous checkpoint. Before a checkpoint is trusted (resuming, consolidating) its files are checked against
 the manifest, each rank a share of them; a damaged one is moved aside (``step{S}.damaged``, never deleted)
@@ -227,9 +230,11 @@ def _write_failure(err: Exception, root: Path) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
-def save(engine, ema, root: Path, step: int, state: dict, keep: int, is_main: bool) -> Path:
+def save(engine, ema, root: Path, step: int, state: dict, keep: int, is_main: bool, protect: str | None = None
+         ) -> Path:
     """Every rank calls this. Returns the checkpoint folder. The EMA is gathered to rank 0, which writes it.
-    Each rank reads back and hashes the files it wrote; rank 0 writes them all into COMPLETE, last."""
+    Each rank reads back and hashes the files it wrote; rank 0 writes them all into COMPLETE, last, then
+    keeps the newest ``keep`` checkpoints and ``protect`` (the best's tag)."""
     tag = f"step{step:08d}"
     ckpt = root / tag
     try:
@@ -258,11 +263,61 @@ def save(engine, ema, root: Path, step: int, state: dict, keep: int, is_main: bo
         atomic.write_json(ckpt / "COMPLETE", {"format": MANIFEST_FORMAT, "step": step, "files": files})
         # The checkpoint just written was read back whole by its writers: removing older ones never
         # leaves the folder without an intact checkpoint.
-        for old in complete_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-            shutil.rmtree(universal_path(old), ignore_errors=True)
+        prune(root, keep, protect)
     dist.barrier()
     return ckpt
+
+
+def prune(root: Path, keep: int, protect: str | None = None) -> None:
+    """Remove all but the newest ``keep`` complete checkpoints, and never ``protect`` (the best's tag)."""
+    for old in complete_checkpoints(root)[:-keep]:
+        if old.name != protect:
+            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(universal_path(old), ignore_errors=True)
+
+
+BEST = "BEST.json"
+
+
+def read_best(root: Path) -> dict | None:
+    """The best checkpoint's record in UNet folder ``root`` ({"checkpoint": tag, "step", "metric", "mode",
+    "value"}), None where none was recorded."""
+    path = root / BEST
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not readable JSON ({err}); delete it to choose the best anew") from None
+    if not isinstance(record, dict) or not {"checkpoint", "step", "metric", "mode", "value"} <= set(record):
+        raise UserError(f"{path} is not a best-checkpoint record (expected checkpoint, step, metric, mode and "
+                        "value); delete it to choose the best anew")
+    return record
+
+
+def write_best(root: Path, record: dict) -> None:
+    atomic.write_json(root / BEST, record)
+
+
+def consolidate_hint(path: Path) -> str | None:
+    """The command that makes an inference bundle when ``path`` is training output rather than a bundle: a
+    UNet's checkpoint folder, one of its steps, the checkpoint_dir, or the training guide's
+    ``checkpoints/best_model.pt``; None for anything else."""
+    path = Path(path)
+    if path.suffix == ".pt" and not path.exists():
+        path = path.parent
+    if (path / "COMPLETE").is_file():
+        path = path.parent
+    if path.is_dir() and TAG.match(next((p.name for p in sorted(path.glob("step*"))), "")):
+        unets = [path]
+    else:
+        unets = sorted(p for p in path.glob("unet*") if p.is_dir() and any(p.glob("step*"))) if path.is_dir() else []
+    if not unets:
+        return None
+    which = " --best" if any((u / BEST).is_file() for u in unets) else ""
+    commands = "; ".join(f"python tools/consolidate_checkpoint.py {u}{which} --out bundle/" for u in unets)
+    return (f"{path} holds training checkpoints, not an inference bundle: make one with `{commands}`, then "
+            "pass --checkpoint bundle/")
 
 
 def universal_path(ckpt: Path) -> Path:

@@ -80,28 +80,30 @@ class EMA:
         return 0, 1
 
     @torch.no_grad()
-    def full_state_dict(self, bucket_numel: int = 1 << 26, into: Callable[[dict], None] | None = None
-                        ) -> dict[str, torch.Tensor] | None:
-        """The whole EMA as {name: fp32 CPU tensor of the parameter's shape} on rank 0, None on the others.
-        Every rank calls it. Partitioned entries travel a bucket at a time: each rank contributes what it
-        holds, zeros elsewhere, and a sum-reduce to rank 0 assembles the parameters; with ``into``, rank 0
-        hands each bucket's part to it as it comes (training/gather.py)."""
+    def full_state_dict(self, bucket_numel: int = 1 << 26, into: Callable[[dict], None] | None = None,
+                        everywhere: bool = False) -> dict[str, torch.Tensor] | None:
+        """The whole EMA as {name: fp32 CPU tensor of the parameter's shape} on rank 0 (on every rank with
+        ``everywhere``), None on the others. Every rank calls it. Partitioned entries travel a bucket at a
+        time: each rank contributes what it holds, zeros elsewhere, and a sum-reduce to rank 0 (an all-reduce,
+        everywhere) assembles the parameters; with ``into``, each receiving rank hands each bucket's part to
+        it as it comes (training/gather.py)."""
         rank, _ = self._world()
-        return streamed(rank == 0, self._parts(bucket_numel), into)
+        return streamed(rank == 0 or everywhere, self._parts(bucket_numel, everywhere), into)
 
-    def _parts(self, bucket_numel: int) -> Iterator[dict[str, torch.Tensor]]:
+    def _parts(self, bucket_numel: int, everywhere: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         rank, world = self._world()
         shadows = {id(e): s for e, s in zip(self.held, self.shadow)}
         device = self.shadow[0].device if self.shadow else torch.device("cpu")
         if dist.is_initialized() and dist.get_backend() == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
-        # A whole entry is rank 0's own and travels nowhere, but counts towards what rank 0 holds at once.
+        # A whole entry is every rank's own and travels nowhere, but counts towards what a rank holds at once.
+        receives = rank == 0 or everywhere
         for bucket in in_buckets(self.entries, self._numel, bucket_numel):
             yield {e.name: shadows[id(e)].reshape(e.param.shape).cpu().clone()
-                   for e in bucket if e.kind == "whole"} if rank == 0 else {}
+                   for e in bucket if e.kind == "whole"} if receives else {}
             if pending := [e for e in bucket if e.kind != "whole"]:
                 part: dict[str, torch.Tensor] = {}
-                self._reduce_bucket(pending, shadows, rank, world, device, part)
+                self._reduce_bucket(pending, shadows, rank, world, device, part, everywhere)
                 yield part
 
     @staticmethod
@@ -119,7 +121,7 @@ class EMA:
             return n * rank, max(0, min(n, compat.full_numel(e.param) - n * rank))
         return e.offset, (e.master.numel() if e.master is not None else 0)
 
-    def _reduce_bucket(self, entries, shadows, rank, world, device, out) -> None:
+    def _reduce_bucket(self, entries, shadows, rank, world, device, out, everywhere: bool = False) -> None:
         sizes = [self._numel(e) for e in entries]
         flat = torch.zeros(sum(sizes), device=device)
         offset = 0
@@ -130,8 +132,8 @@ class EMA:
                 flat[offset + start: offset + start + length] = shadow[:length].to(device)
             offset += n
         if world > 1:
-            dist.reduce(flat, dst=0)
-        if rank == 0:
+            dist.all_reduce(flat) if everywhere else dist.reduce(flat, dst=0)
+        if rank == 0 or everywhere:
             offset = 0
             for e, n in zip(entries, sizes):
                 out[e.name] = flat[offset: offset + n].reshape(self._shape(e)).cpu().clone()

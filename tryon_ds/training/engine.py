@@ -162,18 +162,20 @@ def release_parameters(engine) -> None:
 
 
 @torch.no_grad()
-def raw_state_dict(engine, is_main: bool, bucket_numel: int = 1 << 26, into: Callable[[dict], None] | None = None
-                   ) -> dict | None:
-    """The whole model's current weights (fp32, CPU) on rank 0, None elsewhere; under ZeRO-3 gathered a bucket
-    at a time, each bucket's part handed to ``into`` as it comes where given (training/gather.py)."""
-    return streamed(is_main, _raw_parts(engine, is_main, bucket_numel), into)
+def raw_state_dict(engine, is_main: bool, bucket_numel: int = 1 << 26, into: Callable[[dict], None] | None = None,
+                   everywhere: bool = False) -> dict | None:
+    """The whole model's current weights (fp32, CPU) on rank 0 (on every rank with ``everywhere``), None
+    elsewhere; under ZeRO-3 gathered a bucket at a time, each bucket's part handed to ``into`` as it comes
+    where given (training/gather.py)."""
+    receives = is_main or everywhere
+    return streamed(receives, _raw_parts(engine, receives, bucket_numel), into)
 
 
-def _raw_parts(engine, is_main: bool, bucket_numel: int) -> Iterator[dict]:
+def _raw_parts(engine, receives: bool, bucket_numel: int) -> Iterator[dict]:
     import deepspeed
 
     def fp32(tensors) -> dict:
-        return {k: v.detach().float().cpu().clone() for k, v in tensors} if is_main else {}
+        return {k: v.detach().float().cpu().clone() for k, v in tensors} if receives else {}
 
     release_parameters(engine)
     params = list(engine.module.named_parameters())

@@ -128,15 +128,17 @@ class RunLogger:
                 self.tb.add_scalar(k, v, step)
         self._wandb_log(values, step)
 
-    def images(self, step: int, grid, caption: str) -> Path:
-        path = self.sample_dir / f"{self.name}_step{step:08d}.png"
+    def images(self, step: int, grid, caption: str, kind: str = "samples") -> Path:
+        """A grid of ``kind``: "samples" (a preview) or "quality" (a quality pass's, beside them)."""
+        path = self.sample_dir / (f"{self.name}_step{step:08d}.png" if kind == "samples"
+                                  else f"{self.name}_{kind}_step{step:08d}.png")
         atomic.save_image(grid, path)
         if self.tb is not None:
-            self.tb.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+            self.tb.add_image(kind, np.asarray(grid), step, dataformats="HWC")
         if self.wandb is not None:
             import wandb
 
-            self._wandb_log({"samples": wandb.Image(grid, caption=caption)}, step)
+            self._wandb_log({kind: wandb.Image(grid, caption=caption)}, step)
         return path
 
     def close(self) -> None:

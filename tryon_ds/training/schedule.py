@@ -1,7 +1,7 @@
 """When the training loop's periodic actions are due, and when it brings the device's losses to the host.
 
 Each action fires at every multiple of its own frequency and at the last step, whatever the other
-frequencies are; a frequency of 0 (validation and previews may have one) never fires. Between those steps
+frequencies are; a frequency of 0 (validation, quality passes and previews may have one) never fires. Between those steps
 the loop keeps losses and finiteness on the device; it syncs at every step where an action is due, and at
 least every ``max_bad_steps`` steps, so a run of non-finite steps is seen by the time it is long enough to
 stop for.
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 
-ACTIONS = ("log", "validate", "preview", "checkpoint")
+ACTIONS = ("log", "validate", "quality", "preview", "checkpoint")
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ class Schedule:
     @classmethod
     def of(cls, config, last_step: int) -> "Schedule":
         return cls(last_step, {"log": config.log_freq, "validate": config.validation_freq,
-                               "preview": config.sample_freq, "checkpoint": config.checkpoint_freq},
+                               "quality": config.quality_freq, "preview": config.sample_freq,
+                               "checkpoint": config.checkpoint_freq},
                    config.max_bad_steps)
 
     def due(self, step: int) -> frozenset[str]:
