@@ -1,5 +1,7 @@
 """tryon_ds/perf.py: a step's FLOPs counted on the meta device are those of the real step, and the peaks a run's
 MFU is taken against."""
+import json
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -67,3 +69,24 @@ def test_model_info_prints_the_flops_of_a_sample():
     r = run_tool(["tools/model_info.py", "--config", "configs/tiny.yaml", "--unet", "2"])
     assert r.returncode == 0, r.stderr
     assert f"training FLOPs per sample at 64x64: {step_flops(config, 2) / 1e9:,.1f} GFLOP" in r.stdout
+
+
+def test_a_run_counts_its_flops_once_and_the_cache_follows_the_model(tiny_config, tmp_path, monkeypatch):
+    """The trainer's cached count equals the count; another UNet, a damaged file or a cache folder that cannot
+    be written are counted past, never trusted."""
+    import dataclasses
+
+    from tryon_ds.perf import cached_step_flops, step_flops
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    counted = step_flops(tiny_config, 1)
+    assert cached_step_flops(tiny_config, 1) == counted
+    [entry] = (tmp_path / "cache" / "tryon_ds" / "flops").glob("*.json")
+    assert json.loads(entry.read_text())["flops"] == counted
+    wider = tiny_config.with_unet(1, dataclasses.replace(tiny_config.unet(1), dim=48))
+    assert cached_step_flops(wider, 1) == step_flops(wider, 1) != counted
+    entry.write_text('{"flops": ')  # a torn file
+    assert cached_step_flops(tiny_config, 1) == counted
+    (tmp_path / "blocked").write_text("")  # a file where the cache folder would be
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "blocked"))
+    assert cached_step_flops(tiny_config, 1) == counted

@@ -4,12 +4,15 @@ frequencies that are not multiples of each other, resumed, and its best consolid
 hands a checkpoint to inference is told."""
 import json
 import shutil
+import sys
 
 import pytest
 
-from conftest import command, completed, run, run_tool
+from conftest import ROOT, command, completed, run, run_tool
 from tryon_ds.errors import ConfigError
 from tryon_ds.training import checkpoint
+
+sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 
 STEPS = 10
 # The issue's settings: passes at 3, 6, 9 and the last step; checkpoints at 2, 4, 6, 8, 10; one kept.
@@ -25,8 +28,12 @@ def logged(run_dir, prefix="quality/"):
 
 @pytest.fixture(scope="module")
 def best_run(shards, tmp_path_factory):
+    from tiny_inception import save
+
     run_dir = tmp_path_factory.mktemp("best")
-    return run_dir, run(command(run_dir, shards, steps=STEPS, extra=EXTRA, launcher="torchrun"))
+    save(run_dir / "inception.pt")  # a stand-in Inception: the FID/KID plumbing, from the trainer's flag
+    extra = [*EXTRA, "--inception_weights", str(run_dir / "inception.pt")]
+    return run_dir, run(command(run_dir, shards, steps=STEPS, extra=extra, launcher="torchrun"))
 
 
 @pytest.mark.slow
@@ -38,8 +45,9 @@ def test_passes_at_their_steps_and_the_best_checkpoint_kept_beside_the_newest(be
         assert {"quality/psnr", "quality/ssim", "quality/psnr_region", "quality/ssim_region",
                 "quality/seconds"} <= set(figures)
         assert 0 < figures["quality/ssim_region"] <= 1 and figures["quality/psnr_region"] > 0
-    assert "quality/fid" not in passes[3]  # no Inception weights given: said at start, not computed
-    assert "FID and KID skipped: no inception-2015-12-05.pt given" in r.stdout
+    # FID/KID of the 6 samples against their own ground truth (the stand-in Inception); no LPIPS weights given
+    assert all(f["quality/fid"] >= 0 and "quality/kid_x1000" in f and "quality/lpips" not in f for f in passes.values())
+    assert "LPIPS (alex) skipped: no alexnet-owt-7be5be79.pth given" in r.stdout
     # the best is the highest garment-region PSNR of the passes (the default best_metric), first reached
     values = {step: f["quality/psnr_region"] for step, f in passes.items()}
     best = max(values, key=lambda s: (values[s], -s))
@@ -98,7 +106,6 @@ def test_best_metric_is_checked_at_start_up(tiny_config):
         dataclasses.replace(tiny_config, best_metric="quality/psnr").validate()
     with pytest.raises(ConfigError, match="best_mode"):
         from tryon_ds.config import build_config, read_config_file
-        from conftest import ROOT
         build_config({**read_config_file(ROOT / "configs" / "tiny.yaml"), "best_mode": "highest"})
 
 

@@ -23,7 +23,8 @@ def walk(schedule: Schedule, start: int):
 
 
 @settings(max_examples=500, deadline=None)
-@given(every=st.fixed_dictionaries({a: off_or_freq if a in ("validate", "quality", "preview") else freq for a in ACTIONS}),
+@given(every=st.fixed_dictionaries({a: off_or_freq if a in ("validate", "quality", "preview") else freq
+                                    for a in ACTIONS}),
        max_bad=freq,
        start=st.integers(min_value=0, max_value=200), length=st.integers(min_value=1, max_value=300))
 def test_each_action_at_every_multiple_of_its_own_frequency_and_at_the_last_step(every, max_bad, start, length):

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UserError
 from .model import DTYPES
 
 BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
@@ -107,7 +108,7 @@ def comm_bytes(ds: dict, precision: str) -> int:
     if name is None:
         return BYTES[precision]
     if str(name).lower() not in NAMES:
-        raise ValueError(f"communication_data_type {name!r}: expected fp32, fp16 or bf16")
+        raise UserError(f"the DeepSpeed config's communication_data_type {name!r}: expected fp32, fp16 or bf16")
     return BYTES[NAMES[str(name).lower()]]
 
 
@@ -212,7 +213,8 @@ def per_step(lay: Layout, ds: dict, precision: str, ranks: int, accumulation: in
             order = lay.ready if stage == 2 else range(len(lay.numels))
             reduced = buckets([lay.numels[i] for i in order], float(z.get("reduce_bucket_size", REDUCE_BUCKET)))
         # ZeRO-2 reduces inside backward's hooks; ZeRO-0 and ZeRO-1 once backward is done
-        calls = [Calls("all_reduce", "gradients", tuple(n * grad for n in reduced) * (accumulation if stage == 2 else 1),
+        times = accumulation if stage == 2 else 1
+        calls = [Calls("all_reduce", "gradients", tuple(n * grad for n in reduced) * times,
                        "backward" if stage == 2 else "step")]
         if stage >= 1:
             flat = lay.total + (-lay.total) % (2 * ranks)
@@ -220,10 +222,11 @@ def per_step(lay: Layout, ds: dict, precision: str, ranks: int, accumulation: in
         return calls + scalar
 
     threshold = float(z.get("stage3_param_persistence_threshold", PERSISTENCE))
-    budget, persistent = float(z.get("stage3_model_persistence_threshold", 2**63 - 1)) // ranks, set()
-    for i, n in enumerate(lay.numels):
-        if n <= threshold and sum(lay.numels[j] for j in persistent) + n <= budget:
+    budget, persistent, kept = float(z.get("stage3_model_persistence_threshold", 2**63 - 1)) // ranks, set(), 0
+    for i, n in enumerate(lay.numels):  # in registration order, as zero.Init marks them
+        if n <= threshold and kept + n <= budget:
             persistent.add(i)
+            kept += n
     # qwZ gathers int8 weights (their scales, one fp32 per 8000 elements or fewer, are left out)
     width = 1 if z.get("zero_quantized_weights") else param
     hpz = int(z.get("zero_hpz_partition_size", 1))

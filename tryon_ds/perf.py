@@ -12,11 +12,18 @@ TF32 for an fp32 run (the trainer allows TF32 matmuls). A CPU's is measured: hal
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
+import os
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from . import atomic
 
 # Datasheet dense throughput, TFLOP/s: (bf16/fp16 tensor, TF32 tensor, fp32). The first pattern that matches
 # ``torch.cuda.get_device_name()`` wins, so a variant comes before its family.
@@ -42,6 +49,37 @@ def step_flops(config, unet_number: int) -> float:
     """FLOPs of one training sample of UNet ``unet_number`` (forward and backward of its loss), at its
     training size (its crops, for a UNet trained on crops)."""
     return _counted(config, unet_number, backward=True)
+
+
+def cached_step_flops(config, unet_number: int) -> float:
+    """``step_flops``, kept on disk (``$XDG_CACHE_HOME`` or ~/.cache, ``tryon_ds/flops/``) under what the
+    count depends on: the cascade's UNets, its diffusion settings, torch's version and this package's own
+    source, so a restarted or repeated run does not count again (seconds at real size, a second for tiny).
+    A cache that cannot be read or written is counted past."""
+    cfg = config.to_dict()
+    what = {"unet": unet_number, "unets": cfg["unets"], "diffusion": cfg["diffusion"], "channels": cfg["channels"],
+            "torch": torch.__version__, "source": _source_digest()}
+    key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    path = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tryon_ds" / "flops" / f"{key}.json"
+    try:
+        return float(json.loads(path.read_text())["flops"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    flops = step_flops(config, unet_number)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(path, {"flops": flops, **what})
+    except OSError:
+        pass
+    return flops
+
+
+@functools.lru_cache(maxsize=1)
+def _source_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.relative_to(Path(__file__).parent).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def sample_flops(config, unet_number: int) -> float:

@@ -76,7 +76,8 @@ class Links:
         inter_steps = (2 if kind == "all_reduce" else 1) * (nodes - 1)
         for proto in ("LL", "Simple"):
             intra = NCCL_HOP["nvlink"][("ring", proto)] * (1.8 if nodes > 1 and proto == "LL" else 1)
-            latency = NCCL_BASE[("ring", proto)] + (steps - inter_steps) * intra + inter_steps * NCCL_HOP["net"][("ring", proto)]
+            latency = (NCCL_BASE[("ring", proto)] + (steps - inter_steps) * intra
+                       + inter_steps * NCCL_HOP["net"][("ring", proto)])
             share = 1.0 if proto == "Simple" else (1 / 4 if nodes > 1 or kind == "all_reduce" else 1 / 3)
             best = min(best, 1e-6 * latency + volume(kind, size, p) / (bw * share))
             if kind == "all_reduce" and nodes > 1:  # the tree: chains inside nodes, a binary tree across them
@@ -110,8 +111,8 @@ class StepTime:
         return self.compute + self.exposed
 
 
-def step_time(calls: list[comms.Calls], links: Links | MeasuredLink, ranks: int, compute_per_micro: float, accumulation: int,
-              ds: dict) -> StepTime:
+def step_time(calls: list[comms.Calls], links: Links | MeasuredLink, ranks: int, compute_per_micro: float,
+              accumulation: int, ds: dict) -> StepTime:
     """A step of ``accumulation`` micro-batches of ``compute_per_micro`` seconds each, with ``calls``."""
     z = ds.get("zero_optimization", {})
     stage = int(z.get("stage", 0))

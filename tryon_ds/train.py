@@ -55,7 +55,7 @@ from tryon_ds.data.shards import check_shard_size
 from tryon_ds.errors import UserError
 from tryon_ds.metrics import WEIGHT_FILES, weight_path
 from tryon_ds.model import compiled_graphs, parameter_count
-from tryon_ds.perf import Throughput, device_peak, step_flops
+from tryon_ds.perf import Throughput, cached_step_flops, device_peak
 from tryon_ds.seeding import seed_for
 from tryon_ds.training import checkpoint, distributed, engine as ds_engine, lifecycle
 from tryon_ds.training.ds_config import build_ds_config, precision, zero_stage
@@ -150,7 +150,7 @@ def start(args: argparse.Namespace, config: Config, world: distributed.World) ->
     throughput = None
     if world.is_main:
         peak, source = device_peak(world.device, precision(ds_config), args.peak_tflops)
-        throughput = Throughput(step_flops(config, unet), world.size, peak)
+        throughput = Throughput(cached_step_flops(config, unet), world.size, peak)
     log = RunLogger(config, steps, resume.step, throughput) if world.is_main else NullLogger()
     log.message(f"unet{unet}: {parameter_count(model, compat.full_numel) / 1e6:.2f}M parameters, ZeRO-{zero}, "
                 f"{precision(ds_config)}, {world.size} rank(s) x micro-batch {config.batch_size} x accumulation "
@@ -196,7 +196,8 @@ def known_best(root: Path, config: Config, resume: checkpoint.Resume, log, world
     if not (root / record["checkpoint"] / "COMPLETE").is_file():
         log.message(f"{checkpoint.BEST} names {record['checkpoint']}, which is gone: the best is chosen anew")
         return None
-    log.message(f"best so far: step {record['step']}, {record['metric']} {record['value']:.4g} ({record['checkpoint']})")
+    log.message(f"best so far: step {record['step']}, {record['metric']} {record['value']:.4g} "
+                f"({record['checkpoint']})")
     return record
 
 
@@ -304,7 +305,8 @@ def quality(run: Run, step: int) -> dict | None:
         path = run.log.images(step, grid, "held-out samples: conditioning | sample | target", kind="quality")
         shown = ", ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in figures.items() if k != "quality/seconds")
         run.log.message(f"step {step}: quality of {run.quality.measured} held-out samples "
-                        f"({'EMA' if run.ema else 'raw'} weights): {shown} ({figures['quality/seconds']:.1f} s; {path})")
+                        f"({'EMA' if run.ema else 'raw'} weights): {shown} "
+                        f"({figures['quality/seconds']:.1f} s; {path})")
     return figures
 
 

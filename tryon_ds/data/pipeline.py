@@ -404,11 +404,13 @@ class Data:
         return TrainLoader(self.config, self.unet_number, self.rank, batch_size, self.world_size, accumulation,
                            start_step)
 
-    def val(self, batch_size: int, whole: bool = False) -> DataLoader:
-        """UNet ``unet_number``'s validation inputs: whole images, not augmented, each sample once."""
+    def val(self, batch_size: int, whole: bool = False, extra: tuple[str, ...] = ()) -> DataLoader:
+        """UNet ``unet_number``'s validation inputs (and the shard members ``extra`` names, where the shards
+        have them): whole images, not augmented, each sample once."""
         config, n = self.config, self.unet_number
         rank, world_size = (0, 1) if whole else (self.rank, self.world_size)
-        dataset = ValDataset(self.val_urls, config.num_keypoints, config.conditioning(n).sample_inputs,
+        inputs = tuple(dict.fromkeys(config.conditioning(n).sample_inputs + tuple(extra)))
+        dataset = ValDataset(self.val_urls, config.num_keypoints, inputs,
                              functools.partial(unet_inputs, config=config, unet_number=n), rank, world_size,
                              data=config.data)
         return DataLoader(dataset, batch_size=batch_size, num_workers=config.data.num_workers, collate_fn=collate,

@@ -274,8 +274,10 @@ def plot(rows: list[tuple[int, float, float | None]], path: Path, title: str) ->
                 draw.text((left - 8, y), f"{v:g}", fill="black", font=font, anchor="rm")
     draw.text((width / 2, height - 25), "nodes", fill="black", font=font, anchor="mm")
     draw.text((width / 2, 20), title, fill="black", font=font, anchor="mm")
-    series = [("linear scaling", ideal, (150, 150, 150), 3), ("fastest that fits", [r[2] for r in rows], (214, 39, 40), 5),
-              ("planned", [r[1] for r in rows], (31, 119, 180), 2)]  # the planned line over the fastest it may equal
+    # the planned line drawn over the fastest, which it may equal
+    series = [("linear scaling", ideal, (150, 150, 150), 3),
+              ("fastest that fits", [r[2] for r in rows], (214, 39, 40), 5),
+              ("planned", [r[1] for r in rows], (31, 119, 180), 2)]
     for i, (name, ys, colour, size) in enumerate(series):
         points = [at(n, v) for n, v in zip(nodes, ys) if v]
         if len(points) > 1:

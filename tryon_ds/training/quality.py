@@ -11,7 +11,8 @@ key, with the run's sampler and the UNet's sampling steps; a super-resolution UN
 low-res input, as tools/evaluate.py's ``--sr-alone`` does. Every rank builds the sampling model in the run's
 precision and loads the EMA (the raw weights without one) as it is gathered, a bucket at a time, so the pass
 holds one model copy per rank, as a preview does on rank 0. Rank 0 gathers the per-sample values and
-features, not images: the figures do not depend on the number of ranks.
+features, not images, and averages them in key order: the same samples, noise and figures whatever the
+number of ranks (up to the rounding of a batch of another size).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ..batch import PERSON
+from ..batch import CA, MASK, PERSON
 from ..cascade import CascadeUNet
 from ..compat import shutdown_workers
 from ..config import Config
@@ -53,7 +54,8 @@ class QualityPass:
         """The first ``quality_samples`` validation samples, every rank reading the same ones, keeping its
         own: sample i on rank i mod world size."""
         wanted, batches, got = self.config.quality_samples, [], 0
-        loader = iter(self.data.val(min(wanted, 16), whole=True))
+        # the ca image and the mask besides the UNet's inputs: the garment region, as the evaluation finds it
+        loader = iter(self.data.val(min(wanted, 16), whole=True, extra=(CA, MASK)))
         for batch in loader:
             batches.append(batch)
             got += len(batch["key"])

@@ -1,10 +1,10 @@
 """When the training loop's periodic actions are due, and when it brings the device's losses to the host.
 
 Each action fires at every multiple of its own frequency and at the last step, whatever the other
-frequencies are; a frequency of 0 (validation, quality passes and previews may have one) never fires. Between those steps
-the loop keeps losses and finiteness on the device; it syncs at every step where an action is due, and at
-least every ``max_bad_steps`` steps, so a run of non-finite steps is seen by the time it is long enough to
-stop for.
+frequencies are; a frequency of 0 (validation, quality passes and previews may have one) never fires.
+Between those steps the loop keeps losses and finiteness on the device; it syncs at every step where an
+action is due, and at least every ``max_bad_steps`` steps, so a run of non-finite steps is seen by the time
+it is long enough to stop for.
 """
 from __future__ import annotations
 
