@@ -101,6 +101,7 @@ def test_best_metric_is_checked_at_start_up(tiny_config):
     assert dataclasses.replace(on, best_metric="quality/fid").best() == ("quality/fid", "min")
     assert dataclasses.replace(on, best_metric="val/loss", best_mode="max").best() == ("val/loss", "max")
     assert dataclasses.replace(tiny_config, quality_freq=0, validation_freq=0).best() is None
+    assert dataclasses.replace(on, best_metric="none").best() is None
     with pytest.raises(ConfigError, match=r"'best_metric': 'quality/psnr' is not measured by this run; it measures "
                                           r"val/loss"):
         dataclasses.replace(tiny_config, best_metric="quality/psnr").validate()

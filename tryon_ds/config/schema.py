@@ -136,7 +136,8 @@ class Config:
     quality_freq: int = field(default=0, metadata=bounds(ge=0))
     quality_samples: int = field(default=16, metadata=bounds(ge=1))
     # The checkpoint kept as the best: a logged key ("quality/psnr_region", "val/loss", ...) and whether
-    # higher is better; "" picks quality/psnr_region when passes run, else val/loss.
+    # higher is better; "" picks quality/psnr_region when passes run, else val/loss; "none" keeps no best
+    # (a new best saves a checkpoint at its step).
     best_metric: str = ""
     best_mode: Literal["auto", "max", "min"] = "auto"
     train_unet_number: int = field(default=1, metadata=bounds(ge=1))
@@ -214,8 +215,10 @@ class Config:
         self.best()  # its errors at start-up, not at the first pass
 
     def best(self) -> tuple[str, str] | None:
-        """(logged key, "max" or "min") the best checkpoint is chosen by; None when the run measures nothing
-        to choose by (no quality pass, no validation)."""
+        """(logged key, "max" or "min") the best checkpoint is chosen by; None when the run keeps no best
+        (``best_metric: none``) or measures nothing to choose by (no quality pass, no validation)."""
+        if self.best_metric == "none":
+            return None
         measured = {**(QUALITY_KEYS if self.quality_freq else {}),
                     **({"val/loss": "min"} if self.validation_freq else {})}
         key = self.best_metric or ("quality/psnr_region" if self.quality_freq else "val/loss")
