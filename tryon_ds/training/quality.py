@@ -29,6 +29,7 @@ from ..compat import shutdown_workers
 from ..config import Config
 from ..data.pipeline import Data
 from ..data.preprocess import as_uint8, image_grid, to_device
+from ..errors import UserError
 from ..evaluation.field import FieldMetrics, ReferenceSet, summarise
 from ..evaluation.quality import QualityTable, size_name
 from ..model import DTYPES, LOWRES
@@ -62,6 +63,9 @@ class QualityPass:
             if got >= wanted:
                 break
         shutdown_workers(loader)
+        if not batches:
+            raise UserError(f"quality_freq is {self.config.quality_freq} but {self.config.data_dir} has no validation "
+                            "samples to measure: write shards with --val-fraction > 0, or set quality_freq: 0")
         keys = [k for b in batches for k in b["key"]][:wanted]
         mine = list(range(self.world.rank, len(keys), self.world.size))
         joined = {k: (torch.cat([b[k] for b in batches])[:len(keys)] if torch.is_tensor(batches[0][k])
