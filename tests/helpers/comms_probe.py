@@ -37,7 +37,7 @@ for name, mixed, accumulation, zero in json.loads(args.cases):
     model, engine, _, ema = ds_engine.build(config, ds)
     batch = random_batch(config, 1, 2, torch.Generator().manual_seed(0))
     for step in range(3):
-        logger.comms_dict = {}  # what get_raw_data() returns: {op: {bytes: [count, latencies, ...]}}
+        logger.reset_data()  # then get_raw_data() is this step's: {op: {bytes: [count, latencies, ...]}}
         ds_engine.train_step(engine, ema, [batch] * accumulation, step)
     report.append({"ds": ds, "record": {op: {str(size): v[0] for size, v in sizes.items()}
                                         for op, sizes in logger.get_raw_data().items()}})

@@ -52,18 +52,7 @@ class Previewer:
         start = time.perf_counter()
         # Eager even when the UNet trains compiled: a preview is seconds of sampling, its own graph (another
         # module, batch and grad mode) would take longer to compile than all the previews of a run.
-        model = CascadeUNet(self.config, self.config.train_unet_number).to(self.device, self.dtype).eval()
-        target = model.state_dict()
-        missing = set(target)
-
-        def into(bucket: dict) -> None:
-            for name, value in bucket.items():
-                target[name].copy_(value)
-                missing.discard(name)
-
-        gather(into)
-        if missing:
-            raise RuntimeError(f"preview: no weights came for {len(missing)} tensor(s), e.g. {sorted(missing)[0]}")
+        model = sampling_model(self.config, self.device, self.dtype, gather, "preview")
         if self.batch is None:
             self.batch = self._first_batch()
         batch = self.batch
@@ -78,3 +67,22 @@ class Previewer:
         grid = image_grid([*shown, out, batch[PERSON]])
         self.seconds = time.perf_counter() - start
         return grid
+
+
+def sampling_model(config: Config, device: torch.device, dtype: torch.dtype,
+                   gather: Callable[[Callable[[dict], None]], None], what: str) -> CascadeUNet:
+    """The trained UNet built for sampling (a preview, a quality pass), its weights copied in as ``gather``
+    hands them over a bucket at a time: no whole second copy of them is held."""
+    model = CascadeUNet(config, config.train_unet_number).to(device, dtype).eval()
+    target = model.state_dict()
+    missing = set(target)
+
+    def into(bucket: dict) -> None:
+        for name, value in bucket.items():
+            target[name].copy_(value)
+            missing.discard(name)
+
+    gather(into)
+    if missing:
+        raise RuntimeError(f"{what}: no weights came for {len(missing)} tensor(s), e.g. {sorted(missing)[0]}")
+    return model

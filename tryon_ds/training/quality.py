@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 
 from ..batch import CA, MASK, PERSON
-from ..cascade import CascadeUNet
 from ..compat import shutdown_workers
 from ..config import Config
 from ..data.pipeline import Data
@@ -34,6 +33,7 @@ from ..evaluation.field import FieldMetrics, ReferenceSet, summarise
 from ..evaluation.quality import QualityTable, size_name
 from ..model import DTYPES, LOWRES
 from ..seeding import seed_for
+from .previews import sampling_model
 
 SAMPLE = "sample"
 
@@ -77,14 +77,7 @@ class QualityPass:
         """One pass. ``gather(into)`` brings the weights to every rank, a bucket at a time (a collective).
         Returns ({quality/* key: value}, a grid of rank 0's samples) on rank 0, (None, None) elsewhere."""
         start = time.perf_counter()
-        model = CascadeUNet(self.config, self.number).to(self.world.device, self.dtype).eval()
-        target = model.state_dict()
-
-        def into(bucket: dict) -> None:
-            for name, value in bucket.items():
-                target[name].copy_(value)
-
-        gather(into)
+        model = sampling_model(self.config, self.world.device, self.dtype, gather, "quality pass")
         if self.share is None:
             self.share = self._read_share()
         raw = self.share
