@@ -44,6 +44,15 @@ def make_synthetic_shards(out, samples=160, shard_size=20, val_fraction=0.1, ima
     return out
 
 
+@pytest.fixture(scope="session")
+def demo_quick(tmp_path_factory):
+    """tools/demo.py --quick, run once: test_demo reads what it wrote, test_app serves its bundle."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    r = run_tool(["tools/demo.py", "--quick", "--out", str(out)], timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out, r.stdout
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     return make_synthetic_shards(tmp_path_factory.mktemp("shards"))

@@ -7,17 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_tool
 from tryon_ds.evaluation import QualityTable, garment_region, mean_colour_fill, tryon_candidates
 
 # Real multi-rank or multi-process runs: the full suite, not the fast tier (-m "not slow").
 pytestmark = pytest.mark.slow
 
 
-def test_demo_quick_runs_every_stage(tmp_path):
-    out = tmp_path / "demo"
-    r = run_tool(["tools/demo.py", "--quick", "--out", str(out)], timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+def test_demo_quick_runs_every_stage(demo_quick):
+    out, stdout = demo_quick
     for unet, steps in ((1, 4), (2, 3), (3, 3)):
         assert list((out / "checkpoints" / f"unet{unet}").glob("step*/COMPLETE"))
         assert (out / "bundle" / f"unet{unet}" / "ema.safetensors").is_file()
@@ -36,15 +33,15 @@ def test_demo_quick_runs_every_stage(tmp_path):
     for n in (2, 3):
         sr = quality["sr_alone"][f"unet{n}"]
         assert sr["pairs"] == 2 and set(sr["rows"]) == {f"UNet {n} from the true low-res", "bilinear upsampling"}
-        assert f"UNet {n} alone, given the true low-res image" in r.stdout
-    assert "quality table" in r.stdout and "garment region" in r.stdout
+        assert f"UNet {n} alone, given the true low-res image" in stdout
+    assert "quality table" in stdout and "garment region" in stdout
     # The field's table: SSIM and PSNR computed; FID/KID and LPIPS skipped, naming the files they need.
     field = quality["field"]["all"]
     assert set(field) == {"128x128", "64x64"} and 0 < field["64x64"]["paired"]["ssim"] <= 1
     assert field["128x128"]["paired"]["fid"] is None and field["128x128"]["paired"]["lpips"] is None
-    assert "FID and KID skipped: no inception-2015-12-05.pt given" in r.stdout
-    assert "LPIPS (alex) skipped: no alexnet-owt-7be5be79.pth given" in r.stdout
-    assert "| all | 128x128 | - | 4 |" in r.stdout  # no reference set without the Inception
+    assert "FID and KID skipped: no inception-2015-12-05.pt given" in stdout
+    assert "LPIPS (alex) skipped: no alexnet-owt-7be5be79.pth given" in stdout
+    assert "| all | 128x128 | - | 4 |" in stdout  # no reference set without the Inception
 
 
 def test_region_metrics_only_see_the_garment_region():

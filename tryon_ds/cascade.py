@@ -123,12 +123,13 @@ class CascadeUNet(nn.Module):
 
     @torch.no_grad()
     def sample(self, cond: dict, steps: int | None = None, sampler: str | None = None,
-               guidance: float | None = None, generator=None) -> torch.Tensor:
+               guidance: float | None = None, generator=None, on_step=None) -> torch.Tensor:
         """Try-on images in [-1, 1] at this UNet's whole size from its conditioning ``cond`` (the batch keys
         its conditioning names; a super-resolving UNet's ``lowres`` at the previous UNet's size), with
         classifier-free guidance: out = uncond + guidance * (cond - uncond); guidance 1 is plain conditional
         sampling, and what a UNet with nothing to drop always does. Everything the steps share (the
-        conditioning, noised once; its doubled, dropped copy for guidance) is built here, once."""
+        conditioning, noised once; its doubled, dropped copy for guidance) is built here, once. ``on_step(i, n)``
+        after each step (Diffusion.sample)."""
         d = self.dcfg
         steps = steps or self.spec.sample_steps
         sampler = sampler or d.sampler
@@ -161,7 +162,7 @@ class CascadeUNet(nn.Module):
         start = (self.upsample(lowres), d.sr_start) if self.super_resolves else None
         return self.diffusion.sample(denoise, shape, steps, sampler, generator=generator,
                                      threshold=d.dynamic_threshold_percentile if d.dynamic_threshold else None,
-                                     device=ref.device, dtype=ref.dtype, start=start)
+                                     device=ref.device, dtype=ref.dtype, start=start, on_step=on_step)
 
 
 def random_batch(config, unet_number: int, batch_size: int, generator: torch.Generator | None = None) -> dict:

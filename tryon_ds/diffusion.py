@@ -108,11 +108,13 @@ class GaussianDiffusion:
     def sample(self, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape: tuple, steps: int,
                sampler: str = "ddim", generator=None, threshold: float | None = 0.95,
                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               start: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+               start: tuple[torch.Tensor, float] | None = None,
+               on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """denoise(x_t, t) -> model output. sampler: ddpm, ddim or dpmpp. threshold: dynamic-thresholding
         percentile, or None for a static clip to [-1, 1]. start: (a guess of x0, a fraction f) to begin at
         timestep f*(T-1) from the guess noised there (SDEdit) instead of from pure noise at T-1. The per-step
-        coefficients are computed once, on the host, before the loop: a step does no host work."""
+        coefficients are computed once, on the host, before the loop: a step does no host work. ``on_step(i, n)``
+        is called after step i of n (a progress bar's hook: it waits for nothing on the device)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
         x = noise(shape, generator, device, dtype)
@@ -140,6 +142,8 @@ class GaussianDiffusion:
                 if sigma > 0:
                     x = x + sigma * noise(shape, generator, device, dtype)
             x = x.to(dtype)
+            if on_step is not None:
+                on_step(i + 1, len(ts))
         return x
 
     @staticmethod

@@ -11,6 +11,7 @@ UNet's size by the function training resizes with; the result is cropped back to
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import re
 from pathlib import Path
@@ -39,8 +40,11 @@ def safe_name(key: str) -> str:
 
 
 class TryOnPipeline:
-    def __init__(self, unets: dict[int, CascadeUNet], configs: dict[int, Config], device: torch.device):
+    def __init__(self, unets: dict[int, CascadeUNet], configs: dict[int, Config], device: torch.device,
+                 meta: dict[int, dict] | None = None):
+        """``meta``: each UNet's bundle record (its step, how it was selected), where it came from a bundle."""
         self.unets, self.configs, self.device = unets, configs, device
+        self.meta = meta or {}
 
     @classmethod
     def from_pretrained(cls, bundle: str | Path, device: str | torch.device = "cpu", ema: bool = True,
@@ -57,11 +61,11 @@ class TryOnPipeline:
         if not (bundle / "unet1").is_dir():
             raise UserError(f"{bundle} has no unet1/: consolidate the base UNet's checkpoint into it first")
         device = torch.device(device)
-        unets, configs = {}, {}
+        unets, configs, metas = {}, {}, {}
         for number in itertools.count(1):
             if not (bundle / f"unet{number}").is_dir():
                 break
-            config, weights, _ = read_unet(bundle, number, ema)
+            config, weights, metas[number] = read_unet(bundle, number, ema)
             if number > 1:  # it must super-resolve what the UNet before it makes
                 want, made = tuple(config.image_size(number - 1)), tuple(configs[number - 1].image_size(number - 1))
                 if want != made:
@@ -73,7 +77,7 @@ class TryOnPipeline:
             model.unet.load_state_dict({k: v.float() for k, v in weights.items()})
             model.compile_unet()
             unets[number], configs[number] = model.to(device).eval(), config
-        return cls(unets, configs, device)
+        return cls(unets, configs, device, {n: {k: v for k, v in m.items() if k != "config"} for n, m in metas.items()})
 
     @property
     def last(self) -> int:
@@ -135,31 +139,46 @@ class TryOnPipeline:
         """One generator per sample, seeded by its key: its noise does not depend on its batch or rank."""
         return [torch.Generator(self.device).manual_seed(seed_for(seed, key)) for key in keys]
 
-    @torch.no_grad()
     def generate(self, conds: dict[int, dict], sampler: str | None = None, steps: tuple | None = None,
                  guidance: float | None = None, seed: int = 0, keys: list[str] | None = None) -> dict[int, torch.Tensor]:
         """Samples in [-1, 1] from every UNet of the bundle, {unet number: its output}, each later UNet
         super-resolving the output of the one before. ``steps``: one number for all, or one per UNet. With
         ``keys``, each sample's noise is seeded by its key (the same try-on in any batch), else by ``seed``."""
+        return dict(self.stages(conds, sampler, steps, guidance, seed, keys))
+
+    @torch.no_grad()
+    def stages(self, conds: dict[int, dict], sampler: str | None = None, steps: tuple | None = None,
+               guidance: float | None = None, seed: int = 0, keys: list[str] | None = None,
+               on_step: Callable[[int, int, int], None] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """``generate``, one UNet at a time: (unet number, its output) as each finishes, ``on_step(unet number,
+        i, n)`` after each sampling step (a page shows each UNet's picture and progress as they come)."""
         steps = self.steps_per_unet(steps)
         generator = (self.generators(keys, seed) if keys is not None
                      else torch.Generator(self.device).manual_seed(seed))
-        out = {}
+        previous = None
         for number, model in self.unets.items():
             # Each UNet's inputs from the prepared pictures, its low-res input the UNet before's output.
             cond = to_device({k: conds[number][k] for k in model.conditioning.keys if k != LOWRES}, self.device)
             if LOWRES in model.conditioning.keys:
-                cond[LOWRES] = out[number - 1]
-            out[number] = model.sample(cond, steps=steps[number - 1] if steps else None, sampler=sampler,
-                                       guidance=guidance, generator=generator)
-        return out
+                cond[LOWRES] = previous
+            hook = None if on_step is None else functools.partial(on_step, number)
+            previous = model.sample(cond, steps=steps[number - 1] if steps else None, sampler=sampler,
+                                    guidance=guidance, generator=generator, on_step=hook)
+            yield number, previous
 
     def __call__(self, ca, garment, person_pose, garment_pose=None, **kwargs) -> Image.Image:
         """The try-on of one pair, cropped back to the ca image's aspect. ``ca`` and ``garment``: PIL images,
         (H, W, 3) uint8 arrays or paths (transparency composited on white); poses in the pixels of their image:
         files (.npy, OpenPose or DressCode JSON) or the poses themselves (arrays or nested lists (18|25, 2|3),
-        OpenPose's flat list, a parsed JSON dict); ``garment_pose`` None for a flat garment. Read by the
-        readers and checks make_shards uses, with its messages; ``kwargs`` go to ``generate``."""
+        OpenPose's flat list, a parsed JSON dict); ``garment_pose`` None for a flat garment. ``kwargs`` go to
+        ``generate``."""
+        conds, box = self.prepare(*self.read(ca, garment, person_pose, garment_pose))
+        return self.crop(self.generate(conds, **kwargs)[self.last][0], box)
+
+    @staticmethod
+    def read(ca, garment, person_pose, garment_pose=None) -> tuple:
+        """The pair as ``prepare`` takes it, read by the readers and checks make_shards uses: a UserError
+        listing every problem with its file (or argument) otherwise."""
         problems, counted = [], {}
 
         def name(source, argument):
@@ -174,5 +193,10 @@ class TryOnPipeline:
                                      name(garment_pose, "garment_pose"))
         if problems:
             raise UserError("bad input:\n  " + "\n  ".join(problems))
-        conds, box = self.prepare(ca, garment, person_pose, garment_pose)
-        return to_image(self.generate(conds, **kwargs)[self.last][0]).crop(box)
+        return ca, garment, person_pose, garment_pose
+
+    def crop(self, image: torch.Tensor, box: tuple[int, int, int, int]) -> Image.Image:
+        """One output in [-1, 1], (3, H, W) at any UNet's size, as a picture cropped to ``box`` (``prepare``'s,
+        in the cascade's output pixels) scaled to its size."""
+        sx, sy = image.shape[-1] / self.output_size[1], image.shape[-2] / self.output_size[0]
+        return to_image(image).crop((round(box[0] * sx), round(box[1] * sy), round(box[2] * sx), round(box[3] * sy)))

@@ -129,3 +129,29 @@ def read_keypoints(source, size: tuple[int, int]) -> Pose:
         pose.points = pose.points[list(BODY25_TO_COCO18)]
     pose.points = pose.points.astype(np.float32)
     return pose
+
+
+# OpenPose's COCO-18 skeleton (its limbSeq, 0-based): what a pose drawn over its picture joins.
+COCO18_LIMBS = ((1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12),
+                (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17))
+
+
+def draw_pose(image, points: np.ndarray, valid: np.ndarray, colour=(255, 64, 32)):
+    """A copy of the PIL ``image`` with a stored pose drawn over it: ``points`` (K, 2) in [0, 1] of the image,
+    ``valid`` (K,) which of them were detected; COCO-18's skeleton joined, any other layout as points."""
+    from PIL import ImageDraw
+
+    out = image.convert("RGB")
+    draw = ImageDraw.Draw(out)
+    xy = [(float(x) * (out.width - 1), float(y) * (out.height - 1)) for x, y in np.asarray(points)[:, :2]]
+    valid = np.asarray(valid, bool)
+    width = max(1, round(min(out.size) / 64))
+    if len(xy) == len(COCO18_NAMES):
+        for a, b in COCO18_LIMBS:
+            if valid[a] and valid[b]:
+                draw.line([xy[a], xy[b]], fill=colour, width=width)
+    r = width + 1
+    for (x, y), ok in zip(xy, valid):
+        if ok:
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+    return out

@@ -123,6 +123,8 @@ def main(argv=None) -> None:
     print(f"\nDone in {(time.perf_counter() - start) / 60:.1f} min (seed {args.seed}, torch {torch.__version__}).")
     print(f"  try-on grid (ca | garment | try-on result | target): {out / 'results' / 'grid.png'}")
     print(f"  cascade bundle: {bundle}")
+    print(f"  try it on a web page: python tools/app.py --checkpoint {bundle} --shards '{val}'   (the extra: "
+          f"pip install -e \".[app]\")")
     print(f"  training samples and logs: {out / 'outputs' / 'samples'}, {out / 'logs'} (tensorboard --logdir)")
     print(f"  quality table: {table}\n")
     print("The field's protocol (paired: the person in their own garment; this split has no unpaired samples):")
