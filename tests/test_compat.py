@@ -16,7 +16,7 @@ from tryon_ds import compat
 # parameter attributes, the optimizers' fp32 groups and loss scale, torch's c10d store and DataLoader workers.
 PRIVATE = re.compile(r"deepspeed\.runtime|deepspeed\.utils|checkpoint_engine|\bds_(id|tensor|numel|shape|status)\b|"
                      r"_hp_mapping|fp32_groups|fp32_partitioned|single_partition_of|averaged_gradients|cur_scale|"
-                     r"loss_scale_config|_get_default_store|__compatible_ops__|_shutdown_workers")
+                     r"loss_scale_config|_get_default_store|__compatible_ops__|_shutdown_workers|_run_exitfuncs")
 
 
 def test_nothing_but_compat_reaches_into_deepspeed_internals():
@@ -62,3 +62,16 @@ def test_a_dataloaders_workers_stop_when_told():
     compat.shutdown_workers(batches)
     assert not any(w.is_alive() for w in workers)
     compat.shutdown_workers(iter(DataLoader(list(range(4)))))  # no workers: nothing to stop
+
+
+def test_an_exit_without_teardown_still_runs_the_exit_handlers_and_flushes(tmp_path):
+    """compat.exit_without_teardown: what atexit holds runs (a library's flush, the reaper of loader workers),
+    buffered output reaches the pipe, the code is the one given; only the modules' teardown is skipped."""
+    marker = tmp_path / "handler_ran"
+    code = (f"import atexit, pathlib, sys; from tryon_ds import compat; "
+            f"atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text('yes')); "
+            f"sys.stdout.write('buffered, no newline'); sys.stderr.write('and on stderr'); "
+            f"compat.exit_without_teardown(3)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (3, "buffered, no newline", "and on stderr")
+    assert marker.read_text() == "yes"

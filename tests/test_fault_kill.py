@@ -25,7 +25,7 @@ EXTRA = ["--set", "checkpoint_freq=5", "--set", "dist_timeout_s=60"]
 @pytest.fixture(scope="module")
 def reference(shards, tmp_path_factory):
     folder = tmp_path_factory.mktemp("reference")
-    run(command(folder, shards, steps=STEPS, extra=EXTRA))
+    run(command(folder, shards, steps=STEPS, extra=EXTRA, launcher="torchrun"))
     return folder
 
 
@@ -66,7 +66,7 @@ def test_rank_killed_while_writing_a_checkpoint(shards, reference, tmp_path, end
     # No RAM-backed file of DeepSpeed's shared-memory all-reduce is left in /dev/shm (compat skips it).
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
-    resumed = run(command(killed, shards, steps=STEPS, extra=[*EXTRA, "--resume", "auto"]))
+    resumed = run(command(killed, shards, steps=STEPS, extra=[*EXTRA, "--resume", "auto"], launcher="torchrun"))
     assert re.search(r"resumed from \S*step00000005", resumed.stdout), resumed.stdout[-2000:]
     want, got = losses(reference), losses(killed)
     for step in range(6, STEPS + 1):

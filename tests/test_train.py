@@ -95,7 +95,7 @@ def test_kill_then_resume_auto_reproduces_losses_and_resumes_at_another_world_si
     snapshot = tmp_path / "step10"
     shutil.copytree(killed / "ckpt" / "unet1" / "step00000010", snapshot)
 
-    resumed = run(command(killed, shards, ds="cpu_zero3", extra=["--resume", "auto"]))
+    resumed = run(command(killed, shards, ds="cpu_zero3", extra=["--resume", "auto"], launcher="torchrun"))
     assert "resumed from" in resumed.stdout
     uninterrupted = losses(zero_runs["cpu_zero3"][0])
     got = losses(killed)

@@ -88,7 +88,7 @@ def test_a_step_that_validates_previews_and_saves_under_zero3_runs_through(shard
     val = [] if ema else ["--set", f"data.val_shards=[{first_samples(next(shards.glob('val-*.tar')), 1, tmp_path / 'one.tar')}]"]
     cmd = command(tmp_path, shards, ds="cpu_zero3", steps=3,
                   extra=["--set", "validation_freq=2", "--set", "sample_freq=2", "--set", "checkpoint_freq=2",
-                         "--set", f"use_ema={str(ema).lower()}", *val])
+                         "--set", f"use_ema={str(ema).lower()}", *val], launcher="torchrun")
     cmd[cmd.index("--deepspeed_config") + 1] = str(ds)
     result = run(cmd)
     for step in (2, 3):

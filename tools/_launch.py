@@ -12,3 +12,6 @@ from tryon_ds.cli import require_dependencies  # noqa: E402
 def run(module: str) -> None:
     require_dependencies()
     importlib.import_module(module).main()
+    # Done and written: the exit skips the interpreter's teardown of torch's modules (a second and more).
+    from tryon_ds.compat import exit_without_teardown
+    exit_without_teardown(0)

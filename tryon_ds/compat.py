@@ -1,8 +1,8 @@
 """Every reach into a dependency beyond its public API, in one place: DeepSpeed's optimizer wrappers, ZeRO's
-parameter attributes, its checkpoint engine and its files, torch's c10d store and its DataLoader's workers. Checked on DeepSpeed 0.19.8
-and torch 2.13.0 (``CHECKED``; setup.cfg bounds DeepSpeed to 0.19.x for this reason). A new release that moves
-one of them fails ``tests/test_compat.py``, which exercises each function here on real engines and names the
-one that changed.
+parameter attributes, its checkpoint engine and its files, torch's c10d store and its DataLoader's workers,
+CPython's exit handlers. Checked on DeepSpeed 0.19.8 and torch 2.13.0 (``CHECKED``; setup.cfg bounds DeepSpeed
+to 0.19.x for this reason). A new release that moves one of them fails ``tests/test_compat.py``, which
+exercises each function here on real engines and names the one that changed.
 
 The rest of the package uses DeepSpeed's public API only: ``deepspeed.initialize``, ``deepspeed.zero.Init``,
 ``deepspeed.zero.GatheredParameters``, ``deepspeed.init_distributed``, the engine's documented methods
@@ -199,3 +199,24 @@ def shutdown_workers(iterator) -> None:
     shutdown = getattr(iterator, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
+
+
+# --------------------------------------------------------------------------- CPython's exit
+def exit_without_teardown(code: int) -> None:
+    """End the process as ``sys.exit`` would, less the interpreter's teardown of every module: the exit
+    handlers run (libraries flush and close, the loader workers are reaped, lifecycle.reap_children_at_exit)
+    and the standard streams are flushed, then ``os._exit``. With torch._dynamo and DeepSpeed imported (every
+    rank imports them: torch's optimizers and DeepSpeed's optimizer check do) that teardown takes 1-2 s of
+    each process's end and frees nothing the operating system does not (BENCHMARKS.md, "A run's end").
+    ``atexit._run_exitfuncs`` is CPython's own (3.10-3.13, checked on 3.11)."""
+    import atexit
+    import os
+    import sys
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe has nothing more to take
+            pass
+    os._exit(code)

@@ -406,5 +406,12 @@ def main(argv=None) -> None:
     distributed.teardown()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python tryon_ds/train.py`` and ``tryon-train``: the run, then an exit that skips the interpreter's
+    module teardown (seconds a rank, compat.exit_without_teardown); ``main`` returns, for callers in-process."""
     main()
+    compat.exit_without_teardown(0)
+
+
+if __name__ == "__main__":
+    cli()
