@@ -5,24 +5,17 @@ import importlib.util
 import json
 import os
 import queue
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, free_port, run_tool
+from conftest import ROOT, run_tool
 
-sys.path.insert(0, str(Path(__file__).parent / "helpers"))
-from browser import BrowserUnavailable, chromium  # noqa: E402
-
-from tools.bench.record_proxy import RecordingProxy  # noqa: E402
-from tryon_ds.errors import UserError  # noqa: E402
+from tools.bench.browser import BrowserUnavailable, chromium, page_server, pick_sample, wait_for_message
+from tools.bench.record_proxy import RecordingProxy
+from tryon_ds.errors import UserError
 
 PREVIOUS = ROOT / "tests" / "data" / "previous_release" / "bundle"
 
@@ -151,26 +144,6 @@ def needs_gradio():
         pytest.skip("gradio is not installed: pip install -e '.[dev]'")
 
 
-def start_page(bundle, shards, env, *extra):
-    needs_gradio()
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "tools/app.py", "--checkpoint", str(bundle), "--shards", shards,
-                             "--max-samples", "4", "--port", str(port), *extra], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-            if opener.open(url, timeout=2).status == 200:
-                return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise AssertionError(f"the page did not come up: {proc.stdout.read()}")
-
-
 @pytest.fixture(scope="module")
 def browser():
     try:
@@ -186,9 +159,9 @@ def browser():
 def test_the_page_in_a_real_browser(demo_quick, browser, tmp_path):
     out, _ = demo_quick
     bundle, shards = out / "bundle", str(out / "shards" / "val-*.tar")
+    needs_gradio()
     with RecordingProxy() as proxy:
-        proc, url = start_page(bundle, shards, {**os.environ, **proxy.environment()})
-        try:
+        with page_server(bundle, shards, {**os.environ, **proxy.environment()}, "--max-samples", "4") as (url, proc):
             page = browser.new_page(viewport={"width": 1280, "height": 1100})
             requested = []
             page.on("request", lambda r: requested.append(r.url))
@@ -196,7 +169,6 @@ def test_the_page_in_a_real_browser(demo_quick, browser, tmp_path):
             page.wait_for_selector("#run")
             drive(page, tmp_path)
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
-        finally:
             proc.terminate()
             log = proc.communicate(timeout=30)[0]
         assert proxy.requests == [], proxy.requests  # the server reached for nothing beyond this machine
@@ -214,14 +186,11 @@ def uploaded(page, *fields):
 def drive(page, tmp_path):
     """What a user does on the page, checked as they would see it."""
     # A held-out sample: the person, the garment and both poses appear.
-    page.click("#sample input")
-    page.get_by_role("option").first.click()
-    for view in ("#person-view", "#ca-view", "#garment-view"):
-        page.wait_for_selector(f"{view} img")
+    pick_sample(page, 0)
     # A double click runs one cascade; each UNet's row fills, each UNet's picture comes at its own size.
     page.fill("#seed input", "3")
     page.dblclick("#run")
-    page.wait_for_function("document.querySelector('#message').innerText.includes('Done in')", timeout=120_000)
+    wait_for_message(page, "Done in")
     for n, size in ((1, 32), (2, 64), (3, 128)):
         row = page.locator(f'#progress tr[data-unet="{n}"]')
         steps = row.locator(".steps").inner_text()
@@ -254,8 +223,7 @@ def drive(page, tmp_path):
     page.set_input_files("#person-pose-file input[type=file]", str(files["pose"]))
     uploaded(page, "#ca-file", "#garment-file", "#person-pose-file")
     page.click("#run")
-    page.wait_for_function("document.querySelector('#message').innerText.includes('NaN')", timeout=60_000)
-    assert "person_pose.npy: pose has NaN or infinite values" in page.inner_text("#message")
+    assert "person_pose.npy: pose has NaN or infinite values" in wait_for_message(page, "NaN")
     assert page.inner_text("#served") == "Cascades run since start: 1"
     # A good pose: it runs, and the page says the ca image of another aspect was padded.
     np.save(files["pose"], pose(100, 120))
@@ -263,8 +231,7 @@ def drive(page, tmp_path):
     page.set_input_files("#person-pose-file input[type=file]", str(files["pose"]))
     uploaded(page, "#ca-file", "#garment-file", "#person-pose-file")
     page.click("#run")
-    page.wait_for_function("document.querySelector('#message').innerText.includes('Done in')", timeout=120_000)
-    message = page.inner_text("#message")
+    message = wait_for_message(page, "Done in")
     assert "The clothing-agnostic image is 100x120, not the cascade's aspect (128x128): padded" in message, message
     assert "No garment pose: sampled as a flat product image." in message
     assert page.inner_text("#served") == "Cascades run since start: 2"

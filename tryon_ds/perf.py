@@ -146,7 +146,8 @@ def device_peak(device: torch.device, precision: str, override_tflops: float | N
         name = torch.cuda.get_device_name(device)
         peak = datasheet_peak(name, "tf32" if precision == "fp32" else precision)
         return peak, f"{name} datasheet" if peak else f"{name}: not in tryon_ds/perf.py's table"
-    return measured_matmul_peak(), "measured fp32 matmul"
+    # A quarter of a second: every run measures it at start, and ~10 products of 1024 x 1024 settle the figure.
+    return measured_matmul_peak(0.25), "measured fp32 matmul"
 
 
 @dataclass(frozen=True)
