@@ -50,10 +50,11 @@ def through_the_page(args) -> tuple[float, float, list[float]]:
             page.fill("#seed input", str(run))  # each run's result is named by its seed: the end is unambiguous
             start = time.perf_counter()
             page.click("#run")
-            page.wait_for_selector(f"#result >> text=_seed{run}.png", timeout=600_000)
+            page.wait_for_function(f"/_seed{run}\\b/.test(document.querySelector('#result').innerText)",
+                                   timeout=args.timeout * 1000)
             clicks.append(time.perf_counter() - start)
             totals.append(float(re.search(r"Done in ([0-9.]+) s", wait_for_message(page, "Done in")).group(1)))
-            per_unet.append([float(x) for x in re.findall(r"([0-9.]+) s", page.inner_text("#progress"))])
+            per_unet.append([float(t.split()[0]) for t in page.locator("#progress .seconds").all_inner_texts()])
     median = statistics.median
     return (median(clicks[1:]), median(totals[1:]),
             [median(r[i] for r in per_unet[1:]) for i in range(len(per_unet[0]))])
@@ -64,6 +65,7 @@ def main() -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--shards", required=True)
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--timeout", type=float, default=600, help="seconds a run on the page may take")
     args = p.parse_args()
     here = direct(args)
     click, total, per_unet = through_the_page(args)

@@ -127,8 +127,9 @@ class Playground:
         conds, box = self.pipe.prepare(ca, garment, person_pose, garment_pose)
         h, w = self.pipe.output_size
         notes = [f"The {what} is {image.width}x{image.height}, not the cascade's aspect ({w}x{h}): padded with "
-                 f"white to it, as tools/infer.py pads{', and the result cropped back' if what[0] == 'c' else ''}."
-                 for what, image in (("clothing-agnostic image", ca), ("garment image", garment))
+                 f"white to it, as tools/infer.py pads{after}."
+                 for what, image, after in (("clothing-agnostic image", ca, ", and the result cropped back"),
+                                            ("garment image", garment, ""))
                  if image.width * h != image.height * w]
         if garment_pose is None:
             notes.append("No garment pose: sampled as a flat product image.")
@@ -230,8 +231,10 @@ def build_page(play: Playground, output_dir: Path):
         sample.change(show_sample, sample, [person_view, ca_view, garment_view, message])
 
         def answer(text, state=None, images=None, file=None):
-            images = images or {}
-            return [text, progress_html(pipe, state or {}), *[images.get(n) for n in unets], file,
+            """The outputs' values; ``images`` None leaves the pictures as they are (a progress update sends
+            the table alone, not every finished picture again)."""
+            pictures = [gr.update()] * len(unets) if images is None else [images.get(n) for n in unets]
+            return [text, progress_html(pipe, state or {}), *pictures, file,
                     f"Cascades run since start: {play.runs}"]
 
         def try_on(source, key, ca, garment, person_pose, garment_pose, sampler, guidance, seed, *steps):
@@ -248,7 +251,7 @@ def build_page(play: Playground, output_dir: Path):
                        else play.from_upload(ca, garment, person_pose, garment_pose))
                 views = list(play.shown(job.conds))
             except UserError as err:
-                yield *views, *answer(f"**{err}**".replace("\n", "  \n"))
+                yield *views, *answer(f"**{err}**".replace("\n", "  \n"), images={})
                 return
             notes = "  \n".join(job.notes)
             events: queue.Queue = queue.Queue()
@@ -257,9 +260,12 @@ def build_page(play: Playground, output_dir: Path):
                                             int(seed or 0), events))
             worker.start()
             state, images, last = {}, {}, 0.0
+            yield *views, *answer(notes, state, images)  # the inputs shown, the last run's pictures cleared
+            views = [gr.update()] * 3  # then only what changes is sent
             while True:
                 event = events.get()
                 kind = event[0]
+                changed = None
                 if kind == "step":
                     _, number, i, n = event
                     state.setdefault(number, {}).update(i=i, n=n)
@@ -268,18 +274,19 @@ def build_page(play: Playground, output_dir: Path):
                 elif kind == "unet":
                     _, number, image, seconds = event
                     state[number]["seconds"], images[number] = seconds, image
+                    changed = images
                 elif kind == "error":
-                    yield *views, *answer(f"**{event[1]}**", state, images)
+                    yield *views, *answer(f"**{event[1]}**", state)
                     return
                 else:
                     name = f"tryon_{safe_name(job.key) if job.key else 'upload'}_seed{int(seed or 0)}.png"
                     path = output_dir / name
                     atomic.save_image(event[1], path)
                     total = sum(s.get("seconds", 0.0) for s in state.values())
-                    yield *views, *answer(f"{notes}  \nDone in {total:.1f} s.".strip(), state, images, str(path))
+                    yield *views, *answer(f"{notes}  \nDone in {total:.1f} s.".strip(), state, None, str(path))
                     return
                 last = time.monotonic()
-                yield *views, *answer(notes, state, images)
+                yield *views, *answer(notes, state, changed)
 
         run.click(try_on, [source, sample, ca_file, garment_file, person_pose_file, garment_pose_file, sampler,
                            guidance, seed, *steps],
