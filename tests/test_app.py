@@ -93,7 +93,7 @@ def test_uploads_of_another_aspect_are_padded_and_said(play, upload):
     assert person is None and ca.size == garment.size == (128, 128)
     # padded with white on both sides of the garment, and the pose drawn over the ca image
     assert np.asarray(garment)[64, :4].min() == 255 and np.asarray(garment)[64, -4:].min() == 255
-    from tryon_ds.tools.app import picture
+    from tryon_ds.data.preprocess import picture
     assert not np.array_equal(np.asarray(ca), np.asarray(picture(job.conds[3]["ca"][0])))
 
 

@@ -165,8 +165,13 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return as_uint8(x).permute(1, 2, 0).numpy()
 
 
+def picture(x: torch.Tensor) -> Image.Image:
+    """uint8 (3, H, W) pixels -> a PIL image: the inverse of ``pixels``."""
+    return Image.fromarray(x.cpu().permute(1, 2, 0).numpy())
+
+
 def to_image(x: torch.Tensor) -> Image.Image:
-    return Image.fromarray(to_uint8(x))
+    return picture(as_uint8(x))
 
 
 def image_grid(columns: list[torch.Tensor]) -> Image.Image:

@@ -23,7 +23,7 @@ from .. import atomic
 from ..batch import CA, GARMENT, LOWRES, MASK, PERSON
 from ..config import DataConfig
 from ..data.pipeline import Quota, ValDataset, collate, resolve_shards
-from ..data.preprocess import as_uint8, at_size, from_uint8, image_grid, pixels, resize, to_device
+from ..data.preprocess import as_uint8, at_size, from_uint8, image_grid, picture, pixels, resize, to_device
 from ..errors import UserError
 from ..inference import TryOnPipeline, safe_name
 from ..metrics import WEIGHT_FILES, weight_path
@@ -86,7 +86,7 @@ def tryons(pipe: TryOnPipeline, shards: str, quota: Quota, batch_size: int, opti
             part = {n: _select(c, todo) for n, c in conds.items()}
             made = as_uint8(pipe.generate(part, keys=part[last]["key"], **options)[last])
             for i, image in zip(todo, made):
-                atomic.save_image(Image.fromarray(image.permute(1, 2, 0).numpy()), paths[i])
+                atomic.save_image(picture(image), paths[i])
                 done[i] = image
         yield conds[last], torch.stack(done)
 

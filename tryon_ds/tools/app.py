@@ -33,6 +33,7 @@ from .. import atomic
 from ..batch import CA, GARMENT, GARMENT_POSE, PERSON, PERSON_POSE
 from ..cli import exit_on_user_error
 from ..data.keypoints import draw_pose
+from ..data.preprocess import picture
 from ..diffusion import SAMPLERS
 from ..errors import UserError
 from ..inference import TryOnPipeline, safe_name
@@ -53,11 +54,6 @@ class Job:
     box: tuple[int, int, int, int]
     key: str | None
     notes: list[str] = field(default_factory=list)
-
-
-def picture(x: torch.Tensor) -> Image.Image:
-    """A prepared uint8 (3, H, W) image as a picture."""
-    return Image.fromarray(x.permute(1, 2, 0).numpy())
 
 
 class Playground:
@@ -247,9 +243,11 @@ def build_page(play: Playground, output_dir: Path):
                     raise UserError("steps: a whole number of 1 or more for each UNet")
                 if guidance is None or not np.isfinite(guidance) or guidance < 0:
                     raise UserError("guidance: a number of 0 or more (1: no guidance)")
-                job = (play.from_sample(key) if source == "sample"
-                       else play.from_upload(ca, garment, person_pose, garment_pose))
-                views = list(play.shown(job.conds))
+                if source == "sample":  # its pictures are on the page since it was picked
+                    job = play.from_sample(key)
+                else:
+                    job = play.from_upload(ca, garment, person_pose, garment_pose)
+                    views = list(play.shown(job.conds))
             except UserError as err:
                 yield *views, *answer(f"**{err}**".replace("\n", "  \n"), images={})
                 return
